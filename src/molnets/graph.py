@@ -1,0 +1,214 @@
+"""``AtomicGraph``: the one data contract of molnets, and the edge geometry computed from it.
+
+Edge convention (the same as ASE's and vesin's ``"ijS"``): edge e goes from the sender
+j = ``senders[e]`` to the receiver i = ``receivers[e]``, and its vector is
+
+    r_ij = x[j] - x[i] + S_e @ cell[g(i)],
+
+with S_e = ``shifts[e]`` the integer cell shift. Messages flow j -> i and are summed over
+j in N(i). Non-periodic structures have zero shifts (their cell may be zero).
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .neighbors import Backend, neighbor_list
+
+__all__ = ["AtomicGraph", "batch_graphs", "split_graphs", "edge_vectors"]
+
+
+class AtomicGraph(NamedTuple):
+    """One or many atomic structures with their neighbor list (B structures, N atoms, E edges).
+
+    A typed ``NamedTuple`` of tensors: it passes through ``torch.compile`` and ``torch.export``
+    as is, and every model's ``forward`` takes exactly this.
+
+    Fields:
+        positions: [N, 3] float, Cartesian positions, Å.
+        atomic_numbers: [N] long, Z of each atom.
+        cell: [B, 3, 3] float, lattice vectors as rows, Å (zero for molecules).
+        pbc: [B, 3] bool, periodicity along each lattice vector.
+        batch: [N] long, the structure (0..B-1) each atom belongs to.
+        receivers: [E] long, i: the atom whose neighborhood is summed.
+        senders: [E] long, j: the neighbor that sends the message.
+        shifts: [E, 3] long, integer cell shifts S of each edge.
+    """
+
+    positions: Tensor
+    atomic_numbers: Tensor
+    cell: Tensor
+    pbc: Tensor
+    batch: Tensor
+    receivers: Tensor
+    senders: Tensor
+    shifts: Tensor
+
+    @property
+    def num_graphs(self) -> int:
+        """B, from a shape (no host sync)."""
+        return self.cell.shape[0]
+
+    @property
+    def num_atoms(self) -> int:
+        """N."""
+        return self.positions.shape[0]
+
+    @property
+    def num_edges(self) -> int:
+        """E."""
+        return self.receivers.shape[0]
+
+    @classmethod
+    def from_positions(
+        cls,
+        positions: Tensor,
+        atomic_numbers: Tensor,
+        cutoff: float,
+        *,
+        cell: Optional[Tensor] = None,
+        pbc: Optional[Tensor] = None,
+        batch: Optional[Tensor] = None,
+        backend: Backend = "auto",
+    ) -> "AtomicGraph":
+        """Build a graph from tensors, computing the neighbor list within ``cutoff`` (Å).
+
+        Shapes:
+            positions [N, 3], atomic_numbers [N], cell [3, 3] or [B, 3, 3],
+            pbc [3] or [B, 3], batch [N]  ->  AtomicGraph
+        """
+        receivers, senders, shifts = neighbor_list(positions, cutoff, cell, pbc, batch, backend=backend)
+        num_atoms = positions.shape[0]
+        if batch is None:
+            batch = torch.zeros(num_atoms, dtype=torch.long, device=positions.device)
+        if cell is None:
+            num_graphs = int(batch.max()) + 1 if num_atoms > 0 else 1
+            cell = positions.new_zeros((num_graphs, 3, 3))
+        cell = torch.as_tensor(cell, dtype=positions.dtype, device=positions.device)
+        if cell.dim() == 2:
+            cell = cell.unsqueeze(0)
+        if pbc is None:
+            pbc = torch.zeros(3, dtype=torch.bool)
+        pbc = torch.as_tensor(pbc, dtype=torch.bool, device=positions.device).expand(cell.shape[0], 3)
+        atomic_numbers = torch.as_tensor(atomic_numbers, dtype=torch.long, device=positions.device)
+        if atomic_numbers.shape != (num_atoms,):
+            raise ValueError(
+                f"atomic_numbers must have shape [N] = [{num_atoms}], got {tuple(atomic_numbers.shape)}"
+            )
+        return cls(positions, atomic_numbers, cell, pbc.contiguous(), batch, receivers, senders, shifts)
+
+    @classmethod
+    def from_ase(
+        cls,
+        atoms: Union["ase.Atoms", Sequence["ase.Atoms"]],  # noqa: F821
+        cutoff: float,
+        *,
+        backend: Backend = "auto",
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> "AtomicGraph":
+        """Graph of one ``ase.Atoms`` or a batch of a list of them, neighbors within ``cutoff`` (Å).
+
+        The neighbor list is computed in float64 from ASE's positions, then the graph is cast
+        to ``dtype`` (default: ``torch.get_default_dtype()``) and moved to ``device``.
+        """
+        structures = [atoms] if not isinstance(atoms, (list, tuple)) else list(atoms)
+        if not structures:
+            raise ValueError("from_ase needs at least one structure, got an empty list")
+        positions = torch.from_numpy(np.concatenate([a.get_positions() for a in structures]))
+        numbers = torch.from_numpy(np.concatenate([a.numbers for a in structures]).astype(np.int64))
+        cell = torch.from_numpy(np.stack([np.asarray(a.cell[:], dtype=np.float64) for a in structures]))
+        pbc = torch.from_numpy(np.stack([np.asarray(a.pbc, dtype=bool) for a in structures]))
+        sizes = torch.tensor([len(a) for a in structures])
+        batch = torch.repeat_interleave(torch.arange(len(structures)), sizes)
+        graph = cls.from_positions(
+            positions, numbers, cutoff, cell=cell, pbc=pbc, batch=batch, backend=backend
+        )
+        return graph.to(device, dtype or torch.get_default_dtype())
+
+    def to_ase(self) -> List["ase.Atoms"]:  # noqa: F821
+        """One ``ase.Atoms`` per structure (always a list, also for a single structure)."""
+        import ase
+
+        atoms = []
+        for graph in split_graphs(self):
+            atoms.append(
+                ase.Atoms(
+                    numbers=graph.atomic_numbers.cpu().numpy(),
+                    positions=graph.positions.detach().cpu().double().numpy(),
+                    cell=graph.cell[0].detach().cpu().double().numpy(),
+                    pbc=graph.pbc[0].cpu().numpy(),
+                )
+            )
+        return atoms
+
+    def to(
+        self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None
+    ) -> "AtomicGraph":
+        """Move every tensor to ``device`` and cast the float ones (positions, cell) to ``dtype``."""
+        return AtomicGraph(
+            *(t.to(device=device, dtype=dtype if t.is_floating_point() else None) for t in self)
+        )
+
+
+def edge_vectors(graph: AtomicGraph) -> Tensor:
+    """Edge vectors r_ij = x[j] - x[i] + S @ cell, differentiable in positions and cell.
+
+    Autograd reaches the cell through the shifts, which is what the stress needs.
+
+    Shapes:
+        graph with N atoms, E edges  ->  [E, 3], Å
+    """
+    cell = graph.cell[graph.batch[graph.receivers]]                                  # [E, 3, 3]
+    offset = torch.einsum("ex,exy->ey", graph.shifts.to(cell.dtype), cell)          # [E, 3]
+    return graph.positions[graph.senders] - graph.positions[graph.receivers] + offset  # [E, 3]
+
+
+def batch_graphs(graphs: Sequence[AtomicGraph]) -> AtomicGraph:
+    """Concatenate graphs into one batch; atom and structure indices are offset.
+
+    Shapes:
+        graphs with N_g atoms, E_g edges, B_g structures  ->  sum N_g, sum E_g, sum B_g
+    """
+    if not graphs:
+        raise ValueError("batch_graphs needs at least one graph")
+    atom_offsets = torch.tensor([0] + [g.num_atoms for g in graphs[:-1]]).cumsum(0).tolist()
+    graph_offsets = torch.tensor([0] + [g.num_graphs for g in graphs[:-1]]).cumsum(0).tolist()
+    return AtomicGraph(
+        positions=torch.cat([g.positions for g in graphs]),
+        atomic_numbers=torch.cat([g.atomic_numbers for g in graphs]),
+        cell=torch.cat([g.cell for g in graphs]),
+        pbc=torch.cat([g.pbc for g in graphs]),
+        batch=torch.cat([g.batch + o for g, o in zip(graphs, graph_offsets)]),
+        receivers=torch.cat([g.receivers + o for g, o in zip(graphs, atom_offsets)]),
+        senders=torch.cat([g.senders + o for g, o in zip(graphs, atom_offsets)]),
+        shifts=torch.cat([g.shifts for g in graphs]),
+    )
+
+
+def split_graphs(graph: AtomicGraph) -> List[AtomicGraph]:
+    """Undo ``batch_graphs``: one single-structure graph per structure, indices renumbered."""
+    out = []
+    edge_graph = graph.batch[graph.receivers]                                        # [E]
+    for g in range(graph.num_graphs):
+        atoms = (graph.batch == g).nonzero().flatten()                               # [n]
+        edges = (edge_graph == g).nonzero().flatten()                                # [e]
+        renumber = torch.full((graph.num_atoms,), -1, dtype=torch.long, device=graph.batch.device)
+        renumber[atoms] = torch.arange(len(atoms), device=graph.batch.device)
+        out.append(
+            AtomicGraph(
+                positions=graph.positions[atoms],
+                atomic_numbers=graph.atomic_numbers[atoms],
+                cell=graph.cell[g : g + 1],
+                pbc=graph.pbc[g : g + 1],
+                batch=torch.zeros(len(atoms), dtype=torch.long, device=graph.batch.device),
+                receivers=renumber[graph.receivers[edges]],
+                senders=renumber[graph.senders[edges]],
+                shifts=graph.shifts[edges],
+            )
+        )
+    return out

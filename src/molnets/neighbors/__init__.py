@@ -1,0 +1,90 @@
+"""The one neighbor-list core of molnets.
+
+Every model, dataset and calculator gets its edges from :func:`neighbor_list`. Backends differ
+only in speed and where they run; all return the same pair set, tested against ASE and the
+brute-force reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Literal, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._cell_list import cell_list_neighbor_list
+from ._cluster import cluster_neighbor_list
+from ._geometry import MIN_PAIR_DISTANCE, PbcLike, System, check_no_overlap, validate
+from ._reference import reference_neighbor_list
+from ._vesin import vesin_neighbor_list
+
+__all__ = ["neighbor_list", "Backend", "BACKENDS", "MIN_PAIR_DISTANCE"]
+
+Backend = Literal["auto", "reference", "torch", "vesin", "cluster"]
+
+_Impl = Callable[[System, float], Tuple[Tensor, Tensor, Tensor, Tensor]]
+_BACKENDS: Dict[str, _Impl] = {
+    "reference": reference_neighbor_list,
+    "torch": cell_list_neighbor_list,
+    "vesin": vesin_neighbor_list,
+    "cluster": cluster_neighbor_list,
+}
+BACKENDS: Tuple[str, ...] = tuple(_BACKENDS)
+
+
+def neighbor_list(
+    positions: Tensor,
+    cutoff: float,
+    cell: Optional[Tensor] = None,
+    pbc: PbcLike = None,
+    batch: Optional[Tensor] = None,
+    backend: Backend = "auto",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Full neighbor list of one or many structures: all pairs closer than ``cutoff``.
+
+    Returns every (i, j, S) with ``|x[j] - x[i] + S @ cell| < cutoff``, i and j in the same
+    structure: both i->j and j->i, no self pair at zero shift, and self-images (i == j, S != 0)
+    where a periodic image of an atom lies within the cutoff. Cells smaller than the cutoff give
+    many images per pair. Atoms need not be wrapped into the cell. The pair order is
+    unspecified and differs between backends.
+
+    Args:
+        positions: [N, 3] Cartesian positions, Å.
+        cutoff: radius in Å, > 0; pairs at distance < cutoff are returned.
+        cell: [3, 3] or [B, 3, 3], lattice vectors as rows, Å. Needed where any pbc is set;
+            vectors along non-periodic directions are ignored (zero is fine).
+        pbc: periodicity along each lattice vector, bool of shape [3] or [B, 3]; None means
+            non-periodic. Mixed pbc (slabs, wires) is supported.
+        batch: [N] long, the structure of each atom (0..B-1); None means one structure.
+        backend: ``"reference"`` (brute force, the test oracle), ``"torch"`` (pure-torch cell
+            list, any device, batched), ``"vesin"`` (CPU), ``"cluster"`` (torch-cluster,
+            non-periodic only), or ``"auto"``: vesin on the CPU, the torch cell list elsewhere.
+
+    Returns:
+        receivers [E] (i), senders [E] (j), shifts [E, 3] (long, S) such that the edge vector is
+        ``r_ij = positions[senders] - positions[receivers] + shifts @ cell[batch[receivers]]``,
+        the same as ASE's ``neighbor_list("ijS")``.
+
+    Raises:
+        ValueError: NaN/inf positions or cell, cutoff <= 0, a singular cell along periodic
+            directions, pbc without a cell, mismatched shapes, atoms on top of each other
+            (closer than ``MIN_PAIR_DISTANCE``), or ``"cluster"`` asked for a periodic system.
+
+    >>> import torch
+    >>> x = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 3.0]])
+    >>> receivers, senders, shifts = neighbor_list(x, cutoff=1.5, backend="reference")
+    >>> sorted(zip(receivers.tolist(), senders.tolist()))
+    [(0, 1), (1, 0)]
+    """
+    system = validate(positions, cutoff, cell, pbc, batch)
+    receivers, senders, shifts, distances = _BACKENDS[_resolve(backend, system)](system, float(cutoff))
+    check_no_overlap(receivers, senders, distances)
+    return receivers, senders, shifts
+
+
+def _resolve(backend: str, system: System) -> str:
+    if backend == "auto":
+        return "vesin" if system.positions.device.type == "cpu" else "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown neighbor-list backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    return backend

@@ -1,0 +1,182 @@
+"""Geometry shared by the neighbor-list backends: input checks and a full-rank cell.
+
+Private: the public face is :func:`molnets.neighbors.neighbor_list`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+PbcLike = Union[None, bool, Sequence[bool], Tensor]
+
+# Two atoms closer than this (Å) are "on top of each other": every model divides by |r_ij|.
+MIN_PAIR_DISTANCE = 1e-6
+# |det| of the periodic lattice vectors' Gram matrix, relative to the product of their squared
+# lengths, below which the cell counts as singular.
+SINGULAR_CELL_TOL = 1e-12
+
+
+class System(NamedTuple):
+    """Validated, broadcast inputs of ``neighbor_list`` (B structures, N atoms)."""
+
+    positions: Tensor  # [N, 3] float
+    cell: Tensor       # [B, 3, 3] float, rows are lattice vectors (zero rows allowed if not periodic)
+    pbc: Tensor        # [B, 3] bool
+    batch: Tensor      # [N] long
+
+
+def validate(
+    positions: Tensor,
+    cutoff: float,
+    cell: Optional[Tensor],
+    pbc: PbcLike,
+    batch: Optional[Tensor],
+) -> System:
+    """Check every input of ``neighbor_list`` and broadcast cell and pbc to [B, ...].
+
+    Raises:
+        ValueError: naming the problem (shape, NaN/inf, cutoff, singular cell, pbc without cell).
+    """
+    if not isinstance(positions, Tensor) or positions.dim() != 2 or positions.shape[1] != 3:
+        shape = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
+        raise ValueError(f"positions must be a tensor of shape [N, 3], got {shape}")
+    if not positions.is_floating_point():
+        raise ValueError(f"positions must be a floating-point tensor, got {positions.dtype}")
+    if not bool(torch.isfinite(positions).all()):
+        bad = (~torch.isfinite(positions).all(dim=1)).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"positions contain NaN or infinite values (atoms {bad})")
+    cutoff = float(cutoff)
+    if not cutoff > 0 or cutoff == float("inf"):
+        raise ValueError(f"cutoff must be a finite number > 0 Å, got {cutoff}")
+
+    num_atoms = positions.shape[0]
+    if batch is None:
+        batch = torch.zeros(num_atoms, dtype=torch.long, device=positions.device)
+    elif batch.shape != (num_atoms,):
+        raise ValueError(f"batch must have shape [N] = [{num_atoms}], got {tuple(batch.shape)}")
+    elif batch.dtype != torch.long:
+        raise ValueError(f"batch must be a long tensor, got {batch.dtype}")
+    if num_atoms > 0 and int(batch.min()) < 0:
+        raise ValueError("batch contains negative structure indices")
+
+    pbc_t = _as_pbc(pbc, positions.device)
+    if cell is None:
+        if bool(pbc_t.any()):
+            raise ValueError("pbc is set but no cell was given: periodic boundaries need a cell")
+        num_graphs = int(batch.max()) + 1 if num_atoms > 0 else 1
+        cell = positions.new_zeros((num_graphs, 3, 3))
+    else:
+        if not isinstance(cell, Tensor):
+            cell = torch.as_tensor(cell, dtype=positions.dtype, device=positions.device)
+        if cell.shape == (3, 3):
+            cell = cell.unsqueeze(0)
+        if cell.dim() != 3 or cell.shape[1:] != (3, 3):
+            raise ValueError(f"cell must have shape [3, 3] or [B, 3, 3], got {tuple(cell.shape)}")
+        cell = cell.to(dtype=positions.dtype, device=positions.device)
+        if not bool(torch.isfinite(cell).all()):
+            raise ValueError("cell contains NaN or infinite values")
+    num_graphs = cell.shape[0]
+    if num_atoms > 0 and int(batch.max()) >= num_graphs:
+        raise ValueError(
+            f"batch refers to structure {int(batch.max())} but only {num_graphs} cell(s) were given"
+        )
+    if pbc_t.shape == (3,):
+        pbc_t = pbc_t.expand(num_graphs, 3)
+    if pbc_t.shape != (num_graphs, 3):
+        raise ValueError(f"pbc must have shape [3] or [B, 3] = [{num_graphs}, 3], got {tuple(pbc_t.shape)}")
+    _check_periodic_vectors(cell, pbc_t)
+    return System(positions, cell, pbc_t.contiguous(), batch)
+
+
+def _as_pbc(pbc: PbcLike, device: torch.device) -> Tensor:
+    if pbc is None:
+        return torch.zeros(3, dtype=torch.bool, device=device)
+    if isinstance(pbc, bool):
+        return torch.full((3,), pbc, dtype=torch.bool, device=device)
+    pbc_t = torch.as_tensor(pbc, device=device)
+    if pbc_t.dtype != torch.bool:
+        raise ValueError(f"pbc must be booleans, got {pbc_t.dtype}")
+    if pbc_t.dim() not in (1, 2) or pbc_t.shape[-1] != 3:
+        raise ValueError(f"pbc must have shape [3] or [B, 3], got {tuple(pbc_t.shape)}")
+    return pbc_t
+
+
+def _check_periodic_vectors(cell: Tensor, pbc: Tensor) -> None:
+    """The lattice vectors along periodic directions must be linearly independent."""
+    rows = cell * pbc.unsqueeze(-1).to(cell.dtype)                           # [B, 3, 3]
+    gram = rows @ rows.transpose(-2, -1)                                     # [B, 3, 3]
+    # Non-periodic directions get a unit diagonal so that they do not make the Gram matrix singular.
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+    gram = gram + torch.diag_embed((~pbc).to(cell.dtype)) * eye
+    scale = torch.where(pbc, rows.norm(dim=-1) ** 2, torch.ones_like(gram[..., 0])).prod(-1)  # [B]
+    singular = torch.linalg.det(gram) <= SINGULAR_CELL_TOL * scale          # [B]
+    if bool(singular.any()):
+        bad = singular.nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"the cell of structure(s) {bad} is singular along its periodic directions "
+            "(lattice vectors are zero or linearly dependent)"
+        )
+
+
+def complete_cell(cell: Tensor, pbc: Tensor) -> Tensor:
+    """Replace the non-periodic lattice vectors by unit vectors orthogonal to the periodic ones.
+
+    The result is a full-rank basis in which the periodic vectors are unchanged, so that
+    fractional coordinates along periodic directions are the true ones, and the other
+    fractional coordinates are plain Cartesian lengths (Å) along orthonormal directions.
+
+    Shapes:
+        cell [B, 3, 3], pbc [B, 3]  ->  [B, 3, 3]
+    """
+    out = torch.eye(3, dtype=cell.dtype, device=cell.device).repeat(cell.shape[0], 1, 1)  # [B, 3, 3]
+    num_periodic = pbc.sum(-1)                                                # [B]
+    full = num_periodic == 3
+    out[full] = cell[full]
+    for g in (~full & (num_periodic > 0)).nonzero().flatten().tolist():
+        out[g] = _complete_one(cell[g], pbc[g])
+    return out
+
+
+def _complete_one(cell: Tensor, pbc: Tensor) -> Tensor:
+    periodic = [k for k in range(3) if bool(pbc[k])]
+    free = [k for k in range(3) if not bool(pbc[k])]
+    basis = []  # orthonormal basis of the periodic subspace
+    for k in periodic:
+        v = cell[k].clone()
+        for b in basis:
+            v = v - (v @ b) * b
+        basis.append(v / v.norm())
+    # Gram-Schmidt of the Cartesian axes against the periodic vectors, least aligned axis first.
+    axes = torch.eye(3, dtype=cell.dtype, device=cell.device)
+    order = torch.stack([sum((axes[a] @ b).abs() for b in basis) for a in range(3)]).argsort()
+    extra = []
+    for a in order.tolist():
+        v = axes[a].clone()
+        for b in basis + extra:
+            v = v - (v @ b) * b
+        if v.norm() > 1e-6:
+            extra.append(v / v.norm())
+        if len(extra) == len(free):
+            break
+    out = cell.clone()
+    for k, v in zip(free, extra):
+        out[k] = v
+    return out
+
+
+def check_no_overlap(
+    receivers: Tensor, senders: Tensor, distances: Tensor
+) -> None:
+    """Raise if two atoms (or an atom and its periodic image) sit on top of each other."""
+    if distances.numel() == 0:
+        return
+    close = distances < MIN_PAIR_DISTANCE
+    if bool(close.any()):
+        e = int(close.nonzero()[0, 0])
+        raise ValueError(
+            f"atoms {int(receivers[e])} and {int(senders[e])} are on top of each other "
+            f"(distance {float(distances[e]):.3g} Å < {MIN_PAIR_DISTANCE} Å)"
+        )
