@@ -1,0 +1,85 @@
+"""Multi-layer perceptrons and the activations the models use.
+
+The activation is a ``Literal`` choice resolved in one function, ``make_activation``; a new
+activation is a new branch there, never a string registry.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["MLP", "ShiftedSoftplus", "Activation", "make_activation"]
+
+Activation = Literal["silu", "ssp", "tanh", "identity"]
+
+
+class ShiftedSoftplus(nn.Module):
+    """ssp(x) = ln(0.5 e^x + 0.5) = softplus(x) - ln 2 (Schütt et al. 2018, Eq. 9).
+
+    ssp(0) = 0, smooth everywhere (infinitely differentiable, so forces and their gradients
+    in a training loss stay smooth).
+
+    Shapes:
+        x [*]  ->  [*]
+
+    >>> ShiftedSoftplus()(torch.zeros(2))
+    tensor([0., 0.])
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.softplus(x) - math.log(2.0)
+
+
+def make_activation(name: Activation) -> nn.Module:
+    """The activation module named ``name``: "silu", "ssp" (shifted softplus), "tanh", "identity"."""
+    if name == "silu":
+        return nn.SiLU()
+    if name == "ssp":
+        return ShiftedSoftplus()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "identity":
+        return nn.Identity()
+    raise ValueError(f"unknown activation {name!r}; choose one of {Activation.__args__}")
+
+
+class MLP(nn.Sequential):
+    """Dense layers with an activation between them (none after the last):
+
+        y = W_L σ(... σ(W_1 x + b_1) ...) + b_L
+
+    Weights are Xavier-uniform, biases zero (the SchNet and PhysNet initialisation).
+
+    Args:
+        dims: [D_0, D_1, ..., D_L], input width, hidden widths, output width (at least two).
+        activation: the nonlinearity σ between layers.
+        bias: whether every dense layer has a bias.
+
+    Shapes:
+        x [*, D_0]  ->  [*, D_L]
+
+    >>> MLP([4, 8, 1])(torch.zeros(3, 4)).shape
+    torch.Size([3, 1])
+    """
+
+    def __init__(self, dims: Sequence[int], *, activation: Activation = "silu", bias: bool = True) -> None:
+        dims = [int(d) for d in dims]
+        if len(dims) < 2 or min(dims) < 1:
+            raise ValueError(f"MLP needs at least [in, out] positive widths, got {dims}")
+        layers = []
+        for k, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            if k > 0:
+                layers.append(make_activation(activation))
+            linear = nn.Linear(d_in, d_out, bias=bias)
+            nn.init.xavier_uniform_(linear.weight)
+            if bias:
+                nn.init.zeros_(linear.bias)
+            layers.append(linear)
+        super().__init__(*layers)
+        self.in_dim, self.out_dim = dims[0], dims[-1]
+

@@ -1,0 +1,28 @@
+"""Interatomic potentials: per-atom energy models and the ``Potential`` that differentiates them."""
+
+from .base import (
+    CONVENTIONS,
+    FORMAT_VERSION,
+    DesignSpace,
+    ModelName,
+    Potential,
+    count_parameters,
+    load_model,
+    model_class,
+    save_model,
+)
+from .schnet import SchNet, SchNetConfig
+
+__all__ = [
+    "Potential",
+    "DesignSpace",
+    "ModelName",
+    "model_class",
+    "save_model",
+    "load_model",
+    "count_parameters",
+    "FORMAT_VERSION",
+    "CONVENTIONS",
+    "SchNet",
+    "SchNetConfig",
+]

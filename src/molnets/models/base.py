@@ -1,0 +1,254 @@
+"""``Potential``: energy, forces and stress for any per-atom energy model; saving and loading.
+
+This is the only place in molnets where ``torch.autograd.grad`` is called. A model is any
+``nn.Module`` whose ``forward(graph: AtomicGraph) -> Tensor`` returns per-atom energies [N]
+in eV; ``Potential`` sums them per structure and differentiates.
+
+Stress convention (the same as ASE's, so that ``MolnetsCalculator`` gives ASE-compatible
+stress): a symmetric strain ε deforms positions and cell as x -> x (1 + ε), cell -> cell (1 + ε)
+(rows are lattice vectors), and
+
+    σ = (1 / V) ∂E/∂ε |_{ε=0},
+
+the same as ASE's ``calculate_numerical_stress`` ((E(+δ) - E(-δ)) / (2 δ V)). σ > 0 means
+the energy rises on expansion, i.e. the structure pulls inwards (tensile stress); the
+pressure is -trace(σ) / 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass
+from typing import Dict, Literal, Optional, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..graph import AtomicGraph
+from ..layers.scatter import scatter_sum
+
+__all__ = [
+    "Potential",
+    "DesignSpace",
+    "ModelName",
+    "model_class",
+    "save_model",
+    "load_model",
+    "count_parameters",
+    "FORMAT_VERSION",
+    "CONVENTIONS",
+]
+
+ModelName = Literal["schnet", "tensornet", "mace"]
+
+FORMAT_VERSION = 1
+CONVENTIONS = {
+    "units": "energy eV, length Å, forces eV/Å, stress eV/Å^3",
+    "edge_vector": "r_ij = x[senders] - x[receivers] + shifts @ cell (ASE/vesin 'D')",
+    "forward": "per-atom energies [N], eV",
+    "stress": "sigma = (1/V) dE/d(eps), symmetric strain, ASE's sign",
+}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def model_class(name: ModelName) -> type:
+    """The model class saved under ``name`` (the one name -> class switch of molnets)."""
+    if name == "schnet":
+        from .schnet import SchNet
+
+        return SchNet
+    if name == "tensornet":
+        from .tensornet import TensorNet
+
+        return TensorNet
+    if name == "mace":
+        from .mace import MACE
+
+        return MACE
+    raise ValueError(f"unknown model {name!r}; known: {typing.get_args(ModelName)}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@dataclass(frozen=True)
+class DesignSpace:
+    """Where a model stands in the design space of message-passing potentials.
+
+    Fields:
+        model: the model's name.
+        message_type: what a message carries, e.g. "invariant scalars".
+        body_order: body order of one message (2 = pairwise distances).
+        num_layers: number of message-passing layers T.
+        cutoff: r_c in Å.
+        num_parameters: trainable scalars.
+    """
+
+    model: str
+    message_type: str
+    body_order: int
+    num_layers: int
+    cutoff: float
+    num_parameters: int
+
+    @property
+    def receptive_field(self) -> float:
+        """T * r_c in Å: how far information travels through the graph."""
+        return self.num_layers * self.cutoff
+
+
+class Potential(nn.Module):
+    """Energy [B], per-atom energies [N], forces [N, 3] and stress [B, 3, 3] from any energy model.
+
+        E_b = Σ_{i in b} E_i,   F_i = -∂E/∂x_i,   σ_b = (1 / V_b) ∂E_b/∂ε_b
+
+    What is computed is fixed at construction (no per-call flags): ``compute_forces=False``
+    is the energy-only mode, which builds no graph for the position derivatives. In training
+    mode (``.train()``) the derivatives are built with ``create_graph=True``, so a loss on
+    forces or stress can be back-propagated to the parameters (double backward).
+
+    Args:
+        model: module mapping an ``AtomicGraph`` to per-atom energies [N] in eV.
+        compute_forces: whether to return forces (eV/Å).
+        compute_stress: whether to return stress (eV/Å³); structures with a zero-volume cell
+            (molecules) get a zero stress. Needs ``compute_forces``.
+
+    Shapes:
+        graph with N atoms, B structures  ->  {"energy": [B], "energies": [N],
+        "forces": [N, 3] (if computed), "stress": [B, 3, 3] (if computed)}
+    """
+
+    def __init__(self, model: nn.Module, *, compute_forces: bool = True, compute_stress: bool = False) -> None:
+        super().__init__()
+        if compute_stress and not compute_forces:
+            raise ValueError("compute_stress=True needs compute_forces=True")
+        self.model = model
+        self.compute_forces = bool(compute_forces)
+        self.compute_stress = bool(compute_stress)
+
+    def forward(self, graph: AtomicGraph) -> Dict[str, Tensor]:
+        if not self.compute_forces:
+            energies = self.model(graph)                                               # [N]
+            energy = scatter_sum(energies, graph.batch, dim_size=graph.num_graphs)     # [B]
+            return {"energy": energy, "energies": energies}
+
+        with torch.enable_grad():  # forces also under a caller's no_grad()
+            return self._forward_with_derivatives(graph)
+
+    def _forward_with_derivatives(self, graph: AtomicGraph) -> Dict[str, Tensor]:
+        positions = graph.positions
+        if not positions.requires_grad:
+            positions = positions.detach().requires_grad_(True)                       # [N, 3]
+        inputs = [positions]
+        cell = graph.cell
+        if self.compute_stress:
+            strain = torch.zeros_like(cell).requires_grad_(True)                       # [B, 3, 3]
+            inputs.append(strain)
+            symmetric = 0.5 * (strain + strain.transpose(-2, -1))                      # [B, 3, 3]
+            deformation = torch.eye(3, dtype=cell.dtype, device=cell.device) + symmetric  # [B, 3, 3]
+            positions = torch.einsum("nx,nxy->ny", positions, deformation[graph.batch])  # [N, 3]
+            cell = torch.einsum("bax,bxy->bay", cell, deformation)                     # [B, 3, 3]
+
+        energies = self.model(graph._replace(positions=positions, cell=cell))          # [N]
+        energy = scatter_sum(energies, graph.batch, dim_size=graph.num_graphs)         # [B]
+        grads = torch.autograd.grad(energy.sum(), inputs, create_graph=self.training)
+        out = {"energy": energy, "energies": energies, "forces": -grads[0]}
+        if self.compute_stress:
+            volume = torch.linalg.det(graph.cell).abs()                                # [B]
+            # Molecules (zero cell) get zero stress; the where keeps the graph NaN-free.
+            safe_volume = torch.where(volume > 0, volume, torch.ones_like(volume))     # [B]
+            stress = grads[1] / safe_volume[:, None, None]                             # [B, 3, 3]
+            out["stress"] = torch.where(volume[:, None, None] > 0, stress, torch.zeros_like(stress))
+        return out
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Save the wrapped model (see ``save_model``)."""
+        save_model(self.model, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: Union[str, os.PathLike],
+        *,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        map_location: Union[str, torch.device] = "cpu",
+        model_type: Optional[type] = None,
+    ) -> "Potential":
+        """A ``Potential`` around the model of ``path`` (see ``load_model``)."""
+        model = load_model(path, map_location=map_location, model_type=model_type)
+        return cls(model, compute_forces=compute_forces, compute_stress=compute_stress)
+
+
+def save_model(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Save a model as plain data: {"format", "version", "conventions", "model", "config",
+    "dtype", "state_dict"}. The model needs a ``name`` (a ``ModelName``) and a frozen
+    dataclass ``config``; no module is pickled, so the file loads with ``weights_only=True``.
+    """
+    if isinstance(model, Potential):
+        model = model.model
+    if not dataclasses.is_dataclass(model.config):
+        raise TypeError(f"{type(model).__name__}.config must be a dataclass, got {type(model.config)}")
+    dtypes = {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+    dtype = next((k for k, v in _DTYPES.items() if dtypes == {v}), "float32")
+    torch.save(
+        {
+            "format": "molnets",
+            "version": FORMAT_VERSION,
+            "conventions": dict(CONVENTIONS),
+            "model": model.name,
+            "config": dataclasses.asdict(model.config),
+            "dtype": dtype,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+        path,
+    )
+
+
+def load_model(
+    path: Union[str, os.PathLike],
+    *,
+    map_location: Union[str, torch.device] = "cpu",
+    model_type: Optional[Type[nn.Module]] = None,
+) -> nn.Module:
+    """Load a model saved by ``save_model`` (``torch.load(weights_only=True)``, never unpickling code).
+
+    Args:
+        path: the file.
+        map_location: device to load onto.
+        model_type: class to rebuild (e.g. a user's subclass); default ``model_class(name)``.
+
+    Raises:
+        ValueError: the file is not a molnets model, is corrupt, or is from a newer format.
+    """
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # corrupt zip, foreign pickle, unsafe globals
+        raise ValueError(f"{os.fspath(path)!r} is not a readable molnets model file: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != "molnets":
+        raise ValueError(f"{os.fspath(path)!r} is not a molnets model file (no 'format': 'molnets')")
+    if not isinstance(data.get("version"), int) or data["version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{os.fspath(path)!r} has format version {data.get('version')!r}; this molnets reads "
+            f"versions <= {FORMAT_VERSION}: upgrade molnets"
+        )
+    cls = model_type if model_type is not None else model_class(data["model"])
+    model = cls(config_from_dict(cls.config_class, data["config"]))
+    model.to(_DTYPES[data.get("dtype", "float32")])
+    model.load_state_dict(data["state_dict"])
+    return model.to(map_location)
+
+
+def config_from_dict(config_class: type, data: Dict) -> object:
+    """Rebuild a frozen config dataclass from ``asdict`` output (lists become tuples again)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no fields {unknown}")
+    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
