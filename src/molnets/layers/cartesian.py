@@ -1,0 +1,254 @@
+"""Cartesian rank-2 tensor operations of TensorNet (Simeon & De Fabritiis 2023).
+
+G. Simeon, G. De Fabritiis, "TensorNet: Cartesian tensor representations for efficient
+learning of molecular potentials", NeurIPS 2023.
+
+A 3x3 tensor splits into its irreducible parts under rotations (paper Eq. 2):
+
+    X = I δ + A + S,   I = Tr(X) / 3,   A = (X - Xᵀ) / 2,   S = (X + Xᵀ) / 2 - I δ,
+
+a scalar (l = 0), an antisymmetric part (3 numbers, l = 1) and a symmetric traceless part
+(5 numbers, l = 2). Under a rotation R every part transforms as X -> R X Rᵀ.
+
+Components: an orthonormal basis B_0..B_8 of the 3x3 matrices (Frobenius product) adapted to
+the parts (k = 0: I; k = 1..3: A; k = 4..8: S), so that the 9 numbers <B_k, X> hold the
+three parts in three slices, the Frobenius norm is the Euclidean norm of the components, and a
+channel-linear map per part is one batched matrix product. Features are ``[N, C, 3, 3]`` at
+layer boundaries; components ``[N, C, 9]`` live inside layers (message passing, linear maps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "decompose",
+    "compose",
+    "tensor_norm",
+    "skew",
+    "skew_to_vector",
+    "traceless_outer",
+    "component_basis",
+    "to_components",
+    "from_components",
+    "PART_OF_COMPONENT",
+    "expand_parts",
+    "transpose_components",
+    "part_norms",
+    "TensorLinear",
+]
+
+# Which part (0: I, 1: A, 2: S) each of the 9 components belongs to.
+PART_OF_COMPONENT = (0, 1, 1, 1, 2, 2, 2, 2, 2)
+
+
+def decompose(X: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Irreducible parts of X = I δ + A + S (Simeon & De Fabritiis 2023, Eq. 2).
+
+    Shapes:
+        X [*, 3, 3]  ->  I [*], A [*, 3, 3], S [*, 3, 3]
+
+    >>> I, A, S = decompose(torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    >>> I, A[0, 1], S[0, 1]
+    (tensor(1.), tensor(1.), tensor(1.))
+    """
+    I = X.diagonal(dim1=-2, dim2=-1).mean(-1)                                   # [*]
+    XT = X.transpose(-2, -1)                                                   # [*, 3, 3]
+    A = 0.5 * (X - XT)                                                         # [*, 3, 3]
+    eye = torch.eye(3, dtype=X.dtype, device=X.device)
+    S = 0.5 * (X + XT) - I[..., None, None] * eye                              # [*, 3, 3]
+    return I, A, S
+
+
+def compose(I: Tensor, A: Tensor, S: Tensor) -> Tensor:
+    """X = I δ + A + S, the inverse of ``decompose``.
+
+    Shapes:
+        I [*], A [*, 3, 3], S [*, 3, 3]  ->  [*, 3, 3]
+    """
+    eye = torch.eye(3, dtype=A.dtype, device=A.device)
+    return I[..., None, None] * eye + A + S                                     # [*, 3, 3]
+
+
+def tensor_norm(X: Tensor) -> Tensor:
+    """The paper's tensor norm ||X|| = Tr(Xᵀ X) = Σ_ab X_ab² (the squared Frobenius norm).
+
+    Invariant under X -> Q X Qᵀ for any orthogonal Q, and under X -> Xᵀ.
+
+    Shapes:
+        X [*, 3, 3]  ->  [*]
+
+    >>> tensor_norm(2 * torch.eye(3))
+    tensor(12.)
+    """
+    return X.square().sum((-2, -1))                                              # [*]
+
+
+def skew(v: Tensor) -> Tensor:
+    """The antisymmetric tensor of a vector, skew(v) w = v × w (paper Eq. 4, A_ij from r̂_ij).
+
+    skew(R v) = det(R) R skew(v) Rᵀ: the antisymmetric part is an axial vector.
+
+    Shapes:
+        v [*, 3]  ->  [*, 3, 3]
+
+    >>> skew(torch.tensor([0.0, 0.0, 1.0])) @ torch.tensor([1.0, 0.0, 0.0])
+    tensor([0., 1., 0.])
+    """
+    x, y, z = v.unbind(-1)                                                      # [*] each
+    zero = torch.zeros_like(x)
+    rows = (zero, -z, y, z, zero, -x, -y, x, zero)
+    return torch.stack(rows, dim=-1).unflatten(-1, (3, 3))                      # [*, 3, 3]
+
+
+def skew_to_vector(A: Tensor) -> Tensor:
+    """The vector v with skew(v) = antisymmetric part of A (inverse of ``skew``).
+
+    Shapes:
+        A [*, 3, 3]  ->  [*, 3]
+    """
+    x = A[..., 2, 1] - A[..., 1, 2]
+    y = A[..., 0, 2] - A[..., 2, 0]
+    z = A[..., 1, 0] - A[..., 0, 1]
+    return 0.5 * torch.stack((x, y, z), dim=-1)                                  # [*, 3]
+
+
+def traceless_outer(v: Tensor) -> Tensor:
+    """The symmetric traceless tensor v vᵀ - |v|² δ / 3 (paper Eq. 4, S_ij from r̂_ij).
+
+    Shapes:
+        v [*, 3]  ->  [*, 3, 3]
+    """
+    outer = v[..., :, None] * v[..., None, :]                                   # [*, 3, 3]
+    eye = torch.eye(3, dtype=v.dtype, device=v.device)
+    return outer - v.square().sum(-1)[..., None, None] / 3 * eye                # [*, 3, 3]
+
+
+def component_basis(dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
+    """Orthonormal basis B_k of the 3x3 matrices, adapted to I (k = 0), A (1..3), S (4..8).
+
+        B_0 = δ / √3,   B_{1+a} = skew(e_a) / √2,
+        B_4..B_6 = (E_xy + E_yx, E_xz + E_zx, E_yz + E_zy) / √2,
+        B_7 = (E_xx - E_yy) / √2,   B_8 = (E_xx + E_yy - 2 E_zz) / √6.
+
+    Σ_ab B_k[a, b] B_l[a, b] = δ_kl.
+
+    Shapes:
+        ->  [9, 3, 3]
+    """
+    B = torch.zeros(9, 3, 3, dtype=torch.float64)
+    B[0] = torch.eye(3, dtype=torch.float64) / math.sqrt(3)
+    B[1:4] = skew(torch.eye(3, dtype=torch.float64)) / math.sqrt(2)
+    for k, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
+        B[4 + k, a, b] = B[4 + k, b, a] = 1 / math.sqrt(2)
+    B[7, 0, 0], B[7, 1, 1] = 1 / math.sqrt(2), -1 / math.sqrt(2)
+    B[8, 0, 0] = B[8, 1, 1] = 1 / math.sqrt(6)
+    B[8, 2, 2] = -2 / math.sqrt(6)
+    return B.to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def to_components(X: Tensor, basis: Optional[Tensor] = None) -> Tensor:
+    """Components c_k = <B_k, X> of X in the basis of ``component_basis``.
+
+    c[..., 0] = √3 I, c[..., 1:4] = √2 skew_to_vector(A), c[..., 4:9] the 5 numbers of S;
+    Σ_k c_k² = tensor_norm(X). Pass ``basis`` (from ``component_basis``, e.g. a module
+    buffer) to avoid rebuilding it on every call.
+
+    Shapes:
+        X [*, 3, 3], basis [9, 3, 3]  ->  [*, 9]
+    """
+    if basis is None:
+        basis = component_basis(X.dtype, X.device)
+    return X.flatten(-2) @ basis.flatten(1).T                                   # [*, 9]
+
+
+def from_components(c: Tensor, basis: Optional[Tensor] = None) -> Tensor:
+    """X = Σ_k c_k B_k, the inverse of ``to_components``.
+
+    Shapes:
+        c [*, 9], basis [9, 3, 3]  ->  [*, 3, 3]
+    """
+    if basis is None:
+        basis = component_basis(c.dtype, c.device)
+    return (c @ basis.flatten(1)).unflatten(-1, (3, 3))                          # [*, 3, 3]
+
+
+def expand_parts(factors: Tensor) -> Tensor:
+    """Spread one number per part (I, A, S) onto the 9 components: out[k] = factors[part(k)].
+
+    Shapes:
+        factors [*, 3]  ->  [*, 9]
+    """
+    shape = factors.shape[:-1]
+    return torch.cat(
+        (factors[..., 0:1], factors[..., 1:2].expand(shape + (3,)), factors[..., 2:3].expand(shape + (5,))),
+        dim=-1,
+    )                                                                           # [*, 9]
+
+
+def transpose_components(c: Tensor) -> Tensor:
+    """Components of Xᵀ from those of X: the antisymmetric part changes sign.
+
+    Shapes:
+        c [*, 9]  ->  [*, 9]
+    """
+    return torch.cat((c[..., 0:1], -c[..., 1:4], c[..., 4:9]), dim=-1)          # [*, 9]
+
+
+def part_norms(c: Tensor) -> Tensor:
+    """The norms (||I δ||, ||A||, ||S||) of the three parts (``tensor_norm`` of each), from
+    components; they sum to ``tensor_norm(X)`` and are O(3)-invariant and invariant under Xᵀ.
+
+    Shapes:
+        c [*, 9]  ->  [*, 3]
+    """
+    squares = c.square()                                                        # [*, 9]
+    return torch.stack(
+        (squares[..., 0], squares[..., 1:4].sum(-1), squares[..., 4:9].sum(-1)), dim=-1
+    )                                                                           # [*, 3]
+
+
+class TensorLinear(nn.Module):
+    """Channel mixing of each irreducible part with its own weights (paper Eq. 7):
+
+        Y^(d) = Σ_c (W^I_dc I^(c) δ + W^A_dc A^(c) + W^S_dc S^(c))
+
+    Linear maps over channels commute with X -> R X Rᵀ and with X -> Xᵀ, so the output is
+    equivariant like the input. Optionally each output part is scaled per atom and channel
+    (the embedding's norm-dependent gates, paper Eq. 5).
+
+    Args:
+        in_channels: C.
+        out_channels: D.
+
+    Shapes:
+        X [N, C, 3, 3], part_scales [N, D, 3] (optional, for I, A, S)  ->  [N, D, 3, 3]
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = int(in_channels), int(out_channels)
+        bound = 1 / math.sqrt(self.in_dim)  # nn.Linear's default scale
+        self.weight = nn.Parameter(torch.empty(3, self.out_dim, self.in_dim).uniform_(-bound, bound))  # [3, D, C]
+        self.register_buffer("basis", component_basis(), persistent=False)     # [9, 3, 3]
+
+    def forward(self, X: Tensor, part_scales: Optional[Tensor] = None) -> Tensor:
+        c = to_components(X, self.basis)                                       # [N, C, 9]
+        out = torch.cat(
+            (
+                torch.einsum("nck,dc->ndk", c[..., 0:1], self.weight[0]),      # [N, D, 1]
+                torch.einsum("nck,dc->ndk", c[..., 1:4], self.weight[1]),      # [N, D, 3]
+                torch.einsum("nck,dc->ndk", c[..., 4:9], self.weight[2]),      # [N, D, 5]
+            ),
+            dim=-1,
+        )                                                                      # [N, D, 9]
+        if part_scales is not None:
+            out = out * expand_parts(part_scales)                              # [N, D, 9]
+        return from_components(out, self.basis)                                # [N, D, 3, 3]
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_dim}, out_channels={self.out_dim}"
