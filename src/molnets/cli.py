@@ -1,8 +1,456 @@
-"""The ``molnets`` command (placeholder until the training issue lands)."""
+"""The ``molnets`` command: train, evaluate, run MD with, and describe interatomic potentials.
 
+    molnets demo                      make data, train, evaluate, run MD: all in one folder
+    molnets train --config run.yaml   train on your extxyz data (flags override the YAML)
+    molnets evaluate model.pt data.xyz
+    molnets md model.pt start.xyz
+    molnets describe model.pt
+
+Run ``molnets <command> --help`` for the options of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
 import sys
+import time
+import typing
+from typing import Any, Dict, List, Optional
+
+__all__ = ["main", "build_parser", "resolve_train_config"]
+
+_TRAIN_HELP = {
+    "train_file": "extxyz (or any file ase.io.read reads) with energies and forces",
+    "valid_file": "separate validation file (default: split valid_fraction off train_file)",
+    "test_file": "separate test file (default: split test_fraction off train_file)",
+    "energy_key": "key of the total energy in eV (atoms.info, or ASE's stored results)",
+    "forces_key": "key of the forces in eV/Å (atoms.arrays, or stored results); 'none': energy only",
+    "stress_key": "key of the stress in eV/Å³ (Voigt 6 or 3x3); 'none': ignore stress",
+    "weight_key": "atoms.info key of a per-structure loss weight (default weight 1)",
+    "valid_fraction": "fraction of train_file used for validation",
+    "test_fraction": "fraction of train_file held out for the final test",
+    "seed": "random seed of the split, the initial weights and the batch order",
+    "model": "which model: schnet, tensornet or mace",
+    "cutoff": "neighbor cutoff radius in Å",
+    "model_config": "a field of the model's config, KEY=VALUE (repeat), e.g. num_channels=32",
+    "atomic_energies": "per-element reference energies SYMBOL=eV (repeat); default: least-squares fit",
+    "batch_size": "structures per optimizer step (global over all torchrun processes)",
+    "max_epochs": "stop after this many epochs",
+    "max_time": "stop after the first epoch that ends past this many seconds",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "scheduler": "learning-rate schedule: plateau (reduce on no improvement), cosine, constant",
+    "scheduler_patience": "plateau: epochs without improvement before the lr is reduced",
+    "scheduler_factor": "plateau: factor applied to the lr",
+    "min_lr": "lower bound of the lr (plateau and cosine)",
+    "clip_grad_norm": "clip the gradient norm to this value ('none': no clipping)",
+    "ema_decay": "decay of the exponential moving average of the weights ('none': no EMA)",
+    "early_stopping_patience": "stop when the validation loss has not improved for this many epochs",
+    "energy_weight": "loss weight of the energy per atom",
+    "forces_weight": "loss weight of the forces",
+    "stress_weight": "loss weight of the stress (structures with a stress label only)",
+    "dtype": "float32 or float64",
+    "device": "auto (CUDA when available), cpu or cuda",
+    "output_dir": "folder for checkpoint.pt, best_model.pt, logs and plots",
+    "resume": "continue the run in output_dir from its last checkpoint",
+    "progress": "show a progress bar per epoch",
+}
 
 
-def main(argv=None) -> int:
-    print("molnets: the command line is not written yet", file=sys.stderr)
-    return 1
+# ---------------------------------------------------------------------------------------
+# Parsing helpers
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar: 3 -> int, 1e-3 -> float, none/null -> None, true -> bool, else str."""
+    import yaml
+
+    if text.strip().lower() == "none":
+        return None
+    return yaml.safe_load(text)
+
+
+def _key_values(items: Optional[List[str]], what: str) -> Optional[Dict[str, Any]]:
+    if items is None:
+        return None
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"molnets: {what} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from .training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("training options (each also a key of the YAML file)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{_TRAIN_HELP[f.name]} (default: {default})"
+        if f.name in ("model_config", "atomic_energies"):
+            group.add_argument(flag, nargs="+", metavar="KEY=VALUE", default=None, help=help_text)
+        elif hints[f.name] is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=_parse_value, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def resolve_train_config(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
+    """Defaults, then the YAML file (``--config``), then the flags given on the command line."""
+    import yaml
+
+    from .training import TrainConfig
+
+    data: Dict[str, Any] = {}
+    if args.config:
+        with open(args.config) as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"molnets: {args.config} must hold a mapping of training options")
+        data.update(loaded)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name)
+        if f.name in ("model_config", "atomic_energies"):
+            value = _key_values(value, "--" + f.name.replace("_", "-"))
+            if value is not None:
+                data[f.name] = {**(data.get(f.name) or {}), **value}
+        elif value is not None:
+            data[f.name] = value
+    for key in ("energy_key", "forces_key", "stress_key"):
+        if isinstance(data.get(key), str) and data[key].lower() == "none":
+            data[key] = None
+    try:
+        return TrainConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"molnets: bad training options: {error}")
+
+
+def _print_config(config) -> None:
+    import yaml
+
+    print("# resolved training configuration (save it as a YAML file to rerun with --config)")
+    print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False).rstrip(), flush=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# ---------------------------------------------------------------------------------------
+# Subcommands
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    config = resolve_train_config(args)
+    if _rank() == 0:
+        _print_config(config)
+    result = train(config)
+    if _rank() == 0:
+        _print_metrics("test", result.test_metrics)
+        print(f"files written to {os.path.abspath(result.output_dir)}")
+    return 0
+
+
+def _print_metrics(title: str, metrics: Dict[str, float]) -> None:
+    if not metrics:
+        return
+    rows = [("energy", "meV/atom"), ("forces", "meV/Å"), ("stress", "meV/Å³")]
+    print(f"{title} errors:      MAE        RMSE")
+    for key, unit in rows:
+        if f"{key}_mae" in metrics:
+            print(f"  {key:8s} {1000 * metrics[key + '_mae']:10.3f} {1000 * metrics[key + '_rmse']:10.3f}  {unit}")
+
+
+def _load_potential(path: str, device: str, dtype: str, *, compute_stress: bool = False):
+    import torch
+
+    from .models.base import Potential
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    potential = Potential.load(path, compute_stress=compute_stress, map_location=dev)
+    if dtype != "model":
+        potential = potential.to({"float32": torch.float32, "float64": torch.float64}[dtype])
+    return potential.eval(), dev
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .training import GraphDataset, check_elements, evaluate, read_structures
+    from .training.checkpoint import atomic_write_text
+    from .training.trainer import write_parity_plots
+
+    keys = {k: (None if v is not None and v.lower() == "none" else v)
+            for k, v in (("energy_key", args.energy_key), ("forces_key", args.forces_key),
+                         ("stress_key", args.stress_key))}
+    potential, device = _load_potential(args.model, args.device, args.dtype, compute_stress=keys["stress_key"] is not None)
+    structures = read_structures(args.data, **keys, require_labels=True)
+    check_elements(structures, potential.model.config.species)
+    dtype = next(potential.parameters()).dtype
+    if not any(s.stress is not None for s in structures):
+        potential.compute_stress = False
+    dataset = GraphDataset(structures, potential.model.config.cutoff, dtype=dtype)
+    metrics = evaluate(potential, dataset, batch_size=args.batch_size, device=device, keep=True)
+    values = metrics.compute()
+    os.makedirs(args.output_dir, exist_ok=True)
+    atomic_write_text(json.dumps({"model": args.model, "data": args.data, "num_structures": len(structures),
+                                  "metrics": values}, indent=1), os.path.join(args.output_dir, "metrics.json"))
+    plots = write_parity_plots(metrics, args.output_dir, title=os.path.basename(args.data))
+    print(f"{len(structures)} structures of {args.data}, model {args.model} ({potential.model.name})")
+    _print_metrics("evaluation", values)
+    print("wrote", ", ".join([os.path.join(args.output_dir, "metrics.json")] + plots))
+    return 0
+
+
+def run_md(
+    model_path: str,
+    atoms,
+    *,
+    output: str,
+    steps: int,
+    timestep: float,
+    temperature: float,
+    ensemble: str,
+    interval: int,
+    device: str = "auto",
+    dtype: str = "float64",
+    seed: int = 0,
+) -> Dict[str, float]:
+    """MD of ``atoms`` with ``MolnetsCalculator``; writes every ``interval``-th frame to ``output``.
+
+    Args:
+        timestep: fs. temperature: K (initial velocities; Langevin's bath).
+        ensemble: "nve" (velocity Verlet) or "langevin" (NVT, friction 0.01 / fs).
+
+    Returns:
+        {"steps", "seconds", "energy_drift_per_atom" (eV/atom, NVE), "temperature" (K, last frame)}.
+    """
+    import numpy as np
+    from ase import units
+    from ase.io import Trajectory
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.verlet import VelocityVerlet
+
+    from .calculator import MolnetsCalculator
+
+    atoms = atoms.copy()
+    atoms.calc = MolnetsCalculator(model_path, device=None if device == "auto" else device, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    Stationary(atoms)
+    if ensemble == "nve":
+        dynamics = VelocityVerlet(atoms, timestep * units.fs)
+    elif ensemble == "langevin":
+        dynamics = Langevin(atoms, timestep * units.fs, temperature_K=temperature, friction=0.01 / units.fs,
+                            fixcm=False, rng=rng)
+    else:
+        raise ValueError(f"ensemble must be nve or langevin, got {ensemble!r}")
+    trajectory = Trajectory(output, "w", atoms) if output.endswith(".traj") else None
+    frames = []
+
+    def record() -> None:
+        if trajectory is not None:
+            trajectory.write()
+        else:
+            frames.append(atoms.copy())
+
+    dynamics.attach(record, interval=interval)
+    e_start = atoms.get_total_energy()
+    t0 = time.perf_counter()
+    dynamics.run(steps)
+    seconds = time.perf_counter() - t0
+    if trajectory is not None:
+        trajectory.close()
+    else:
+        import ase.io
+
+        ase.io.write(output, frames)
+    return {
+        "steps": steps,
+        "seconds": seconds,
+        "energy_drift_per_atom": float(atoms.get_total_energy() - e_start) / len(atoms),
+        "temperature": float(atoms.get_temperature()),
+    }
+
+
+def _cmd_md(args: argparse.Namespace) -> int:
+    import ase.io
+
+    atoms = ase.io.read(args.structure, index=args.index)
+    result = run_md(args.model, atoms, output=args.output, steps=args.steps, timestep=args.timestep,
+                    temperature=args.temperature, ensemble=args.ensemble, interval=args.interval,
+                    device=args.device, dtype=args.dtype, seed=args.seed)
+    print(f"{args.steps} steps of {args.ensemble.upper()} MD, {len(atoms)} atoms, "
+          f"{1000 * result['seconds'] / max(args.steps, 1):.1f} ms/step; "
+          f"final temperature {result['temperature']:.0f} K; total-energy change "
+          f"{1000 * result['energy_drift_per_atom']:.3f} meV/atom; trajectory: {args.output}")
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from .models.base import load_model
+
+    models = [load_model(path) for path in args.models]
+    import molnets
+
+    if len(models) == 1:
+        text = molnets.describe(models[0])
+    else:
+        text = molnets.compare(models)
+    if text is not None:
+        print(text)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .training.demo import run_demo
+
+    run_demo(
+        output_dir=args.output_dir,
+        model=args.model,
+        time_budget=args.time_budget,
+        quick=args.quick,
+        num_structures=args.structures,
+        md_steps=args.md_steps,
+        seed=args.seed,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# The parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="molnets", description=__doc__, formatter_class=formatter,
+    )
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo", formatter_class=formatter,
+        help="make a data set, train a model, evaluate it and run MD, with no data of yours",
+        description=(
+            "The whole workflow on data made on the fly, in one folder:\n"
+            "  1. ASE's EMT potential runs Langevin MD of Cu/Au fcc alloys (32 atoms) and\n"
+            "     records a few hundred structures with energy, forces and stress (data.xyz);\n"
+            "  2. a model (MACE-style by default) is trained on them within a time budget,\n"
+            "     with logs, checkpoint and best_model.pt in training/;\n"
+            "  3. the test-set errors are printed, parity and learning-curve plots written;\n"
+            "  4. a short NVE MD with the trained model writes md.traj.\n"
+            "It takes about --time-budget seconds plus about a minute (data and MD)."
+        ),
+    )
+    demo.add_argument("--output-dir", default="molnets-demo", help="folder for every file (default: %(default)s)")
+    demo.add_argument("--model", default=None, choices=["schnet", "tensornet", "mace"],
+                      help="model to train (default: mace, or the best that is installed)")
+    demo.add_argument("--time-budget", type=float, default=200.0,
+                      help="seconds of training, checked after each epoch (default: %(default)s)")
+    demo.add_argument("--structures", type=int, default=None, help="structures to generate (default: 240)")
+    demo.add_argument("--md-steps", type=int, default=None, help="steps of the final MD (default: 200)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of data, split and weights (default: 0)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a tiny version that finishes in seconds (for tests; the errors are not meaningful)")
+    demo.set_defaults(func=_cmd_demo)
+
+    train = commands.add_parser(
+        "train", formatter_class=formatter,
+        help="train a model on your data (YAML config and/or flags)",
+        description=(
+            "Train a potential on labelled structures.\n\n"
+            "Options come from the defaults, then the YAML file of --config (keys are the\n"
+            "option names with underscores), then the flags. The resolved configuration is\n"
+            "printed first. Example:\n\n"
+            "  molnets train --train-file data.xyz --model mace --cutoff 5 \\\n"
+            "      --model-config num_channels=32 --max-epochs 200 --output-dir run1\n\n"
+            "Several processes (DDP, same options):  torchrun --nproc-per-node 4 $(which molnets) train ...\n"
+            "Resume after a crash or kill:  molnets train --config run.yaml --resume\n\n"
+            "Writes to output_dir: checkpoint.pt (every epoch), best_model.pt (load with\n"
+            "molnets.models.Potential.load or MolnetsCalculator), log.csv, log.json,\n"
+            "metrics.json (test set), learning_curve.png, parity_energy.png, parity_forces.png."
+        ),
+    )
+    train.add_argument("--config", metavar="YAML", default=None, help="YAML file with training options")
+    _add_train_options(train)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", formatter_class=formatter,
+        help="errors and parity plots of a model on a data file",
+        description="Energy, force (and stress) MAE/RMSE of MODEL on DATA, with parity plots.",
+    )
+    evaluate.add_argument("model", help="model file (best_model.pt of a training run)")
+    evaluate.add_argument("data", help="labelled structures (extxyz or anything ase.io.read reads)")
+    evaluate.add_argument("--energy-key", default="energy", help="energy key (default: %(default)s)")
+    evaluate.add_argument("--forces-key", default="forces", help="forces key, 'none' for none (default: %(default)s)")
+    evaluate.add_argument("--stress-key", default="stress", help="stress key, 'none' for none (default: %(default)s)")
+    evaluate.add_argument("--output-dir", default="molnets-evaluation", help="folder for metrics.json and plots (default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="structures per batch (default: %(default)s)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    evaluate.add_argument("--dtype", default="model", choices=["model", "float32", "float64"],
+                          help="precision (default: the model's)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    md = commands.add_parser(
+        "md", formatter_class=formatter,
+        help="molecular dynamics with a model (ASE), writes a trajectory",
+        description=(
+            "Run MD from a structure with MolnetsCalculator. Velocities start from a\n"
+            "Maxwell-Boltzmann distribution at --temperature; NVE uses velocity Verlet,\n"
+            "langevin a thermostat at --temperature. Output: .traj (ASE) or any format\n"
+            "ase.io.write knows (e.g. .xyz)."
+        ),
+    )
+    md.add_argument("model", help="model file")
+    md.add_argument("structure", help="start structure (any file ase.io.read reads)")
+    md.add_argument("--index", default="-1", help="which frame of the file (default: the last)")
+    md.add_argument("--steps", type=int, default=1000, help="MD steps (default: %(default)s)")
+    md.add_argument("--timestep", type=float, default=2.0, help="fs (default: %(default)s)")
+    md.add_argument("--temperature", type=float, default=300.0, help="K (default: %(default)s)")
+    md.add_argument("--ensemble", default="nve", choices=["nve", "langevin"], help="(default: %(default)s)")
+    md.add_argument("--interval", type=int, default=10, help="write every N-th step (default: %(default)s)")
+    md.add_argument("--output", default="md.traj", help="trajectory file (default: %(default)s)")
+    md.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    md.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="(default: %(default)s)")
+    md.add_argument("--seed", type=int, default=0, help="seed of the initial velocities (default: %(default)s)")
+    md.set_defaults(func=_cmd_md)
+
+    describe = commands.add_parser(
+        "describe", help="where a model stands in the design space (message type, body order, ...)",
+        description="Print the design-space table of one model file, or compare several.",
+    )
+    describe.add_argument("models", nargs="+", help="model files")
+    describe.set_defaults(func=_cmd_describe)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``molnets`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .training.data import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, FileNotFoundError) as error:
+        print(f"molnets {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,6 +39,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
@@ -404,7 +405,8 @@ def _train(config: TrainConfig, d: _Dist, stop_after_epochs: Optional[int]) -> T
     if resume_state is not None:
         normalization = Normalization(**resume_state["normalization"])
         normalization.atomic_energies = {int(z): e for z, e in normalization.atomic_energies.items()}
-        model = build_model(resume_state["model_name"], species, config.cutoff, resume_state["model_config"])
+        cls = model_class(resume_state["model_name"])
+        model = cls(config_from_dict(cls.config_class, resume_state["model_config"]))
     else:
         user_e0 = None
         if config.atomic_energies is not None:
@@ -421,7 +423,12 @@ def _train(config: TrainConfig, d: _Dist, stop_after_epochs: Optional[int]) -> T
     use_stress = config.stress_weight > 0 and bool(train_data.has_stress.any())
     potential = Potential(model, compute_stress=use_stress).train()
     ema = ExponentialMovingAverage(potential, config.ema_decay) if config.ema_decay else None
-    trained = nn.parallel.DistributedDataParallel(potential) if d.world > 1 else potential
+    trained = potential
+    if d.world > 1:
+        # Size-1 dimensions make some gradients' strides differ from DDP's bucket views; the
+        # values are right, only the copy is slower, and the warning would repeat every step.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        trained = nn.parallel.DistributedDataParallel(potential)
 
     optimizer = torch.optim.AdamW(potential.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _make_scheduler(config, optimizer)
