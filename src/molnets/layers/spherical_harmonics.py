@@ -1,0 +1,293 @@
+"""Real spherical harmonics Y_l^m in e3nn's convention, by a Cartesian recursion in l.
+
+Every Y_l is a homogeneous harmonic polynomial of degree l in (x, y, z), and the degree-l
+part of the product Y_{l-1}(r) r is proportional to Y_l(r) (the l-component of the coupling
+(l-1) x 1 -> l; Geiger & Smidt, "e3nn", arXiv:2207.09453, sec. on spherical harmonics):
+
+    Y_l^i(r) = sum_{j, k} C_l[j, k, i] Y_{l-1}^j(r) r_k,                          (1)
+    d Y_l^i / d r_k = l sum_j C_l[j, k, i] Y_{l-1}^j(r)        (Euler: r . grad Y_l = l Y_l)  (2)
+
+C_l [(2l-1), 3, (2l+1)] is proportional to the Wigner-3j symbol (l-1, 1, l). molnets builds it
+itself: Y_l is written as an exact polynomial (the associated-Legendre form of the real
+harmonics, e.g. Limpanuparb & Milthorpe, arXiv:1410.1748, with e3nn's axis order y, z, x),
+and C_l is the minimum-norm solution of (1) on the monomial coefficients, which is the
+3j-proportional one (the other solutions differ by the (l-1)-component of Y_{l-1} x r, which
+maps to zero). Forward is one outer product and one small matmul per l; the backward uses (2)
+as a single matmul, and is itself made of differentiable ops, so double backward works.
+
+The zero vector: with ``normalize=True`` it is normalized as ``torch.nn.functional.normalize``
+does (r / max(|r|, 1e-12)), as e3nn does, so Y_0 = 1, Y_{l>0} = 0, and every gradient is
+finite (no NaN; the first derivative of Y_1 there is of order 1e12, as in e3nn). Vectors along
+the axes are ordinary points of a polynomial: no NaN in any derivative.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import defaultdict
+from fractions import Fraction
+from typing import Dict, List, Literal, Sequence, Tuple
+
+import numpy as np
+import torch
+from e3nn import o3
+from torch import Tensor, nn
+
+__all__ = ["spherical_harmonics", "spherical_harmonics_l", "SphericalHarmonics"]
+
+Normalization = Literal["integral", "component", "norm"]
+_Poly = Dict[Tuple[int, int, int], Fraction]
+
+
+# ----------------------------------------------------------------------------------------
+# exact polynomial form of Y_l^m and the recursion coefficients C_l (built once, cached)
+# ----------------------------------------------------------------------------------------
+def _poly_mul(a: _Poly, b: _Poly) -> _Poly:
+    out: _Poly = defaultdict(Fraction)
+    for ka, va in a.items():
+        for kb, vb in b.items():
+            out[(ka[0] + kb[0], ka[1] + kb[1], ka[2] + kb[2])] += va * vb
+    return dict(out)
+
+
+def _legendre_derivative(l: int, m: int) -> Dict[int, Fraction]:
+    """d^m P_l / dz^m as {power of z: coefficient} (Rodrigues' formula expanded)."""
+    out = {}
+    for k in range(l // 2 + 1):
+        p = l - 2 * k
+        if p >= m:
+            c = Fraction((-1) ** k * math.factorial(2 * l - 2 * k),
+                         2**l * math.factorial(k) * math.factorial(l - k) * math.factorial(p))
+            out[p - m] = c * Fraction(math.factorial(p), math.factorial(p - m))
+    return out
+
+
+def _standard_real_sh(l: int, m: int) -> Tuple[_Poly, Fraction]:
+    """Real Y_l^m (no Condon-Shortley phase) as a homogeneous polynomial in (X, Y, Z) with the
+    squared "component" normalization factor (2l+1) (l-|m|)!/(l+|m|)! (x2 if m != 0):
+
+        Y_l^m = N_lm  d^|m| P_l/dz^|m| (Z, homogenized with r^2)  {Re, Im}(X + iY)^|m|
+    """
+    am = abs(m)
+    r2: _Poly = {(2, 0, 0): Fraction(1), (0, 2, 0): Fraction(1), (0, 0, 2): Fraction(1)}
+    legendre: _Poly = defaultdict(Fraction)
+    for power, c in _legendre_derivative(l, am).items():
+        term: _Poly = {(0, 0, power): c}
+        for _ in range((l - am - power) // 2):
+            term = _poly_mul(term, r2)
+        for key, v in term.items():
+            legendre[key] += v
+    phase: _Poly = defaultdict(Fraction)  # Re (m > 0) or Im (m < 0) of (X + iY)^|m|
+    for j in range(am + 1):
+        real_part, sign = j % 2 == 0, (-1) ** (j // 2)
+        if m == 0 or (m > 0) == real_part:
+            phase[(am - j, j, 0)] += sign * math.comb(am, j)
+    norm2 = Fraction((2 * l + 1) * math.factorial(l - am), math.factorial(l + am)) * (2 if m else 1)
+    return _poly_mul(dict(legendre), dict(phase)), norm2
+
+
+def _monomials(l: int) -> List[Tuple[int, int, int]]:
+    return [(a, b, l - a - b) for a in range(l, -1, -1) for b in range(l - a, -1, -1)]
+
+
+@functools.lru_cache(maxsize=None)
+def _sh_polynomial_matrix(l: int) -> np.ndarray:
+    """[2l+1, (l+1)(l+2)/2]: coefficients of e3nn's component-normalized Y_l on monomials
+    x^a y^b z^c. e3nn's Y(x, y, z) is the standard table evaluated at (X, Y, Z) = (z, x, y)."""
+    index = {mono: n for n, mono in enumerate(_monomials(l))}
+    out = np.zeros((2 * l + 1, len(index)))
+    for i, m in enumerate(range(-l, l + 1)):
+        poly, norm2 = _standard_real_sh(l, m)
+        for (a, b, c), v in poly.items():  # X^a Y^b Z^c = z^a x^b y^c
+            out[i, index[(b, c, a)]] += float(v) * math.sqrt(norm2)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _recursion_coefficients(l: int) -> np.ndarray:
+    """C_l [2l-1, 3, 2l+1] of Eq. (1), component normalization, float64."""
+    index = {mono: n for n, mono in enumerate(_monomials(l))}
+    prev = _sh_polynomial_matrix(l - 1)
+    products = np.zeros((2 * l - 1, 3, len(index)))  # Y_{l-1}^j r_k on degree-l monomials
+    for n, mono in enumerate(_monomials(l - 1)):
+        for k in range(3):
+            shifted = tuple(p + (k == axis) for axis, p in enumerate(mono))
+            products[:, k, index[shifted]] += prev[:, n]
+    solution = np.linalg.lstsq(products.reshape(-1, len(index)).T,
+                               _sh_polynomial_matrix(l).T, rcond=None)[0]
+    solution[np.abs(solution) < 1e-13] = 0.0  # exact zeros of the 3j symbol
+    return solution.reshape(2 * l - 1, 3, 2 * l + 1)
+
+
+def _scales(lmax: int, normalization: Normalization) -> List[float]:
+    """Factor s_l turning component normalization into the requested one."""
+    if normalization == "component":
+        return [1.0] * (lmax + 1)
+    if normalization == "integral":
+        return [1.0 / math.sqrt(4 * math.pi)] * (lmax + 1)
+    if normalization == "norm":
+        return [1.0 / math.sqrt(2 * l + 1) for l in range(lmax + 1)]
+    raise ValueError(f"unknown normalization {normalization!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _coefficients(lmax: int, normalization: Normalization) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Forward matrices C_l s_l/s_{l-1} as [3(2l-1), 2l+1] and the backward matrix
+    D [(lmax+1)^2, 3 lmax^2] with D[(l, i), (j, k)] = l C_l[j, k, i] s_l / s_{l-1} (Eq. 2)."""
+    s = _scales(lmax, normalization)
+    forward = [_recursion_coefficients(l) * (s[l] / s[l - 1]) for l in range(1, lmax + 1)]
+    backward = np.zeros(((lmax + 1) ** 2, lmax**2, 3))
+    for l, c in enumerate(forward, start=1):
+        backward[l * l:(l + 1) ** 2, (l - 1) ** 2:l * l, :] = l * c.transpose(2, 0, 1)
+    return np.array(s[0]), [c.reshape(-1, 2 * l + 1) for l, c in enumerate(forward, 1)] + [
+        backward.reshape((lmax + 1) ** 2, -1)]
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------
+class _SphericalHarmonicsFn(torch.autograd.Function):
+    """Eq. (1) forward, Eq. (2) backward (written in differentiable ops: double backward)."""
+
+    @staticmethod
+    def forward(vectors: Tensor, y0: Tensor, backward_matrix: Tensor, *matrices: Tensor) -> Tensor:
+        num_edges = vectors.shape[0]
+        y = y0.expand(num_edges, 1)                                            # [E, 1]
+        blocks = [y]
+        for c in matrices:
+            y = (y[:, :, None] * vectors[:, None, :]).reshape(num_edges, -1) @ c  # [E, 2l+1]
+            blocks.append(y)
+        return torch.cat(blocks, dim=1)                                        # [E, M]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        vectors, _, backward_matrix = inputs[:3]
+        ctx.save_for_backward(output, backward_matrix)
+        ctx.num_lower = backward_matrix.shape[1] // 3
+
+    @staticmethod
+    def backward(ctx, grad_sh: Tensor):
+        sh, backward_matrix = ctx.saved_tensors
+        num_lower = ctx.num_lower
+        num_edges = sh.shape[0]
+        weighted = (grad_sh @ backward_matrix).view(num_edges, num_lower, 3)   # [E, M', 3]
+        grad_vectors = (weighted * sh[:, :num_lower, None]).sum(1)            # [E, 3]
+        return (grad_vectors, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+_TENSORS: Dict[tuple, List[Tensor]] = {}
+
+
+@torch.compiler.assume_constant_result  # built eagerly, once; a constant to torch.compile
+def _coefficient_tensors(lmax: int, normalization: Normalization, dtype: torch.dtype,
+                         device: torch.device) -> List[Tensor]:
+    """[y0, backward matrix, C_1, ..., C_lmax] as tensors, cached per dtype and device."""
+    key = (lmax, normalization, dtype, device)
+    if key not in _TENSORS:
+        y0, matrices = _coefficients(lmax, normalization)
+        _TENSORS[key] = [torch.as_tensor(m, dtype=dtype, device=device)
+                         for m in [y0, matrices[-1]] + matrices[:-1]]
+    return _TENSORS[key]
+
+
+def _evaluate(vectors: Tensor, lmax: int, normalize: bool, normalization: Normalization) -> Tensor:
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors, dim=-1)               # [E, 3]
+    tensors = _coefficient_tensors(lmax, normalization, vectors.dtype, vectors.device)
+    return _SphericalHarmonicsFn.apply(vectors, *tensors)                      # [E, M]
+
+
+def spherical_harmonics(vectors: Tensor, lmax: int, *, normalize: bool = True,
+                        normalization: Normalization = "component") -> Tensor:
+    """Real spherical harmonics Y_l^m(r) for all l <= lmax, in e3nn's convention and order.
+
+        Y_l^i(r) = sum_{j,k} C_l[j, k, i] Y_{l-1}^j(r) r_k,  Y_0 = 1           (module docstring, Eq. 1)
+
+    Equal to ``e3nn.o3.spherical_harmonics(list(range(lmax + 1)), vectors, normalize,
+    normalization)``. Components of each l are m = -l..l in e3nn's order (Y_1 ∝ (x, y, z)).
+
+    Args:
+        vectors: edge vectors r in Å (any length; only the direction matters if normalize).
+        lmax: largest degree l.
+        normalize: evaluate on r/|r| (zero vector -> Y_0 = 1, Y_{l>0} = 0, finite gradients).
+            If False, Y_l is the homogeneous polynomial of degree l in r.
+        normalization: "component" (|Y_l(r̂)|^2 = 2l+1), "norm" (|Y_l(r̂)| = 1) or "integral"
+            (∫_{S^2} (Y_l^m)^2 dΩ = 1).
+
+    Shapes:
+        vectors [E, 3]  ->  [E, (lmax+1)^2]
+
+    >>> spherical_harmonics(torch.tensor([[0.0, 0.0, 2.0]]), 1)
+    tensor([[1.0000, 0.0000, 0.0000, 1.7321]])
+    """
+    return _evaluate(vectors, lmax, normalize, normalization)
+
+
+def spherical_harmonics_l(vectors: Tensor, ls: Sequence[int], *, normalize: bool = True,
+                          normalization: Normalization = "component") -> Tensor:
+    """The blocks Y_l of ``spherical_harmonics`` for the degrees in ``ls`` only, in that order.
+
+    Args:
+        vectors: edge vectors in Å.
+        ls: degrees to keep, e.g. [0, 2, 4] (repeats allowed).
+        normalize, normalization: as in ``spherical_harmonics``.
+
+    Shapes:
+        vectors [E, 3]  ->  [E, sum_l (2l+1)]
+    """
+    ls = [int(l) for l in ls]
+    sh = _evaluate(vectors, max(ls), normalize, normalization)                  # [E, M]
+    if ls == list(range(max(ls) + 1)):
+        return sh
+    return torch.cat([sh[:, l * l:(l + 1) ** 2] for l in ls], dim=1)            # [E, sum 2l+1]
+
+
+class SphericalHarmonics(nn.Module):
+    """Module form of ``spherical_harmonics``: edge vectors -> Y_0..Y_lmax (e3nn convention).
+
+    Args:
+        lmax: largest degree.
+        normalize: evaluate on unit vectors r/|r|.
+        normalization: "component", "norm" or "integral" (see ``spherical_harmonics``).
+
+    Attributes:
+        irreps_out: ``o3.Irreps`` "1x0e + 1x1o + 1x2e + ..." (parity (-1)^l).
+
+    Shapes:
+        vectors [E, 3] (Å)  ->  [E, irreps_out.dim]
+    """
+
+    def __init__(self, lmax: int, *, normalize: bool = True,
+                 normalization: Normalization = "component") -> None:
+        super().__init__()
+        self.lmax = int(lmax)
+        self.normalize = bool(normalize)
+        self.normalization: Normalization = normalization
+        self.irreps_in = o3.Irreps("1x1o")
+        self.irreps_out = o3.Irreps.spherical_harmonics(self.lmax)
+        self._register_coefficients(torch.get_default_dtype(), torch.device("cpu"))
+
+    def _register_coefficients(self, dtype: torch.dtype, device: torch.device) -> None:
+        # Non-persistent buffers so that .to(device) moves them; always rebuilt from the float64
+        # source (see _apply) so that .float().double() keeps float64 precision.
+        for n, t in enumerate(_coefficient_tensors(self.lmax, self.normalization, dtype, device)):
+            self.register_buffer(f"coefficients_{n}", t.clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._register_coefficients(self.coefficients_0.dtype, self.coefficients_0.device)
+        return self
+
+    def forward(self, vectors: Tensor) -> Tensor:
+        if self.normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)           # [E, 3]
+        if vectors.dtype == self.coefficients_0.dtype:  # static under torch.compile
+            tensors = [getattr(self, f"coefficients_{n}") for n in range(self.lmax + 2)]
+        else:
+            tensors = _coefficient_tensors(self.lmax, self.normalization, vectors.dtype,
+                                           vectors.device)
+        return _SphericalHarmonicsFn.apply(vectors, *tensors)                  # [E, M]
+
+    def extra_repr(self) -> str:
+        return f"lmax={self.lmax}, normalize={self.normalize}, normalization={self.normalization!r}"
