@@ -236,15 +236,16 @@ def run_md(
     from ase import units
     from ase.io import Trajectory
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.velocitydistribution import Stationary
     from ase.md.verlet import VelocityVerlet
 
     from .calculator import MolnetsCalculator
+    from .training.synthetic import thermalize
 
     atoms = atoms.copy()
     atoms.calc = MolnetsCalculator(model_path, device=None if device == "auto" else device, dtype=dtype)
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    thermalize(atoms, temperature, rng)
     Stationary(atoms)
     if ensemble == "nve":
         dynamics = VelocityVerlet(atoms, timestep * units.fs)

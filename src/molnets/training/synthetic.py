@@ -16,7 +16,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-__all__ = ["emt_dataset"]
+__all__ = ["emt_dataset", "thermalize"]
 
 
 def emt_dataset(
@@ -53,7 +53,6 @@ def emt_dataset(
     from ase.calculators.emt import EMT
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     rng = np.random.default_rng(seed)
     frames: List = []
@@ -67,7 +66,7 @@ def emt_dataset(
         atoms.numbers[rng.choice(len(atoms), size=num_gold, replace=False)] = 79
         atoms.set_cell(atoms.cell * (1 + rng.uniform(-strain, strain)), scale_atoms=True)
         atoms.calc = EMT()
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        thermalize(atoms, temperature, rng)
         dynamics = Langevin(
             atoms, timestep * units.fs, temperature_K=temperature, friction=0.02, fixcm=False, rng=rng
         )
@@ -83,3 +82,11 @@ def emt_dataset(
             )
             frames.append(frame)
     return frames
+
+
+def thermalize(atoms, temperature: float, rng) -> None:
+    """Maxwell-Boltzmann momenta at ``temperature`` K (ASE >= 3.28 renamed the function)."""
+    import ase.md.velocitydistribution as velocities
+
+    thermalize = getattr(velocities, "thermalize_momenta", None) or velocities.MaxwellBoltzmannDistribution
+    thermalize(atoms, temperature_K=temperature, rng=rng)

@@ -1,0 +1,144 @@
+"""The trainer: it learns (each model), resumes exactly (also after kill -9), and its parts."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from molnets.models.base import Potential, load_model
+from molnets.training import (
+    ExponentialMovingAverage,
+    GraphDataset,
+    TrainConfig,
+    apply_normalization,
+    build_model,
+    evaluate,
+    read_structures,
+    split_structures,
+    train,
+)
+
+TINY_MODELS = {
+    "schnet": dict(num_channels=16, num_basis=8, num_layers=2),
+    "tensornet": dict(num_channels=8, num_layers=1, num_rbf=8),
+}
+
+
+def _config(data, out, **changes):
+    base = dict(
+        train_file=data, cutoff=4.0, batch_size=4, dtype="float64", progress=False, output_dir=str(out),
+        valid_fraction=0.25, test_fraction=0.125, seed=1,
+    )
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_training_lowers_validation_force_error(name, tiny_xyz, tmp_path):
+    config = _config(tiny_xyz, tmp_path, model=name, model_config=TINY_MODELS[name], max_epochs=15,
+                     lr=1e-2, ema_decay=0.9)
+    result = train(config)
+    # The same untrained model: same seed, same normalization, no optimizer step.
+    _, valid, _ = split_structures(read_structures(tiny_xyz), valid_fraction=0.25, test_fraction=0.125, seed=1)
+    torch.manual_seed(config.seed)
+    untrained = build_model(name, (29, 79), 4.0, TINY_MODELS[name],
+                            avg_num_neighbors=result.normalization.avg_num_neighbors)
+    apply_normalization(untrained, result.normalization)
+    dataset = GraphDataset(valid, 4.0, dtype=torch.float64)
+    before = evaluate(Potential(untrained).double(), dataset).compute()["forces_mae"]
+    after = evaluate(result.potential, dataset).compute()["forces_mae"]
+    assert after < before / 3, f"{name}: validation force MAE {before:.3f} -> {after:.3f} eV/Å"
+    for name_ in ("best_model.pt", "checkpoint.pt", "log.csv", "log.json", "metrics.json",
+                  "learning_curve.png", "parity_energy.png", "parity_forces.png"):
+        assert (tmp_path / name_).stat().st_size > 0, name_
+    reloaded = load_model(tmp_path / "best_model.pt")
+    assert reloaded.config.species == (29, 79)
+    torch.testing.assert_close(reloaded.state_dict(), result.potential.model.state_dict())
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["potential"]
+
+
+def test_resume_after_stop_gives_identical_weights(tiny_xyz, tmp_path):
+    kw = dict(model="schnet", model_config=dict(num_channels=8, num_basis=6, num_layers=1), max_epochs=4)
+    train(_config(tiny_xyz, tmp_path / "straight", **kw))
+    train(_config(tiny_xyz, tmp_path / "pieces", **kw), stop_after_epochs=1)
+    train(_config(tiny_xyz, tmp_path / "pieces", resume=True, **kw), stop_after_epochs=2)
+    resumed = train(_config(tiny_xyz, tmp_path / "pieces", resume=True, **kw))
+    straight, pieces = _weights(tmp_path / "straight/checkpoint.pt"), _weights(tmp_path / "pieces/checkpoint.pt")
+    for key in straight:
+        assert torch.equal(straight[key], pieces[key]), key
+    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3]
+    assert torch.load(tmp_path / "pieces/checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
+_KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    torch.set_num_threads(1)
+    import molnets.training.trainer as trainer
+    from molnets.training import TrainConfig
+
+    real_save, calls = trainer.atomic_save, [0]
+
+    def save_then_die(obj, path):
+        calls[0] += 1
+        if calls[0] == 2:  # epoch 1: die half-way through writing the temporary file
+            with open(f"{path}.tmp.{os.getpid()}", "wb") as handle:
+                handle.write(b"PK\\x03\\x04 half a zip file")
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(obj, path)
+
+    trainer.atomic_save = save_then_die
+    trainer.train(TrainConfig(**eval(sys.argv[1])))
+    """
+)
+
+
+def test_resume_after_kill_9_while_writing_the_checkpoint(tiny_xyz, tmp_path):
+    kw = dict(model="schnet", model_config=dict(num_channels=8, num_basis=6, num_layers=1), max_epochs=3)
+    killed = _config(tiny_xyz, tmp_path / "killed", **kw)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, repr(dataclasses.asdict(killed))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    left = sorted(os.listdir(tmp_path / "killed"))
+    assert "checkpoint.pt" in left and any(".tmp." in name for name in left)
+    assert torch.load(tmp_path / "killed/checkpoint.pt", weights_only=True)["epoch"] == 0
+    resumed = train(dataclasses.replace(killed, resume=True))
+    straight = train(_config(tiny_xyz, tmp_path / "straight", **kw))
+    assert len(resumed.history) == len(straight.history) == 3
+    a, b = _weights(tmp_path / "straight/checkpoint.pt"), _weights(tmp_path / "killed/checkpoint.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_ema_follows_the_formula():
+    model = torch.nn.Linear(2, 1)
+    ema = ExponentialMovingAverage(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # t = 1: d = min(0.9, 2 / 11)
+    d = 2 / 11
+    torch.testing.assert_close(ema.module.weight, d * start + (1 - d) * (start + 1.0))
+
+
+def test_early_stopping_and_max_time(tiny_xyz, tmp_path):
+    kw = dict(model="schnet", model_config=dict(num_channels=4, num_basis=4, num_layers=1))
+    stopped = train(_config(tiny_xyz, tmp_path / "a", max_epochs=50, lr=0.0, early_stopping_patience=2, **kw))
+    assert len(stopped.history) == 3  # epoch 0 sets the best loss, two more without improvement
+    timed = train(_config(tiny_xyz, tmp_path / "b", max_epochs=50, max_time=0.0, **kw))
+    assert len(timed.history) == 1
+
+
+def test_unknown_model_options_are_named(tiny_xyz, tmp_path):
+    with pytest.raises(ValueError, match="no_such_field"):
+        train(_config(tiny_xyz, tmp_path, model="schnet", model_config={"no_such_field": 1}, max_epochs=1))
+    with pytest.raises(ValueError, match="unknown training options"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
