@@ -1,0 +1,95 @@
+"""ASE calculator for any molnets model: energy, free energy, forces, stress, per-atom energies."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+from torch import nn
+
+from .graph import AtomicGraph
+from .models.base import Potential, load_model
+from .neighbors import Backend
+
+__all__ = ["MolnetsCalculator"]
+
+
+class MolnetsCalculator(Calculator):
+    """An ``ase.calculators.calculator.Calculator`` around a molnets model.
+
+    Units are ASE's: energy eV, forces eV/Å, stress eV/Å³ in Voigt order (xx, yy, zz, yz,
+    xz, xy) with ASE's sign (σ = (1/V) ∂E/∂ε). Stress is given for structures with a periodic
+    direction and a non-zero cell volume; asking a molecule for stress raises ASE's
+    ``PropertyNotImplementedError``.
+
+    The model, its ``Potential`` wrappers and (if asked) its compiled version are built once
+    and reused at every step; only the graph (neighbor list within the model's cutoff) is
+    rebuilt for each new geometry.
+
+    Args:
+        model_or_path: a per-atom energy model, a ``Potential`` (its model is used) or the
+            path of a file written by ``save_model`` / ``Potential.save``.
+        device: where the model runs, e.g. "cpu" or "cuda".
+        dtype: float dtype of the model and the graph (float64 for MD and finite differences).
+        compile: ``torch.compile`` backend for the model (e.g. "inductor"), or None for eager.
+            Compiled code skips the element check of the model, so the calculator checks the
+            elements itself.
+        neighbor_backend: backend of ``molnets.neighbor_list``.
+        cutoff: neighbor cutoff in Å; default the model's ``config.cutoff``.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(
+        self,
+        model_or_path: Union[nn.Module, str, os.PathLike],
+        *,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float64,
+        compile: Optional[str] = None,
+        neighbor_backend: Backend = "auto",
+        cutoff: Optional[float] = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(model_or_path, Potential):
+            model = model_or_path.model
+        elif isinstance(model_or_path, nn.Module):
+            model = model_or_path
+        else:
+            model = load_model(model_or_path, map_location=device)
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = torch.device(device), dtype
+        self.cutoff = float(cutoff if cutoff is not None else model.config.cutoff)
+        self.species: Sequence[int] = tuple(model.config.species)
+        self.neighbor_backend = neighbor_backend
+        energy_model = self.model
+        if compile is not None:
+            energy_model = torch.compile(self.model, fullgraph=True, dynamic=True, backend=compile)
+        self.potential = Potential(energy_model).eval()
+        self.potential_with_stress = Potential(energy_model, compute_stress=True).eval()
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        unknown = sorted(set(self.atoms.numbers.tolist()) - set(self.species))
+        if unknown:
+            raise ValueError(f"the model knows the elements Z = {tuple(self.species)}, got unknown Z = {unknown}")
+        graph = AtomicGraph.from_ase(
+            self.atoms, self.cutoff, backend=self.neighbor_backend, dtype=self.dtype, device=self.device
+        )
+        periodic = bool(self.atoms.pbc.any()) and abs(self.atoms.cell.volume) > 0
+        potential = self.potential_with_stress if periodic else self.potential
+        out = potential(graph)
+        energy = float(out["energy"].detach().sum())
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": out["forces"].detach().cpu().double().numpy(),
+            "energies": out["energies"].detach().cpu().double().numpy(),
+        }
+        if periodic:
+            stress = out["stress"][0].detach().cpu().double().numpy()
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
