@@ -95,11 +95,13 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{_TRAIN_HELP[f.name]} (default: {default})"
         if f.name in ("model_config", "atomic_energies"):
-            group.add_argument(flag, nargs="+", metavar="KEY=VALUE", default=None, help=help_text)
+            group.add_argument(flag, nargs="+", metavar="KEY=VALUE", default=argparse.SUPPRESS, help=help_text)
         elif hints[f.name] is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
         else:
-            group.add_argument(flag, type=_parse_value, default=None, metavar=f.name.upper(), help=help_text)
+            group.add_argument(flag, type=_parse_value, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                               help=help_text)
 
 
 def resolve_train_config(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
@@ -116,12 +118,12 @@ def resolve_train_config(args: argparse.Namespace) -> "TrainConfig":  # noqa: F8
             raise SystemExit(f"molnets: {args.config} must hold a mapping of training options")
         data.update(loaded)
     for f in dataclasses.fields(TrainConfig):
+        if not hasattr(args, f.name):  # flag not given (argparse.SUPPRESS)
+            continue
         value = getattr(args, f.name)
         if f.name in ("model_config", "atomic_energies"):
-            value = _key_values(value, "--" + f.name.replace("_", "-"))
-            if value is not None:
-                data[f.name] = {**(data.get(f.name) or {}), **value}
-        elif value is not None:
+            data[f.name] = {**(data.get(f.name) or {}), **_key_values(value, "--" + f.name.replace("_", "-"))}
+        else:
             data[f.name] = value
     for key in ("energy_key", "forces_key", "stress_key"):
         if isinstance(data.get(key), str) and data[key].lower() == "none":
@@ -242,6 +244,13 @@ def run_md(
     from .calculator import MolnetsCalculator
     from .training.synthetic import thermalize
 
+    from .models.base import load_model
+    from .training.data import check_elements, structures_from_atoms
+
+    check_elements(
+        structures_from_atoms([atoms], energy_key=None, forces_key=None, stress_key=None, source="the MD start"),
+        load_model(model_path).config.species,
+    )
     atoms = atoms.copy()
     atoms.calc = MolnetsCalculator(model_path, device=None if device == "auto" else device, dtype=dtype)
     rng = np.random.default_rng(seed)
@@ -336,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="molnets", description=__doc__, formatter_class=formatter,
     )
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice)")
+                        help="CPU threads for torch (default: torch's choice; 1 for demo)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
@@ -350,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
             "     with logs, checkpoint and best_model.pt in training/;\n"
             "  3. the test-set errors are printed, parity and learning-curve plots written;\n"
             "  4. a short NVE MD with the trained model writes md.traj.\n"
-            "It takes about --time-budget seconds plus about a minute (data and MD)."
+            "It takes about --time-budget seconds plus about a minute (data and MD).\n"
+            "It runs on one CPU thread unless you pass molnets --threads N demo."
         ),
     )
     demo.add_argument("--output-dir", default="molnets-demo", help="folder for every file (default: %(default)s)")
@@ -429,7 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     describe = commands.add_parser(
         "describe", help="where a model stands in the design space (message type, body order, ...)",
-        description="Print the design-space table of one model file, or compare several.",
+        formatter_class=formatter,
+        description=(
+            "Print where a trained model stands in the design space of message-passing\n"
+            "potentials: the type of its messages (invariant scalars, Cartesian tensors,\n"
+            "spherical irreps), the body order of one message, the number of message-passing\n"
+            "layers, the receptive field (layers x cutoff, Å) and the number of parameters.\n"
+            "With several files, one table lines them up side by side.\n\n"
+            "  molnets describe run1/best_model.pt run2/best_model.pt"
+        ),
     )
     describe.add_argument("models", nargs="+", help="model files")
     describe.set_defaults(func=_cmd_describe)
@@ -440,10 +458,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``molnets`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
+    threads = args.threads
+    if threads is None and args.command == "demo":
+        threads = 1  # the demo's tensors are small: one thread is faster, much faster on a busy machine
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     from .training.data import DataError
 
     try:

@@ -1,0 +1,95 @@
+"""The molnets command: help texts, train/evaluate from the command line, the quick demo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import ase.io
+import pytest
+import torch
+import yaml
+from ase.build import molecule
+
+from molnets.cli import build_parser, main
+from molnets.models.base import load_model
+
+
+def test_console_script_help():
+    exe = shutil.which("molnets")
+    assert exe is not None, "the molnets console script is not installed"
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for command in ("demo", "train", "evaluate", "md", "describe"):
+        assert command in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "evaluate", "md", "describe"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert len(text) > 300 and "usage: molnets " + command in text
+
+
+def test_train_resolves_yaml_then_flags_and_evaluate(tiny_xyz, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "train_file": tiny_xyz, "model": "schnet", "cutoff": 3.0, "max_epochs": 5,
+        "model_config": {"num_channels": 8, "num_basis": 6}, "progress": False,
+    }))
+    out = tmp_path / "run"
+    code = main(["--threads", "1", "train", "--config", str(config), "--cutoff", "4.0", "--max-epochs", "2",
+                 "--model-config", "num_layers=1", "--output-dir", str(out), "--stress-key", "none"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    resolved = yaml.safe_load(printed.split("\nepoch")[0])
+    assert resolved["cutoff"] == 4.0 and resolved["max_epochs"] == 2 and resolved["stress_key"] is None
+    assert resolved["model_config"] == {"num_channels": 8, "num_basis": 6, "num_layers": 1}
+    model = load_model(out / "best_model.pt")
+    assert model.config.cutoff == 4.0 and model.config.num_layers == 1
+    assert "test errors" in printed
+
+    code = main(["evaluate", str(out / "best_model.pt"), tiny_xyz, "--output-dir", str(tmp_path / "ev")])
+    assert code == 0
+    metrics = json.loads((tmp_path / "ev/metrics.json").read_text())["metrics"]
+    assert metrics["forces_mae"] > 0 and metrics["energy_rmse"] >= metrics["energy_mae"]
+    assert (tmp_path / "ev/parity_forces.png").stat().st_size > 0
+
+
+def test_evaluate_names_a_structure_with_unknown_elements(tiny_xyz, tmp_path, capsys):
+    torch.manual_seed(0)
+    from molnets.models import SchNet, SchNetConfig
+
+    model_path = tmp_path / "cu.pt"
+    SchNet(SchNetConfig(species=(29, 79), cutoff=4.0, num_channels=4, num_basis=4, num_layers=1)).double()
+    from molnets.models.base import save_model
+
+    save_model(SchNet(SchNetConfig(species=(29, 79), cutoff=4.0, num_channels=4, num_basis=4, num_layers=1)),
+               model_path)
+    frames = ase.io.read(tiny_xyz, index=":3")
+    water = molecule("H2O")
+    water.info["energy"] = -14.0
+    water.arrays["forces"] = water.positions * 0
+    data = tmp_path / "mixed.xyz"
+    ase.io.write(data, frames + [water])
+    code = main(["evaluate", str(model_path), str(data), "--output-dir", str(tmp_path / "ev")])
+    assert code == 2
+    assert "structure 3 (H2O): contains ['H', 'O']" in capsys.readouterr().err
+
+
+def test_demo_quick_writes_everything_into_one_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    before = set(os.listdir(tmp_path))
+    assert main(["--threads", "1", "demo", "--quick", "--model", "schnet", "--output-dir", str(out)]) == 0
+    assert set(os.listdir(tmp_path)) - before == {"demo"}
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "forces MAE" in printed and "NVE" in printed
+    files = {os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs}
+    for name in ("data.xyz", "md.traj", "training/best_model.pt", "training/learning_curve.png",
+                 "training/parity_energy.png", "training/parity_forces.png", "training/log.csv"):
+        assert name in files, name
+    trajectory = ase.io.read(out / "md.traj", index=":")
+    assert len(trajectory) >= 2 and len(trajectory[0]) == 8
