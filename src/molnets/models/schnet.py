@@ -203,7 +203,7 @@ class SchNet(nn.Module):
         """Invariant scalar messages of body order 2, T layers, receptive field T r_c."""
         return DesignSpace(
             model=self.name,
-            message_type="invariant scalars (continuous filter on |r_ij|)",
+            message_type="invariant scalars (continuous filter on distances)",
             body_order=2,
             num_layers=self.config.num_layers,
             cutoff=self.cutoff,
