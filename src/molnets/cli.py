@@ -252,7 +252,12 @@ def run_md(
         load_model(model_path).config.species,
     )
     atoms = atoms.copy()
-    atoms.calc = MolnetsCalculator(model_path, device=None if device == "auto" else device, dtype=dtype)
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    atoms.calc = MolnetsCalculator(model_path, device=device, dtype=torch_dtype)
     rng = np.random.default_rng(seed)
     thermalize(atoms, temperature, rng)
     Stationary(atoms)
@@ -308,15 +313,10 @@ def _cmd_md(args: argparse.Namespace) -> int:
 def _cmd_describe(args: argparse.Namespace) -> int:
     from .models.base import load_model
 
-    models = [load_model(path) for path in args.models]
-    import molnets
+    from .describe import compare
 
-    if len(models) == 1:
-        text = molnets.describe(models[0])
-    else:
-        text = molnets.compare(models)
-    if text is not None:
-        print(text)
+    models = [load_model(path) for path in args.models]
+    print(compare(models, print_table=False))
     return 0
 
 

@@ -83,7 +83,7 @@ def test_evaluate_names_a_structure_with_unknown_elements(tiny_xyz, tmp_path, ca
 def test_demo_quick_writes_everything_into_one_folder(tmp_path, capsys):
     out = tmp_path / "demo"
     before = set(os.listdir(tmp_path))
-    assert main(["--threads", "1", "demo", "--quick", "--model", "schnet", "--output-dir", str(out)]) == 0
+    assert main(["--threads", "1", "demo", "--quick", "--output-dir", str(out)]) == 0
     assert set(os.listdir(tmp_path)) - before == {"demo"}
     printed = capsys.readouterr().out
     assert str(out) in printed and "forces MAE" in printed and "NVE" in printed
@@ -93,3 +93,17 @@ def test_demo_quick_writes_everything_into_one_folder(tmp_path, capsys):
         assert name in files, name
     trajectory = ase.io.read(out / "md.traj", index=":")
     assert len(trajectory) >= 2 and len(trajectory[0]) == 8
+
+
+def test_describe_prints_the_design_space_of_model_files(tmp_path, capsys):
+    from molnets.models import SchNet, SchNetConfig
+    from molnets.models.base import save_model
+
+    for layers in (1, 3):
+        save_model(SchNet(SchNetConfig(species=(29,), cutoff=4.5, num_channels=4, num_basis=4, num_layers=layers)),
+                   tmp_path / f"m{layers}.pt")
+    assert main(["describe", str(tmp_path / "m1.pt"), str(tmp_path / "m3.pt")]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert [(r[1].strip(), r[3].strip(), r[4].strip(), r[6].strip()) for r in rows] == [
+        ("schnet", "2", "1", "4.5"), ("schnet", "2", "3", "13.5")
+    ]

@@ -289,6 +289,7 @@ class GraphDataset:
         dtype: float dtype of positions, cell and targets.
     """
 
+    _CACHE_SIZE = 6  # a run uses three (train, valid, test)
     _cache: Dict[Tuple[int, float, torch.dtype], Tuple[Sequence[LabeledStructure], "GraphDataset"]] = {}
 
     def __init__(self, structures: Sequence[LabeledStructure], cutoff: float, *, dtype: torch.dtype = torch.float32):
@@ -316,12 +317,16 @@ class GraphDataset:
         """The dataset for this list of structures and cutoff, built on first request only.
 
         The key is the identity of the list object, the cutoff and the dtype: pass the same
-        list (e.g. the train split) to get the graphs built before.
+        list (e.g. the train split) to get the graphs built before. The last six datasets
+        are kept.
         """
         key = (id(structures), float(cutoff), dtype)
-        entry = cls._cache.get(key)
+        entry = cls._cache.pop(key, None)
         if entry is None or entry[0] is not structures:  # the cache holds the list: ids stay unique
-            entry = cls._cache[key] = (structures, cls(structures, cutoff, dtype=dtype))
+            entry = (structures, cls(structures, cutoff, dtype=dtype))
+        cls._cache[key] = entry  # most recent last
+        while len(cls._cache) > cls._CACHE_SIZE:
+            cls._cache.pop(next(iter(cls._cache)))
         return entry[1]
 
     def __len__(self) -> int:
