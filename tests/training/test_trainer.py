@@ -142,3 +142,24 @@ def test_unknown_model_options_are_named(tiny_xyz, tmp_path):
         train(_config(tiny_xyz, tmp_path, model="schnet", model_config={"no_such_field": 1}, max_epochs=1))
     with pytest.raises(ValueError, match="unknown training options"):
         TrainConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_weighted_loss_by_hand(tiny_frames):
+    from molnets.training import structures_from_atoms, weighted_loss
+
+    structures = structures_from_atoms(tiny_frames[:3])
+    structures[1].weight = 2.0
+    structures[2].stress = None
+    batch = GraphDataset(structures, 4.0, dtype=torch.float64).batch([0, 1, 2])
+    gen = torch.Generator().manual_seed(0)
+    out = {
+        "energy": batch.energy + torch.randn(3, generator=gen, dtype=torch.float64),
+        "forces": batch.forces + torch.randn(24, 3, generator=gen, dtype=torch.float64),
+        "stress": batch.stress + torch.randn(3, 3, 3, generator=gen, dtype=torch.float64),
+    }
+    loss = weighted_loss(out, batch, energy_weight=1.0, forces_weight=10.0, stress_weight=100.0)
+    w = [1.0, 2.0, 1.0]
+    energy = sum(w[b] * float((out["energy"][b] - batch.energy[b]) / 8) ** 2 for b in range(3)) / 3
+    forces = sum(w[i // 8] * float(((out["forces"][i] - batch.forces[i]) ** 2).sum()) for i in range(24)) / 72
+    stress = sum(w[b] * float(((out["stress"][b] - batch.stress[b]) ** 2).sum()) for b in range(2)) / 18
+    assert float(loss) == pytest.approx(energy + 10.0 * forces + 100.0 * stress, rel=1e-12)

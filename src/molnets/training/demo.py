@@ -123,7 +123,7 @@ def run_demo(
     print(f"[3/4] test set after {result.epochs_run} epochs ({train_seconds:.0f} s of training):", flush=True)
     print(f"      energy MAE {1000 * metrics['energy_mae']:.2f} meV/atom, RMSE {1000 * metrics['energy_rmse']:.2f}")
     print(f"      forces MAE {1000 * metrics['forces_mae']:.1f} meV/Å, RMSE {1000 * metrics['forces_rmse']:.1f} "
-          f"(zero-force baseline: MAE {1000 * np.abs(test_forces).mean():.0f} meV/Å)")
+          f"(for scale: the mean |force component| of the data is {1000 * np.abs(test_forces).mean():.0f} meV/Å)")
     if "stress_mae" in metrics:
         print(f"      stress MAE {1000 * metrics['stress_mae']:.2f} meV/Å³")
     print(f"      plots: {os.path.join(config.output_dir, 'parity_forces.png')} and the others there", flush=True)
