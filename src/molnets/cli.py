@@ -469,7 +469,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (DataError, FileNotFoundError) as error:
+    except (DataError, FileNotFoundError, ValueError) as error:  # user errors: a message, no traceback
         print(f"molnets {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -209,7 +209,10 @@ def build_model(
     ``avg_num_neighbors`` goes into the config when the config class has that field and
     ``model_config`` does not set it.
     """
-    cls = model_class(name)
+    try:
+        cls = model_class(name)
+    except ImportError as error:
+        raise ValueError(f"the model {name!r} is not available in this molnets: {error}") from error
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
     data = dict(model_config or {})
     for key in ("species", "cutoff"):
