@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Dict, Union
+from typing import Any, BinaryIO, Callable, Dict, Union
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint", "atomic_write_text", "rng_state", "set_rng_state"]
+__all__ = ["atomic_write", "atomic_save", "load_checkpoint", "atomic_write_text", "rng_state", "set_rng_state"]
 
 PathLike = Union[str, os.PathLike]
 
 
-def _replace_atomically(path: PathLike, write) -> None:
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(handle)`` on a temporary file next to ``path``, fsync, then ``os.replace``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -53,12 +54,12 @@ def _replace_atomically(path: PathLike, write) -> None:
 
 def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save(obj, path)``, atomically (write a temporary file, fsync, ``os.replace``)."""
-    _replace_atomically(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def atomic_write_text(text: str, path: PathLike) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
-    _replace_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..models.base import Potential, config_from_dict, model_class, save_model
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from .data import GraphDataset, LabeledStructure, read_structures, split_structures
 from .metrics import ErrorMetrics, weighted_loss
 from .normalization import Normalization, apply_normalization, compute_normalization
@@ -554,7 +554,8 @@ def _train(config: TrainConfig, d: _Dist, stop_after_epochs: Optional[int]) -> T
 
 
 def _save_best(module: Potential, path: str) -> None:
-    save_model(module.model, path)
+    """``save_model`` (the Potential's weights-only format), written atomically."""
+    atomic_write(path, lambda handle: save_model(module.model, handle))
 
 
 def _print_epoch(row: Dict[str, float]) -> None:
