@@ -1,5 +1,6 @@
 """Interatomic potentials: per-atom energy models and the ``Potential`` that differentiates them."""
 
+from . import base
 from .base import (
     CONVENTIONS,
     FORMAT_VERSION,
@@ -13,16 +14,4 @@ from .base import (
 )
 from .schnet import SchNet, SchNetConfig
 
-__all__ = [
-    "Potential",
-    "DesignSpace",
-    "ModelName",
-    "model_class",
-    "save_model",
-    "load_model",
-    "count_parameters",
-    "FORMAT_VERSION",
-    "CONVENTIONS",
-    "SchNet",
-    "SchNetConfig",
-]
+__all__ = [*base.__all__, "SchNet", "SchNetConfig"]

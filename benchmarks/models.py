@@ -1,0 +1,326 @@
+"""Model benchmark: energy + forces of molnets' models and their peers, side by side, one run.
+
+    python benchmarks/models.py [--repeats 10] [--threads 2] [--device cpu] [--quick] [--compile]
+
+Every measurement runs in a fresh subprocess (``--worker IMPL SPEC.json``) of the interpreter
+that has the implementation (the main venv for molnets and PyG; a peer's venv for its
+library), which prints one JSON line: median and min wall time of one energy + forces call
+(autograd) after warm-up, and the peak extra memory of the calls (CPU: peak RSS above the
+RSS after set-up; CUDA: ``max_memory_allocated``). The neighbor list is built outside the
+timed call (molnets' ``neighbor_list``) and given to both sides; random weights.
+
+Rows: SchNet-style vs PyG's SchNet at the hyper-parameters of ../shared/PEERS.md (128
+channels, 3 interactions, 50 Gaussians, 5 Å cutoff). The same molnets weights are copied
+into PyG's SchNet (the two models compute the same function; energies are compared).
+
+To add a family (TensorNet vs torchmd-net, MACE vs mace-torch): write ``setup_<impl>``
+functions (``(system, spec) -> step``, step() computing energy and forces) for both sides,
+register them in ``IMPLS`` with the interpreter that runs them (``PEERS`` venvs for peers; a
+peer's setup must only import what its venv has: numpy and torch are imported here), and
+add a ``Family`` to ``FAMILIES``. Both then appear in the same tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+MAIN_PYTHON = sys.executable
+PEERS = HERE / ".peers"
+SCHNET = {"cutoff": 5.0, "num_channels": 128, "num_layers": 3, "num_basis": 50}
+
+
+# ------------------------------------------------------------------------------ systems
+
+
+def cu_fcc(reps: int) -> "ase.Atoms":  # noqa: F821
+    """Rattled fcc Cu, 4 reps**3 atoms."""
+    import ase.build
+
+    atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
+def systems(quick: bool = False) -> Dict[str, "ase.Atoms"]:  # noqa: F821
+    """Rattled fcc Cu with 256 and 2048 atoms, ethanol and aspirin (21 atoms)."""
+    import ase.build
+    from _tensornet import aspirin
+
+    out = {f"Cu fcc {4 * r**3}": cu_fcc(r) for r in ((4,) if quick else (4, 8))}
+    out["ethanol"] = ase.build.molecule("CH3CH2OH")
+    out["aspirin"] = aspirin()
+    return out
+
+
+def scaling_systems(quick: bool = False) -> Dict[int, "ase.Atoms"]:  # noqa: F821
+    """Rattled fcc Cu, 256 ... 16384 atoms."""
+    return {4 * r**3: cu_fcc(r) for r in ((4, 8) if quick else (4, 8, 12, 16))}
+
+
+def _system_spec(atoms) -> dict:
+    periodic = bool(atoms.pbc.any())
+    return {
+        "numbers": atoms.numbers.tolist(),
+        "positions": atoms.positions.tolist(),
+        "cell": atoms.cell[:].tolist(),
+        "pbc": atoms.pbc.tolist(),
+        "periodic": periodic,
+    }
+
+
+def _molnets_graph(system: dict, cutoff: float, dtype: torch.dtype, device: str):
+    from molnets.graph import AtomicGraph
+
+    return AtomicGraph.from_positions(
+        torch.tensor(system["positions"], dtype=torch.float64),
+        torch.tensor(system["numbers"]),
+        cutoff,
+        cell=torch.tensor(system["cell"], dtype=torch.float64),
+        pbc=torch.tensor(system["pbc"]),
+    ).to(device, dtype)
+
+
+# ----------------------------------------------------------------- implementations (workers)
+
+
+def _schnet_model(spec: dict):
+    from molnets.models import SchNet, SchNetConfig, load_model
+
+    if spec.get("weights"):
+        return load_model(spec["weights"])
+    torch.manual_seed(0)
+    return SchNet(SchNetConfig(species=tuple(spec["species"]), **SCHNET))
+
+
+def setup_molnets_schnet(system: dict, spec: dict) -> Callable[[], object]:
+    from molnets.models import Potential
+
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    model = _schnet_model(spec).to(device, dtype)
+    if spec.get("compile"):
+        model = torch.compile(model, fullgraph=True, dynamic=False)
+    potential = Potential(model).eval()
+    graph = _molnets_graph(system, SCHNET["cutoff"], dtype, device)
+
+    def step():
+        out = potential(graph)
+        return out["energy"].sum(), out["forces"]
+
+    return step
+
+
+def setup_molnets_schnet_compiled(system: dict, spec: dict) -> Callable[[], object]:
+    return setup_molnets_schnet(system, dict(spec, compile=True))
+
+
+class _GivenEdges(torch.nn.Module):
+    """PyG's ``interaction_graph``: a fixed edge list, distances from positions and cell shifts."""
+
+    def __init__(self, receivers, senders, offsets) -> None:
+        super().__init__()
+        self.edge_index = torch.stack([senders, receivers])  # PyG: row 0 = source j, row 1 = target i
+        self.receivers, self.senders, self.offsets = receivers, senders, offsets
+
+    def forward(self, pos, batch):
+        vectors = pos[self.senders] - pos[self.receivers] + self.offsets   # [E, 3]
+        return self.edge_index, vectors.norm(dim=-1)
+
+
+def pyg_schnet_from_molnets(model):
+    """PyG's SchNet with the weights of a molnets SchNet (same architecture, layer by layer)."""
+    from torch_geometric.nn.models import SchNet as PygSchNet
+
+    c = model.config
+    peer = PygSchNet(
+        hidden_channels=c.num_channels, num_filters=c.num_channels, num_interactions=c.num_layers,
+        num_gaussians=c.num_basis, cutoff=c.cutoff, readout="add",
+    )
+    with torch.no_grad():
+        peer.embedding.weight.zero_()
+        peer.embedding.weight[list(c.species)] = model.embedding.weight
+        for mine, theirs in zip(model.interactions, peer.interactions):
+            theirs.mlp[0].load_state_dict(mine.filter[0].state_dict())
+            theirs.mlp[2].load_state_dict(mine.filter[2].state_dict())
+            theirs.conv.lin1.load_state_dict(mine.linear_in.state_dict())
+            theirs.conv.lin2.load_state_dict(mine.update[0].state_dict())
+            theirs.lin.load_state_dict(mine.update[2].state_dict())
+        peer.lin1.load_state_dict(model.head.mlp[0].state_dict())
+        peer.lin2.load_state_dict(model.head.mlp[2].state_dict())
+    return peer
+
+
+def setup_pyg_schnet(system: dict, spec: dict) -> Callable[[], object]:
+    from molnets.graph import edge_vectors
+
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    graph = _molnets_graph(system, SCHNET["cutoff"], dtype, device)
+    offsets = (edge_vectors(graph) - graph.positions[graph.senders] + graph.positions[graph.receivers]).detach()
+    peer = pyg_schnet_from_molnets(_schnet_model(spec)).to(device, dtype).eval()
+    peer.interaction_graph = _GivenEdges(graph.receivers, graph.senders, offsets)
+    z = graph.atomic_numbers
+
+    def step():
+        pos = graph.positions.detach().requires_grad_(True)
+        energy = peer(z, pos).sum()
+        (grad,) = torch.autograd.grad(energy, [pos])
+        return energy, -grad
+
+    return step
+
+
+# impl name -> (interpreter, setup function name)
+IMPLS: Dict[str, tuple] = {
+    "molnets-schnet": (MAIN_PYTHON, "setup_molnets_schnet"),
+    "molnets-schnet-compiled": (MAIN_PYTHON, "setup_molnets_schnet_compiled"),
+    "pyg-schnet": (MAIN_PYTHON, "setup_pyg_schnet"),
+}
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def worker(impl: str, spec_path: str) -> None:
+    """Time one implementation on one system; print one JSON line."""
+    spec = json.load(open(spec_path))
+    torch.set_num_threads(spec["threads"])
+    step = globals()[IMPLS[impl][1]](spec["system"], spec)
+    cuda = spec["device"].startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    energy, _ = step()
+    for _ in range(spec["warmup"]):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    baseline = _rss_kb()
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
+    print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times),
+                      "peak_mb": peak_mb, "energy": float(energy)}))
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: the molnets implementation and its peer, on the same inputs."""
+
+    model: str        # e.g. "SchNet-style"
+    peer_name: str    # e.g. "PyG SchNet"
+    ours: str         # impl name in IMPLS
+    peer: str         # impl name in IMPLS
+    same_weights: bool  # whether the peer is given molnets' weights (energies then must agree)
+
+
+FAMILIES: List[Family] = [
+    Family("SchNet-style", "PyG SchNet", "molnets-schnet", "pyg-schnet", same_weights=True),
+]
+
+
+def run_impl(impl: str, atoms, args, dtype: str, weights: Optional[str], compile: bool = False) -> dict:
+    python, _ = IMPLS[impl]
+    species = sorted({1, 6, 8, 29})
+    large = len(atoms) > 1000  # seconds per call on a CPU: fewer repeats, one warm-up
+    spec = {"system": _system_spec(atoms), "dtype": dtype, "threads": args.threads,
+            "repeats": min(args.repeats, 3) if large else args.repeats, "warmup": 0 if large else 2,
+            "device": args.device, "species": species, "weights": weights}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "spec.json")
+        json.dump(spec, open(path, "w"))
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        done = subprocess.run([python, __file__, "--worker", impl, path], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{impl} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _weights(tmp: str, dtype: str) -> str:
+    """A saved molnets SchNet with random weights, shared by both sides of a row."""
+    from molnets.models import SchNet, SchNetConfig, save_model
+
+    torch.manual_seed(0)
+    path = os.path.join(tmp, f"schnet-{dtype}.pt")
+    save_model(SchNet(SchNetConfig(species=(1, 6, 8, 29), **SCHNET)).to(getattr(torch, dtype)), path)
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--quick", action="store_true", help="small systems only (a smoke run)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
+    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SPEC"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(*args.worker)
+
+    print(f"# energy + forces per call, median of {args.repeats} (3 above 1000 atoms), {args.threads} threads, {args.device}, "
+          f"torch {torch.__version__}; neighbor list given\n")
+    compiled = " molnets compiled (ms) |" if args.compile else ""
+    print(f"| model | peer | system | atoms | dtype | peer (ms) | molnets (ms) | speed-up |{compiled}")
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in FAMILIES:
+            for dtype in args.dtype:
+                weights = _weights(tmp, dtype) if family.same_weights else None
+                for name, atoms in systems(args.quick).items():
+                    peer = run_impl(family.peer, atoms, args, dtype, weights)
+                    ours = run_impl(family.ours, atoms, args, dtype, weights)
+                    if family.same_weights:
+                        tol = (1e-3 if dtype == "float32" else 1e-8) * max(1.0, abs(ours["energy"]))
+                        assert abs(ours["energy"] - peer["energy"]) < tol, (family, name, ours, peer)
+                    row = (f"| {family.model} | {family.peer_name} | {name} | {len(atoms)} | {dtype} | "
+                           f"{peer['median_ms']:.2f} | {ours['median_ms']:.2f} | "
+                           f"{peer['median_ms'] / ours['median_ms']:.2f}x |")
+                    if args.compile:
+                        fast = run_impl(family.ours + "-compiled", atoms, args, dtype, weights)
+                        assert abs(fast["energy"] - ours["energy"]) < 1e-4 * max(1.0, abs(ours["energy"]))
+                        row += f" {fast['median_ms']:.2f} |"
+                    print(row, flush=True)
+
+        print("\n# scaling with N: rattled fcc Cu, float32, energy + forces per call; "
+              "~42 neighbors per atom at 5 Å; memory = peak extra memory of the call\n")
+        print("| model | atoms | peer (ms) | peer (MB) | molnets (ms) | molnets (MB) | molnets µs/atom |")
+        print("|---|---|---|---|---|---|---|")
+        for family in FAMILIES:
+            weights = _weights(tmp, "float32") if family.same_weights else None
+            for n, atoms in scaling_systems(args.quick).items():
+                peer = run_impl(family.peer, atoms, args, "float32", weights)
+                ours = run_impl(family.ours, atoms, args, "float32", weights)
+                print(f"| {family.model} | {n} | {peer['median_ms']:.1f} | {peer['peak_mb']:.0f} | "
+                      f"{ours['median_ms']:.1f} | {ours['peak_mb']:.0f} | "
+                      f"{1e3 * ours['median_ms'] / n:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()
