@@ -132,48 +132,15 @@ def _scales(lmax: int, normalization: Normalization) -> List[float]:
 
 
 @functools.lru_cache(maxsize=None)
-def _coefficients(lmax: int, normalization: Normalization) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """Forward matrices C_l s_l/s_{l-1} as [3(2l-1), 2l+1] and the backward matrix
-    D [(lmax+1)^2, 3 lmax^2] with D[(l, i), (j, k)] = l C_l[j, k, i] s_l / s_{l-1} (Eq. 2)."""
+def _coefficients(lmax: int, normalization: Normalization) -> List[np.ndarray]:
+    """[y0, A_1..A_lmax, B_1..B_lmax], float64, with the output scale s_l folded in:
+    A_l [2l+1, 3(2l-1)] = (C_l s_l/s_{l-1})^T for Eq. (1), B_l [3(2l-1), 2l+1] = l C_l s_l/s_{l-1}
+    for Eq. (2); rows/columns (j, k) are ordered j-major."""
     s = _scales(lmax, normalization)
-    forward = [_recursion_coefficients(l) * (s[l] / s[l - 1]) for l in range(1, lmax + 1)]
-    backward = np.zeros(((lmax + 1) ** 2, lmax**2, 3))
-    for l, c in enumerate(forward, start=1):
-        backward[l * l:(l + 1) ** 2, (l - 1) ** 2:l * l, :] = l * c.transpose(2, 0, 1)
-    return np.array(s[0]), [c.reshape(-1, 2 * l + 1) for l, c in enumerate(forward, 1)] + [
-        backward.reshape((lmax + 1) ** 2, -1)]
-
-
-# ----------------------------------------------------------------------------------------
-# evaluation
-# ----------------------------------------------------------------------------------------
-class _SphericalHarmonicsFn(torch.autograd.Function):
-    """Eq. (1) forward, Eq. (2) backward (written in differentiable ops: double backward)."""
-
-    @staticmethod
-    def forward(vectors: Tensor, y0: Tensor, backward_matrix: Tensor, *matrices: Tensor) -> Tensor:
-        num_edges = vectors.shape[0]
-        y = y0.expand(num_edges, 1)                                            # [E, 1]
-        blocks = [y]
-        for c in matrices:
-            y = (y[:, :, None] * vectors[:, None, :]).reshape(num_edges, -1) @ c  # [E, 2l+1]
-            blocks.append(y)
-        return torch.cat(blocks, dim=1)                                        # [E, M]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        vectors, _, backward_matrix = inputs[:3]
-        ctx.save_for_backward(output, backward_matrix)
-        ctx.num_lower = backward_matrix.shape[1] // 3
-
-    @staticmethod
-    def backward(ctx, grad_sh: Tensor):
-        sh, backward_matrix = ctx.saved_tensors
-        num_lower = ctx.num_lower
-        num_edges = sh.shape[0]
-        weighted = (grad_sh @ backward_matrix).view(num_edges, num_lower, 3)   # [E, M', 3]
-        grad_vectors = (weighted * sh[:, :num_lower, None]).sum(1)            # [E, 3]
-        return (grad_vectors, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+    scaled = [(_recursion_coefficients(l) * (s[l] / s[l - 1])).reshape(-1, 2 * l + 1)
+              for l in range(1, lmax + 1)]
+    return ([np.array(s[0])] + [np.ascontiguousarray(c.T) for c in scaled]
+            + [l * c for l, c in enumerate(scaled, start=1)])
 
 
 _TENSORS: Dict[tuple, List[Tensor]] = {}
@@ -182,20 +149,121 @@ _TENSORS: Dict[tuple, List[Tensor]] = {}
 @torch.compiler.assume_constant_result  # built eagerly, once; a constant to torch.compile
 def _coefficient_tensors(lmax: int, normalization: Normalization, dtype: torch.dtype,
                          device: torch.device) -> List[Tensor]:
-    """[y0, backward matrix, C_1, ..., C_lmax] as tensors, cached per dtype and device."""
+    """``_coefficients`` as tensors, cached per dtype and device."""
     key = (lmax, normalization, dtype, device)
     if key not in _TENSORS:
-        y0, matrices = _coefficients(lmax, normalization)
         _TENSORS[key] = [torch.as_tensor(m, dtype=dtype, device=device)
-                         for m in [y0, matrices[-1]] + matrices[:-1]]
+                         for m in _coefficients(lmax, normalization)]
     return _TENSORS[key]
 
 
-def _evaluate(vectors: Tensor, lmax: int, normalize: bool, normalization: Normalization) -> Tensor:
+# ----------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------
+def _chunk_size(lmax: int) -> int:
+    """Edges per block of the eager kernels: the [3(2l-1), chunk] intermediates stay in cache,
+    yet each op is large enough to amortize its launch cost (measured on CPU)."""
+    return max(1024, 196608 // (6 * lmax - 3)) if lmax > 0 else 1 << 30
+
+
+def _forward_reference(u: Tensor, lmax: int, y0: Tensor, forward_t: Sequence[Tensor]) -> Tensor:
+    """Eq. (1) in plain differentiable ops, component-major (the layout in which every op
+    runs along the long edge axis). Used under torch.compile."""
+    u_t = u.t()                                                                 # [3, E]
+    y = y0.expand(1, u.shape[0])                                                # [1, E]
+    blocks = [y]
+    for a in forward_t:
+        outer = (y[:, None, :] * u_t[None, :, :]).reshape(-1, u.shape[0])     # [3(2l-1), E]
+        y = a @ outer                                                           # [2l+1, E]
+        blocks.append(y)
+    return torch.cat(blocks, dim=0).t().contiguous()                            # [E, M]
+
+
+def _backward_reference(grad_sh: Tensor, sh: Tensor, lmax: int,
+                        backward_t: Sequence[Tensor]) -> Tensor:
+    """Eq. (2) in plain differentiable ops: dL/du_k = sum_{l,i,j} G_l^i B_l[(j,k), i] Y_{l-1}^j.
+    Differentiable in ``grad_sh`` and ``sh``, which gives double backward."""
+    num_lower = lmax * lmax
+    grad_t = grad_sh.t()                                                        # [M, E]
+    weighted = torch.cat([b @ grad_t[l * l:(l + 1) ** 2]
+                          for l, b in enumerate(backward_t, start=1)])          # [3 M', E]
+    weighted = weighted.view(num_lower, 3, sh.shape[0])                         # [M', 3, E]
+    return (weighted * sh.t()[:num_lower, None, :]).sum(0).t()                  # [E, 3]
+
+
+def _forward_chunked(u: Tensor, lmax: int, y0: Tensor, forward_t: Sequence[Tensor]) -> Tensor:
+    """Eq. (1) eagerly, in cache-sized blocks of edges with preallocated buffers."""
+    num_edges, size = u.shape[0], (lmax + 1) ** 2
+    out = u.new_empty(num_edges, size)                                          # [E, M]
+    chunk = min(_chunk_size(lmax), max(num_edges, 1))
+    y_buffer = u.new_empty(size, chunk)                                         # [M, c]
+    outer_buffer = u.new_empty(max(3 * (2 * lmax - 1), 1) * chunk)
+    for start in range(0, num_edges, chunk):
+        n = min(chunk, num_edges - start)
+        u_t = u[start:start + n].t()                                            # [3, c]
+        y_t = y_buffer[:, :n]                                                   # [M, c]
+        y_t[0].copy_(y0.expand(n))
+        for l, a in enumerate(forward_t, start=1):
+            outer = outer_buffer[:3 * (2 * l - 1) * n].view(2 * l - 1, 3, n)
+            torch.mul(y_t[(l - 1) ** 2:l * l, None, :], u_t[None], out=outer)  # [2l-1, 3, c]
+            torch.mm(a, outer.view(-1, n), out=y_t[l * l:(l + 1) ** 2])        # [2l+1, c]
+        out[start:start + n].copy_(y_t.t())
+    return out
+
+
+def _backward_chunked(grad_sh: Tensor, sh: Tensor, lmax: int,
+                      backward_t: Sequence[Tensor]) -> Tensor:
+    """``_backward_reference`` eagerly, in cache-sized blocks (first-order gradients only)."""
+    num_edges, num_lower = sh.shape[0], lmax * lmax
+    grad_u = sh.new_empty(num_edges, 3)                                         # [E, 3]
+    chunk = min(_chunk_size(lmax), max(num_edges, 1))
+    w_buffer = sh.new_empty(3 * num_lower * chunk)
+    y_buffer = sh.new_empty(num_lower * chunk)
+    g_buffer = sh.new_empty((lmax + 1) ** 2 * chunk)
+    for start in range(0, num_edges, chunk):
+        n = min(chunk, num_edges - start)
+        weighted = w_buffer[:3 * num_lower * n].view(3 * num_lower, n)         # [3 M', c]
+        y_t = y_buffer[:num_lower * n].view(num_lower, n)                       # [M', c]
+        y_t.copy_(sh[start:start + n, :num_lower].t())
+        grad_t = g_buffer[:(lmax + 1) ** 2 * n].view(-1, n)                     # [M, c]
+        grad_t.copy_(grad_sh[start:start + n].t())
+        for l, b in enumerate(backward_t, start=1):
+            torch.mm(b, grad_t[l * l:(l + 1) ** 2], out=weighted[3 * (l - 1) ** 2:3 * l * l])
+        weighted = weighted.view(num_lower, 3, n).mul_(y_t[:, None, :])         # [M', 3, c]
+        grad_u[start:start + n].copy_(weighted.sum(0).t())
+    return grad_u
+
+
+class _SphericalHarmonicsFn(torch.autograd.Function):
+    """Y(u) by Eq. (1); its backward by Eq. (2), itself differentiable (double backward)."""
+
+    @staticmethod
+    def forward(u: Tensor, lmax: int, y0: Tensor, *matrices: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return _forward_reference(u, lmax, y0, matrices[:lmax])
+        return _forward_chunked(u, lmax, y0, matrices[:lmax])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.lmax = inputs[1]
+        ctx.save_for_backward(output, *inputs[3 + inputs[1]:])
+
+    @staticmethod
+    def backward(ctx, grad_sh: Tensor):
+        sh, *backward_t = ctx.saved_tensors
+        if ctx.lmax == 0:
+            grad_u = torch.zeros_like(sh).expand(-1, 3)
+        elif torch.is_grad_enabled() or torch.compiler.is_compiling():  # create_graph=True
+            grad_u = _backward_reference(grad_sh, sh, ctx.lmax, backward_t)
+        else:
+            grad_u = _backward_chunked(grad_sh, sh, ctx.lmax, backward_t)
+        return (grad_u, None, None) + (None,) * (2 * ctx.lmax)
+
+
+def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]) -> Tensor:
     if normalize:
         vectors = torch.nn.functional.normalize(vectors, dim=-1)               # [E, 3]
-    tensors = _coefficient_tensors(lmax, normalization, vectors.dtype, vectors.device)
-    return _SphericalHarmonicsFn.apply(vectors, *tensors)                      # [E, M]
+    return _SphericalHarmonicsFn.apply(vectors, lmax, *tensors)                # [E, M]
 
 
 def spherical_harmonics(vectors: Tensor, lmax: int, *, normalize: bool = True,
@@ -221,7 +289,8 @@ def spherical_harmonics(vectors: Tensor, lmax: int, *, normalize: bool = True,
     >>> spherical_harmonics(torch.tensor([[0.0, 0.0, 2.0]]), 1)
     tensor([[1.0000, 0.0000, 0.0000, 1.7321]])
     """
-    return _evaluate(vectors, lmax, normalize, normalization)
+    tensors = _coefficient_tensors(lmax, normalization, vectors.dtype, vectors.device)
+    return _evaluate(vectors, lmax, normalize, tensors)
 
 
 def spherical_harmonics_l(vectors: Tensor, ls: Sequence[int], *, normalize: bool = True,
@@ -237,7 +306,8 @@ def spherical_harmonics_l(vectors: Tensor, ls: Sequence[int], *, normalize: bool
         vectors [E, 3]  ->  [E, sum_l (2l+1)]
     """
     ls = [int(l) for l in ls]
-    sh = _evaluate(vectors, max(ls), normalize, normalization)                  # [E, M]
+    sh = spherical_harmonics(vectors, max(ls), normalize=normalize,
+                             normalization=normalization)                       # [E, M]
     if ls == list(range(max(ls) + 1)):
         return sh
     return torch.cat([sh[:, l * l:(l + 1) ** 2] for l in ls], dim=1)            # [E, sum 2l+1]
@@ -280,14 +350,12 @@ class SphericalHarmonics(nn.Module):
         return self
 
     def forward(self, vectors: Tensor) -> Tensor:
-        if self.normalize:
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)           # [E, 3]
         if vectors.dtype == self.coefficients_0.dtype:  # static under torch.compile
-            tensors = [getattr(self, f"coefficients_{n}") for n in range(self.lmax + 2)]
+            tensors = [getattr(self, f"coefficients_{n}") for n in range(2 * self.lmax + 1)]
         else:
             tensors = _coefficient_tensors(self.lmax, self.normalization, vectors.dtype,
                                            vectors.device)
-        return _SphericalHarmonicsFn.apply(vectors, *tensors)                  # [E, M]
+        return _evaluate(vectors, self.lmax, self.normalize, tensors)            # [E, M]
 
     def extra_repr(self) -> str:
         return f"lmax={self.lmax}, normalize={self.normalize}, normalization={self.normalization!r}"
