@@ -6,7 +6,8 @@ SPEC.json: {"dtype": "float32" | "float64", "cutoff": 5.0, "num_channels": 128,
 "num_layers": 2, "num_rbf": 32, "repeats": 10, "threads": 2, "state_dict": PATH or null,
 "systems": [{"name": str, "numbers": [Z], "positions": [[x, y, z]], "cell": [[3x3]] or null}]}
 
-Prints one JSON object {name: {"median_ms", "min_ms", "energy", "forces" (if state_dict)}}:
+Prints one JSON object {name: {"median_ms", "min_ms", "min_cpu_ms" (process CPU time),
+"energy", "forces" (if state_dict)}}:
 energy + forces (autograd, torchmd-net's own ``derivative=True`` path) per call, the model's
 own neighbor list included (torchmd-net builds it inside the model). With ``state_dict``
 (a file of torchmd-net-named weights, see ``benchmarks/tensornet_peer.py``) the energies and
@@ -67,15 +68,21 @@ def main(path):
         z = torch.tensor(system["numbers"], dtype=torch.long)
         pos0 = torch.tensor(system["positions"], dtype=dtype)
         box_t = torch.tensor(box, dtype=dtype) if box is not None else None
-        times = []
+        times, cpu_times = [], []
         for k in range(int(spec["repeats"]) + 2):  # two warm-up calls: Warp compiles kernels
             pos = pos0.clone()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             energy, forces = model(z, pos, box=box_t)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if k >= 2:
                 times.append(elapsed * 1e3)
-        out = {"median_ms": statistics.median(times), "min_ms": min(times), "energy": float(energy.sum())}
+                cpu_times.append(cpu * 1e3)
+        out = {
+            "median_ms": statistics.median(times),
+            "min_ms": min(times),
+            "min_cpu_ms": min(cpu_times),
+            "energy": float(energy.detach().sum()),
+        }
         if spec.get("state_dict"):
             out["forces"] = forces.detach().double().tolist()
         results[system["name"]] = out

@@ -8,6 +8,7 @@ import torch
 from molnets import testing
 from molnets.layers.readout import set_energy_normalization
 from molnets.models import SchNet, SchNetConfig
+from molnets.models.tensornet import TensorNet, TensorNetConfig
 
 SPECIES = (1, 6, 8)
 CUTOFF = 3.5
@@ -15,6 +16,7 @@ CUTOFF = 3.5
 # name -> factory of a small model with random weights; every model of molnets is listed here.
 MODELS = {
     "schnet": lambda: SchNet(SchNetConfig(species=SPECIES, cutoff=CUTOFF, num_channels=16, num_basis=12, num_layers=2)),
+    "tensornet": lambda: TensorNet(TensorNetConfig(species=SPECIES, cutoff=CUTOFF, num_channels=16, num_rbf=12)),
 }
 
 

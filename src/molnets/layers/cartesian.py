@@ -33,17 +33,22 @@ __all__ = [
     "skew_to_vector",
     "traceless_outer",
     "component_basis",
+    "ComponentBasis",
     "to_components",
     "from_components",
     "PART_OF_COMPONENT",
+    "PART_SLICES",
+    "PART_SIZES",
     "expand_parts",
     "transpose_components",
     "part_norms",
     "TensorLinear",
 ]
 
-# Which part (0: I, 1: A, 2: S) each of the 9 components belongs to.
+# Which part (0: I, 1: A, 2: S) each of the 9 components belongs to, and each part's slice.
 PART_OF_COMPONENT = (0, 1, 1, 1, 2, 2, 2, 2, 2)
+PART_SLICES = ((0, 1), (1, 4), (4, 9))
+PART_SIZES = (1, 3, 5)
 
 
 def decompose(X: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -151,12 +156,35 @@ def component_basis(dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
     return B.to(dtype=dtype or torch.get_default_dtype(), device=device)
 
 
+class ComponentBasis(nn.Module):
+    """``component_basis`` as a module, exact in the dtype of its input.
+
+    The basis is stored as integers and square roots of integers (B_k = M_k / √n_k), not as
+    floats: a float buffer made in float32 and cast to float64 with the model would carry
+    float32 rounding and break float64 equivariance at the 1e-8 level.
+
+    Shapes:
+        like (any tensor)  ->  [9, 3, 3] in like's dtype and device
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        norms = torch.tensor([3, 2, 2, 2, 2, 2, 2, 2, 6])                          # [9], n_k
+        numerators = component_basis(torch.float64) * norms.double().sqrt()[:, None, None]
+        self.register_buffer("numerators", numerators.round().long(), persistent=False)  # [9, 3, 3]
+        self.register_buffer("norms", norms, persistent=False)                     # [9]
+
+    def forward(self, like: Tensor) -> Tensor:
+        scale = self.norms.to(like.dtype).rsqrt()                                   # [9]
+        return self.numerators.to(like.dtype) * scale[:, None, None]                # [9, 3, 3]
+
+
 def to_components(X: Tensor, basis: Optional[Tensor] = None) -> Tensor:
     """Components c_k = <B_k, X> of X in the basis of ``component_basis``.
 
     c[..., 0] = √3 I, c[..., 1:4] = √2 skew_to_vector(A), c[..., 4:9] the 5 numbers of S;
-    Σ_k c_k² = tensor_norm(X). Pass ``basis`` (from ``component_basis``, e.g. a module
-    buffer) to avoid rebuilding it on every call.
+    Σ_k c_k² = tensor_norm(X). Pass ``basis`` (from ``component_basis`` or a
+    ``ComponentBasis`` module) to avoid rebuilding it on every call.
 
     Shapes:
         X [*, 3, 3], basis [9, 3, 3]  ->  [*, 9]
@@ -234,21 +262,16 @@ class TensorLinear(nn.Module):
         self.in_dim, self.out_dim = int(in_channels), int(out_channels)
         bound = 1 / math.sqrt(self.in_dim)  # nn.Linear's default scale
         self.weight = nn.Parameter(torch.empty(3, self.out_dim, self.in_dim).uniform_(-bound, bound))  # [3, D, C]
-        self.register_buffer("basis", component_basis(), persistent=False)     # [9, 3, 3]
+        self.basis = ComponentBasis()
 
     def forward(self, X: Tensor, part_scales: Optional[Tensor] = None) -> Tensor:
-        c = to_components(X, self.basis)                                       # [N, C, 9]
-        out = torch.cat(
-            (
-                torch.einsum("nck,dc->ndk", c[..., 0:1], self.weight[0]),      # [N, D, 1]
-                torch.einsum("nck,dc->ndk", c[..., 1:4], self.weight[1]),      # [N, D, 3]
-                torch.einsum("nck,dc->ndk", c[..., 4:9], self.weight[2]),      # [N, D, 5]
-            ),
-            dim=-1,
-        )                                                                      # [N, D, 9]
+        basis = self.basis(X)                                                  # [9, 3, 3]
+        c = to_components(X, basis).permute(2, 0, 1)                           # [9, N, C]
+        weight = self.weight[list(PART_OF_COMPONENT)].transpose(1, 2)          # [9, C, D]
+        out = torch.bmm(c, weight).permute(1, 2, 0)                            # [N, D, 9]
         if part_scales is not None:
             out = out * expand_parts(part_scales)                              # [N, D, 9]
-        return from_components(out, self.basis)                                # [N, D, 3, 3]
+        return from_components(out, basis)                                     # [N, D, 3, 3]
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_dim}, out_channels={self.out_dim}"

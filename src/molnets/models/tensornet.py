@@ -38,25 +38,52 @@ from ..graph import AtomicGraph, edge_vectors
 from ..layers.cartesian import (
     TensorLinear,
     ComponentBasis,
+    PART_SLICES,
     compose,
-    expand_parts,
     from_components,
     part_norms,
     skew,
     tensor_norm,
     to_components,
     traceless_outer,
-    transpose_components,
 )
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP
-from ..layers.radial import CosineEnvelope, ExpNormalBasis
+from ..layers.pairs import half_edges
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import scatter_sum
 from .base import DesignSpace, count_parameters
-from .schnet import half_edges
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
+
+try:
+    from ..layers.radial import CosineEnvelope, ExpNormalBasis
+except ImportError:  # TEMPORARY until layers/radial.py lands: torchmd-net's definitions
+
+    class ExpNormalBasis(nn.Module):
+        """e_k(r) = exp(-β (exp(-α r) - μ_k)²), α = 5 / r_c (Unke & Meuwly 2019, PhysNet)."""
+
+        def __init__(self, cutoff: float, num_basis: int) -> None:
+            super().__init__()
+            start = math.exp(-cutoff)
+            self.alpha = 5.0 / cutoff
+            self.register_buffer("means", torch.linspace(start, 1.0, num_basis, dtype=torch.float64))
+            self.register_buffer("betas", torch.full((num_basis,), (2 / num_basis * (1 - start)) ** -2,
+                                                     dtype=torch.float64))
+
+        def forward(self, r: Tensor) -> Tensor:
+            means, betas = self.means.to(r.dtype), self.betas.to(r.dtype)
+            return torch.exp(-betas * (torch.exp(-self.alpha * r[:, None]) - means) ** 2)  # [E, K]
+
+    class CosineEnvelope(nn.Module):
+        """u(r) = (cos(π r / r_c) + 1) / 2 for r < r_c, else 0."""
+
+        def __init__(self, cutoff: float) -> None:
+            super().__init__()
+            self.cutoff = cutoff
+
+        def forward(self, r: Tensor) -> Tensor:
+            return 0.5 * (torch.cos(math.pi * r / self.cutoff) + 1.0) * (r < self.cutoff).to(r.dtype)  # [E]
 
 
 @dataclass(frozen=True)
@@ -89,9 +116,16 @@ class TensorNetConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def _send_both_ways(msg_i: Tensor, msg_j: Tensor, pair_i: Tensor, pair_j: Tensor, num_atoms: int) -> Tensor:
-    """Sum the messages of each pair into both of its atoms. [P, *F] x2 -> [N, *F]"""
-    return scatter_sum(torch.cat((msg_i, msg_j)), torch.cat((pair_i, pair_j)), dim_size=num_atoms)
+def _pair_sum(weights_i: Tensor, weights_j: Tensor, feats_i: Tensor, feats_j: Tensor, pair_i: Tensor,
+              pair_j: Tensor, num_atoms: int) -> Tensor:
+    """Messages of each pair {i, j} sent both ways: out_i += w_i f_i, out_j += w_j f_j.
+
+    Shapes:
+        weights_i, weights_j [P, 1 or n, C], feats_i, feats_j [P, n, 1 or C], pair_i [P],
+        pair_j [P]  ->  [N, n, C]
+    """
+    to_i = scatter_sum(weights_i * feats_i, pair_i, dim_size=num_atoms)                # [N, n, C]
+    return to_i + scatter_sum(weights_j * feats_j, pair_j, dim_size=num_atoms)          # [N, n, C]
 
 
 class TensorEmbedding(nn.Module):
@@ -131,18 +165,20 @@ class TensorEmbedding(nn.Module):
         z = self.species_embedding(species)                                              # [N, C]
         z_receiver, z_sender = self.pair_receiver(z), self.pair_sender(z)                # [N, C]
         f = self.radial(edge_rbf) * edge_envelope[:, None]                               # [P, 3C]
-        f = f.unflatten(-1, (3, C)).transpose(1, 2)                                      # [P, C, 3]
         ones = torch.ones_like(edge_unit[:, 0])                                          # [P]
         basis = self.basis(edge_unit)                                                    # [9, 3, 3]
         geometry = to_components(compose(ones, skew(edge_unit), traceless_outer(edge_unit)), basis)  # [P, 9]
-        filters = expand_parts(f) * geometry[:, None, :]                                 # [P, C, 9]
-        # r̂_ji = -r̂_ij: the message to j has its axial part flipped.
-        msg_i = filters * (z_receiver[pair_i] + z_sender[pair_j])[..., None]             # [P, C, 9]
-        msg_j = transpose_components(filters) * (z_receiver[pair_j] + z_sender[pair_i])[..., None]  # [P, C, 9]
-        X = _send_both_ways(msg_i, msg_j, pair_i, pair_j, num_atoms)                     # [N, C, 9]
+        z_ij = z_receiver.index_select(0, pair_i) + z_sender.index_select(0, pair_j)     # [P, C]
+        z_ji = z_receiver.index_select(0, pair_j) + z_sender.index_select(0, pair_i)     # [P, C]
+        parts = []
+        for f_part, (start, stop), parity in zip(f.unflatten(-1, (3, C)).unbind(1), PART_SLICES, (1, -1, 1)):
+            g = geometry[:, start:stop, None]                                            # [P, n, 1]
+            # r̂_ji = -r̂_ij: the axial part of the message to j changes sign.
+            parts.append(_pair_sum((f_part * z_ij)[:, None], (parity * f_part * z_ji)[:, None], g, g,
+                                   pair_i, pair_j, num_atoms))                           # [N, n, C]
         self_scalar = self.radial(self_rbf)[:, :C] * (z_receiver + z_sender)             # [N, C]
-        eye = torch.eye(3, dtype=X.dtype, device=X.device)
-        X = from_components(X, basis) + self_scalar[..., None, None] * eye          # [N, C, 3, 3]
+        eye = torch.eye(3, dtype=f.dtype, device=f.device)
+        X = from_components(torch.cat(parts, 1).transpose(1, 2), basis) + self_scalar[..., None, None] * eye  # [N, C, 3, 3]
         gates = F.silu(self.gates(self.norm(tensor_norm(X))))                           # [N, 3C]
         return self.linear(X, gates.unflatten(-1, (3, C)).transpose(1, 2))              # [N, C, 3, 3]
 
@@ -177,16 +213,22 @@ class TensorInteraction(nn.Module):
     def forward(self, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor,
                 self_rbf: Tensor) -> Tensor:
         C, num_atoms = self.num_channels, X.shape[0]
-        envelope = torch.cat((edge_envelope.new_ones(1), edge_envelope))                # [1 + P], φ(0) = 1
-        f = F.silu(self.radial(torch.cat((self_rbf, edge_rbf)))) * envelope[:, None]     # [1 + P, 3C]
-        f = expand_parts(f.unflatten(-1, (3, C)).transpose(1, 2))                        # [1 + P, C, 9]
+        f = F.silu(self.radial(edge_rbf)) * edge_envelope[:, None]                       # [P, 3C]
+        f_self = F.silu(self.radial(self_rbf))                                           # [1, 3C], φ(0) = 1
         X = X / (tensor_norm(X) + 1)[..., None, None]                                    # [N, C, 3, 3]
         Y = self.linear_in(X)                                                            # [N, C, 3, 3]
         basis = self.basis(X)                                                            # [9, 3, 3]
-        y = to_components(Y, basis)                                                      # [N, C, 9]
-        filters = f[1:]                                                                  # [P, C, 9]
-        M = _send_both_ways(filters * y[pair_j], filters * y[pair_i], pair_i, pair_j, num_atoms)  # [N, C, 9]
-        M = from_components(M + f[:1] * y, basis)                                   # [N, C, 3, 3]
+        y = to_components(Y, basis).transpose(1, 2)                                      # [N, 9, C]
+        parts = []
+        for f_part, f_self, (start, stop) in zip(f.unflatten(-1, (3, C)).unbind(1),
+                                                 f_self.unflatten(-1, (3, C)).unbind(1), PART_SLICES):
+            # A contiguous per-part copy (per atom, cheap): the gathers' backward then adds
+            # straight into it, with no [P, 9, C] zero-fill or concatenation.
+            y_part = y[:, start:stop].contiguous()                                       # [N, n, C]
+            w = f_part[:, None]                                                          # [P, 1, C]
+            parts.append(_pair_sum(w, w, y_part.index_select(0, pair_j), y_part.index_select(0, pair_i),
+                                   pair_i, pair_j, num_atoms) + f_self[:, None] * y_part)  # [N, n, C]
+        M = from_components(torch.cat(parts, 1).transpose(1, 2), basis)                  # [N, C, 3, 3]
         M = M @ Y + Y @ M                                                                # [N, C, 3, 3]
         M = M / (tensor_norm(M) + 1)[..., None, None]                                    # [N, C, 3, 3]
         dX = self.linear_out(M)                                                          # [N, C, 3, 3]
@@ -225,7 +267,7 @@ class TensorNet(nn.Module):
 
     def forward(self, graph: AtomicGraph) -> Tensor:
         species = self.species_index(graph.atomic_numbers)                               # [N]
-        pairs = half_edges(graph.receivers, graph.senders, graph.shifts, species.shape[0])  # [P]
+        pairs = half_edges(graph.receivers, graph.senders, graph.shifts, graph.num_atoms)  # [P]
         pair_i, pair_j = graph.receivers[pairs], graph.senders[pairs]                    # [P]
         edge_vec = edge_vectors(graph._replace(receivers=pair_i, senders=pair_j, shifts=graph.shifts[pairs]))  # [P, 3]
         edge_len = edge_vec.norm(dim=-1)                                                 # [P]

@@ -1,0 +1,107 @@
+"""TensorNet-style model: O(3) invariance, forces, and its own building blocks (float64)."""
+
+import ase.build
+import pytest
+import torch
+
+from molnets.graph import AtomicGraph
+from molnets.models.base import Potential
+from molnets.models.tensornet import TensorNet, TensorNetConfig
+
+DTYPE = torch.float64
+CUTOFF = 3.5
+
+
+def small_model(**overrides) -> TensorNet:
+    torch.manual_seed(0)
+    config = dict(species=(1, 6, 8), cutoff=CUTOFF, num_channels=8, num_layers=2, num_rbf=8)
+    config.update(overrides)
+    return TensorNet(TensorNetConfig(**config)).to(DTYPE).eval()
+
+
+def ethanol_graph(positions=None) -> AtomicGraph:
+    atoms = ase.build.molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=3)
+    if positions is not None:
+        atoms.positions = positions
+    return AtomicGraph.from_ase(atoms, CUTOFF, dtype=DTYPE)
+
+
+def orthogonal(seed: int, det: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=DTYPE))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if float(torch.linalg.det(q)) * det > 0 else -q
+
+
+@pytest.mark.parametrize("det", [1.0, -1.0])
+def test_energy_invariant_forces_equivariant_under_o3(det):
+    potential = Potential(small_model())
+    graph = ethanol_graph()
+    Q = orthogonal(seed=1, det=det)
+    ref = potential(graph)
+    rot = potential(graph._replace(positions=graph.positions @ Q.T))
+    torch.testing.assert_close(rot["energy"], ref["energy"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(rot["forces"], ref["forces"] @ Q.T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("det", [1.0, -1.0])
+def test_features_transform_as_tensors_and_transpose_under_inversion(det):
+    """Inside the model X -> Q X Qᵀ for rotations and Q Xᵀ Qᵀ for improper Q (the axial part)."""
+    model = small_model()
+    feats = []
+    model.interactions[0].register_forward_hook(lambda module, args, out: feats.append(out))
+    graph = ethanol_graph()
+    Q = orthogonal(seed=2, det=det)
+    model(graph)
+    model(graph._replace(positions=graph.positions @ Q.T))
+    expected = feats[0] if det > 0 else feats[0].transpose(-2, -1)
+    torch.testing.assert_close(feats[1], Q @ expected @ Q.T, rtol=0, atol=1e-12)
+    assert float((feats[0] - feats[0].transpose(-2, -1)).abs().max()) > 1e-3  # A is not zero
+
+
+def test_forces_equal_central_finite_differences():
+    potential = Potential(small_model())
+    graph = ethanol_graph()
+    forces = potential(graph)["forces"]
+    step = 1e-5
+    for atom, axis in [(0, 0), (2, 1), (5, 2), (8, 0)]:
+        energies = []
+        for sign in (1, -1):
+            positions = graph.positions.clone()
+            positions[atom, axis] += sign * step
+            energies.append(float(potential(graph._replace(positions=positions))["energy"].sum()))
+        expected = -(energies[0] - energies[1]) / (2 * step)
+        assert abs(float(forces[atom, axis]) - expected) < 1e-7, (atom, axis)
+
+
+def test_half_pairs_equal_full_edge_list():
+    """The model's pair trick changes nothing: the reference sums over every directed edge."""
+    model = small_model()
+    graph = ethanol_graph()
+    # Reversing the edge order changes which direction of each pair is kept; same energies.
+    flipped = graph._replace(receivers=graph.receivers.flip(0), senders=graph.senders.flip(0),
+                             shifts=graph.shifts.flip(0))
+    torch.testing.assert_close(model(flipped), model(graph), rtol=0, atol=1e-13)
+
+
+def test_isolated_atoms_and_gradcheck():
+    model = small_model(num_layers=1)
+    graph = ethanol_graph()
+    positions = graph.positions.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: model(graph._replace(positions=x)).sum(), (positions,))
+    # Far apart atoms: no edges, energies from the self pairs only, no NaN.
+    lonely = AtomicGraph.from_ase(ase.Atoms("CO", positions=[[0, 0, 0], [10, 0, 0]]), CUTOFF, dtype=DTYPE)
+    energies = model(lonely)
+    assert lonely.num_edges == 0 and torch.isfinite(energies).all()
+
+
+def test_config_validation_and_parameter_count():
+    with pytest.raises(ValueError):
+        TensorNetConfig(species=(1, 1))
+    with pytest.raises(ValueError):
+        TensorNetConfig(species=(1,), cutoff=-1.0)
+    # torchmd-net's TensorNet (128 channels, 2 layers, 32 rbf) has 769,921 parameters with its
+    # 128-row element table; ours has one row per species: 769,921 - 127 * 128.
+    model = TensorNet(TensorNetConfig(species=(29,), cutoff=5.0))
+    assert model.design_space().num_parameters == 769_921 - 127 * 128
