@@ -12,6 +12,8 @@ timed call (molnets' ``neighbor_list``) and given to both sides; random weights.
 Rows: SchNet-style vs PyG's SchNet at the hyper-parameters of ../shared/PEERS.md (128
 channels, 3 interactions, 50 Gaussians, 5 Å cutoff). The same molnets weights are copied
 into PyG's SchNet (the two models compute the same function; energies are compared).
+TensorNet-style vs torchmd-net's TensorNet (128 channels, 2 layers, 32 exp-normal functions,
+5 Å, O(3)), same weights too; torchmd-net builds its own neighbor list inside its call.
 
 To add a family (TensorNet vs torchmd-net, MACE vs mace-torch): write ``setup_<impl>``
 functions (``(system, spec) -> step``, step() computing energy and forces) for both sides,
@@ -42,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 MAIN_PYTHON = sys.executable
 PEERS = HERE / ".peers"
 SCHNET = {"cutoff": 5.0, "num_channels": 128, "num_layers": 3, "num_basis": 50}
+TENSORNET = {"cutoff": 5.0, "num_channels": 128, "num_layers": 2, "num_rbf": 32}
 
 
 # ------------------------------------------------------------------------------ systems
@@ -183,11 +186,66 @@ def setup_pyg_schnet(system: dict, spec: dict) -> Callable[[], object]:
     return step
 
 
+def _tensornet_model(spec: dict):
+    from molnets.models import load_model
+    from molnets.models.tensornet import TensorNet, TensorNetConfig
+
+    if spec.get("weights"):
+        return load_model(spec["weights"])
+    torch.manual_seed(0)
+    return TensorNet(TensorNetConfig(species=tuple(spec["species"]), **TENSORNET))
+
+
+def setup_molnets_tensornet(system: dict, spec: dict) -> Callable[[], object]:
+    from molnets.models import Potential
+
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    model = _tensornet_model(spec).to(device, dtype)
+    if spec.get("compile"):
+        model = torch.compile(model, fullgraph=True, dynamic=False)
+    potential = Potential(model).eval()
+    graph = _molnets_graph(system, TENSORNET["cutoff"], dtype, device)
+
+    def step():
+        out = potential(graph)
+        return out["energy"].sum(), out["forces"]
+
+    return step
+
+
+def setup_molnets_tensornet_compiled(system: dict, spec: dict) -> Callable[[], object]:
+    return setup_molnets_tensornet(system, dict(spec, compile=True))
+
+
+def setup_torchmdnet_tensornet(system: dict, spec: dict) -> Callable[[], object]:
+    """torchmd-net 3.1 TensorNet + Scalar head (its venv); it builds its neighbor list inside."""
+    from _torchmdnet_peer import build
+
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    box = system["cell"] if system["periodic"] else None
+    peer_spec = dict(TENSORNET, dtype=spec["dtype"], state_dict=None)
+    if spec.get("weights"):
+        peer_spec["state_dict"] = spec["weights"] + ".torchmdnet.pt"
+    model = build(peer_spec, box).to(device)
+    z = torch.tensor(system["numbers"], device=device)
+    pos0 = torch.tensor(system["positions"], dtype=dtype, device=device)
+    box_t = torch.tensor(box, dtype=dtype, device=device) if box is not None else None
+
+    def step():
+        energy, forces = model(z, pos0.clone(), box=box_t)
+        return energy.detach().sum(), forces
+
+    return step
+
+
 # impl name -> (interpreter, setup function name)
 IMPLS: Dict[str, tuple] = {
     "molnets-schnet": (MAIN_PYTHON, "setup_molnets_schnet"),
     "molnets-schnet-compiled": (MAIN_PYTHON, "setup_molnets_schnet_compiled"),
     "pyg-schnet": (MAIN_PYTHON, "setup_pyg_schnet"),
+    "molnets-tensornet": (MAIN_PYTHON, "setup_molnets_tensornet"),
+    "molnets-tensornet-compiled": (MAIN_PYTHON, "setup_molnets_tensornet_compiled"),
+    "torchmdnet-tensornet": (str(PEERS / "torchmdnet" / "bin" / "python"), "setup_torchmdnet_tensornet"),
 }
 
 
@@ -240,6 +298,8 @@ class Family:
 
 FAMILIES: List[Family] = [
     Family("SchNet-style", "PyG SchNet", "molnets-schnet", "pyg-schnet", same_weights=True),
+    Family("TensorNet-style", "torchmd-net TensorNet", "molnets-tensornet", "torchmdnet-tensornet",
+           same_weights=True),
 ]
 
 
@@ -260,13 +320,22 @@ def run_impl(impl: str, atoms, args, dtype: str, weights: Optional[str], compile
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _weights(tmp: str, dtype: str) -> str:
-    """A saved molnets SchNet with random weights, shared by both sides of a row."""
+def _weights(tmp: str, dtype: str, family: Family) -> str:
+    """A saved molnets model with random weights, shared by both sides of a row (for TensorNet
+    also under torchmd-net's names, in ``<path>.torchmdnet.pt``)."""
     from molnets.models import SchNet, SchNetConfig, save_model
+    from molnets.models.tensornet import TensorNet, TensorNetConfig
 
     torch.manual_seed(0)
-    path = os.path.join(tmp, f"schnet-{dtype}.pt")
-    save_model(SchNet(SchNetConfig(species=(1, 6, 8, 29), **SCHNET)).to(getattr(torch, dtype)), path)
+    path = os.path.join(tmp, f"{family.ours}-{dtype}.pt")
+    if family.ours == "molnets-tensornet":
+        from _tensornet import torchmdnet_state_dict
+
+        model = TensorNet(TensorNetConfig(species=(1, 6, 8, 29), **TENSORNET)).to(getattr(torch, dtype))
+        torch.save(torchmdnet_state_dict(model), path + ".torchmdnet.pt")
+    else:
+        model = SchNet(SchNetConfig(species=(1, 6, 8, 29), **SCHNET)).to(getattr(torch, dtype))
+    save_model(model, path)
     return path
 
 
@@ -291,7 +360,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in FAMILIES:
             for dtype in args.dtype:
-                weights = _weights(tmp, dtype) if family.same_weights else None
+                weights = _weights(tmp, dtype, family) if family.same_weights else None
                 for name, atoms in systems(args.quick).items():
                     peer = run_impl(family.peer, atoms, args, dtype, weights)
                     ours = run_impl(family.ours, atoms, args, dtype, weights)
@@ -312,7 +381,7 @@ def main(argv=None) -> None:
         print("| model | atoms | peer (ms) | peer (MB) | molnets (ms) | molnets (MB) | molnets µs/atom |")
         print("|---|---|---|---|---|---|---|")
         for family in FAMILIES:
-            weights = _weights(tmp, "float32") if family.same_weights else None
+            weights = _weights(tmp, "float32", family) if family.same_weights else None
             for n, atoms in scaling_systems(args.quick).items():
                 peer = run_impl(family.peer, atoms, args, "float32", weights)
                 ours = run_impl(family.ours, atoms, args, "float32", weights)
