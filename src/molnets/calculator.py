@@ -32,6 +32,7 @@ class MolnetsCalculator(Calculator):
     Args:
         model_or_path: a per-atom energy model, a ``Potential`` (its model is used) or the
             path of a file written by ``save_model`` / ``Potential.save``.
+            A model passed in is moved to ``device`` and cast to ``dtype`` in place.
         device: where the model runs, e.g. "cpu" or "cuda".
         dtype: float dtype of the model and the graph (float64 for MD and finite differences).
         compile: ``torch.compile`` backend for the model (e.g. "inductor"), or None for eager.

@@ -33,30 +33,12 @@ from ..graph import AtomicGraph, edge_vectors
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP
 from ..layers.pairs import half_edges
+from ..layers.radial import CosineEnvelope, GaussianBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import scatter_sum
 from .base import DesignSpace, count_parameters
 
 __all__ = ["SchNetConfig", "SchNet", "CFConvInteraction"]
-
-
-class GaussianBasis(nn.Module):  # TEMPORARY until layers/radial.py lands
-    def __init__(self, cutoff: float, num_basis: int) -> None:
-        super().__init__()
-        self.register_buffer("centers", torch.linspace(0.0, cutoff, num_basis))
-        self.coeff = -0.5 / (cutoff / (num_basis - 1)) ** 2
-
-    def forward(self, r: Tensor) -> Tensor:
-        return torch.exp(self.coeff * (r[:, None] - self.centers) ** 2)
-
-
-class CosineEnvelope(nn.Module):  # TEMPORARY until layers/radial.py lands
-    def __init__(self, cutoff: float) -> None:
-        super().__init__()
-        self.cutoff = cutoff
-
-    def forward(self, r: Tensor) -> Tensor:
-        return 0.5 * (torch.cos(math.pi * r / self.cutoff) + 1.0) * (r < self.cutoff).to(r.dtype)
 
 
 @dataclass(frozen=True)
