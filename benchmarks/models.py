@@ -152,7 +152,7 @@ def pyg_schnet_from_molnets(model):
     peer = PygSchNet(
         hidden_channels=c.num_channels, num_filters=c.num_channels, num_interactions=c.num_layers,
         num_gaussians=c.num_basis, cutoff=c.cutoff, readout="add",
-    )
+    ).to(model.embedding.weight.dtype)
     with torch.no_grad():
         peer.embedding.weight.zero_()
         peer.embedding.weight[list(c.species)] = model.embedding.weight
