@@ -16,8 +16,9 @@ maps to zero). Forward is one outer product and one small matmul per l; the back
 as a single matmul, and is itself made of differentiable ops, so double backward works.
 
 The zero vector: with ``normalize=True`` it is normalized as ``torch.nn.functional.normalize``
-does (r / max(|r|, 1e-12)), as e3nn does, so Y_0 = 1, Y_{l>0} = 0, and every gradient is
-finite (no NaN; the first derivative of Y_1 there is of order 1e12, as in e3nn). Vectors along
+and e3nn do, r / max(|r|, 1e-12), so Y_0 = 1 and Y_{l>0} = 0 there; first and second
+derivatives are finite (no NaN; the first derivative of Y_1 at r = 0 is 1e12 times that of
+r, as in e3nn, whose second derivative there is NaN). Vectors along
 the axes are ordinary points of a polynomial: no NaN in any derivative.
 """
 
@@ -262,7 +263,10 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
 
 def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]) -> Tensor:
     if normalize:
-        vectors = torch.nn.functional.normalize(vectors, dim=-1)               # [E, 3]
+        # r / max(|r|, 1e-12) as torch.nn.functional.normalize (and e3nn) computes it, but through
+        # the clamped squared norm, so that second derivatives at r = 0 are finite too.
+        squared = (vectors * vectors).sum(dim=-1, keepdim=True)                 # [E, 1]
+        vectors = vectors * torch.rsqrt(squared.clamp_min(1e-24))               # [E, 3]
     return _SphericalHarmonicsFn.apply(vectors, lmax, *tensors)                # [E, M]
 
 

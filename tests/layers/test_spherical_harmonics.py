@@ -1,0 +1,157 @@
+"""Spherical harmonics: equal to e3nn, equivariant under O(3), normalized, twice differentiable."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+
+from molnets.layers import spherical_harmonics as sh_module
+from molnets.layers.spherical_harmonics import (
+    SphericalHarmonics,
+    spherical_harmonics,
+    spherical_harmonics_l,
+)
+
+NORMALIZATIONS = ["integral", "component", "norm"]
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """e3nn builds Wigner-D matrices in the default dtype: make it float64 for 1e-12 checks."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def make_vectors(num=40, seed=0):
+    """Random vectors of various lengths, plus +-axes and axis-plane diagonals."""
+    g = torch.Generator().manual_seed(seed)
+    random = torch.randn(num, 3, generator=g, dtype=torch.float64) * torch.rand(num, 1, generator=g, dtype=torch.float64).add(0.2) * 3
+    eye = torch.eye(3, dtype=torch.float64)
+    diag = torch.tensor([[1.0, 1.0, 0.0], [0.0, -1.0, 1.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
+    return torch.cat([random, eye, -eye, 2.5 * eye, diag])
+
+
+def random_orthogonal(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def reference(vectors, lmax, normalize, normalization):
+    return o3.spherical_harmonics(list(range(lmax + 1)), vectors, normalize, normalization)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("lmax", range(9))
+def test_equals_e3nn(lmax, normalization):
+    v = make_vectors()
+    got = spherical_harmonics(v, lmax, normalization=normalization)
+    assert got.shape == (v.shape[0], (lmax + 1) ** 2)
+    torch.testing.assert_close(got, reference(v, lmax, True, normalization), rtol=0, atol=1e-12)
+    # normalize=False: homogeneous polynomials of the raw vector (relative to their size)
+    raw = spherical_harmonics(v, lmax, normalize=False, normalization=normalization)
+    expected = reference(v, lmax, False, normalization)
+    assert ((raw - expected).abs() <= 1e-12 * expected.abs().amax(1, keepdim=True).clamp(min=1)).all()
+
+
+def test_module_selected_ls_and_dtype_round_trip():
+    v = make_vectors()
+    m = SphericalHarmonics(5, normalization="norm")
+    assert m.irreps_out == o3.Irreps("0e + 1o + 2e + 3o + 4e + 5o")
+    assert m.irreps_out.dim == 36
+    m = m.float().double()  # coefficients are rebuilt in float64, not rounded through float32
+    torch.testing.assert_close(m(v), reference(v, 5, True, "norm"), rtol=0, atol=1e-12)
+    torch.testing.assert_close(m(v.float()), reference(v, 5, True, "norm").float())
+    got = spherical_harmonics_l(v, [3, 0, 6, 3], normalization="integral")
+    expected = o3.spherical_harmonics([3, 0, 6, 3], v, True, "integral")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_equivariance_with_e3nn_wigner_d(seed):
+    lmax = 8
+    R = random_orthogonal(seed)
+    if seed % 2:
+        R = -R  # include improper rotations (det -1)
+    v = make_vectors(seed=seed)
+    D = o3.Irreps.spherical_harmonics(lmax).D_from_matrix(R)                    # [M, M]
+    for normalize in (True, False):
+        rotated = spherical_harmonics(v @ R.T, lmax, normalize=normalize)
+        expected = spherical_harmonics(v, lmax, normalize=normalize) @ D.T
+        scale = expected.abs().amax(1, keepdim=True).clamp(min=1)
+        assert ((rotated - expected).abs() <= 1e-12 * scale).all(), (R, normalize)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_normalization_by_quadrature(normalization):
+    """Gauss-Legendre in cos(theta) x uniform phi: exact for polynomials of degree < 40."""
+    lmax = 8
+    z, wz = np.polynomial.legendre.leggauss(20)
+    phi = np.arange(40) * 2 * np.pi / 40
+    zz, pp = np.meshgrid(z, phi, indexing="ij")
+    s = np.sqrt(1 - zz**2)
+    points = torch.tensor(np.stack([s * np.cos(pp), s * np.sin(pp), zz], -1).reshape(-1, 3))
+    weights = torch.tensor((wz[:, None] * np.full(40, 2 * np.pi / 40)[None]).reshape(-1))
+    Y = spherical_harmonics(points, lmax, normalization=normalization)          # [P, M]
+    gram = Y.T @ (Y * weights[:, None])                                         # [M, M]
+    ls = torch.tensor([l for l in range(lmax + 1) for _ in range(2 * l + 1)], dtype=torch.float64)
+    expected = {"integral": torch.ones_like(ls), "component": 4 * math.pi * torch.ones_like(ls),
+                "norm": 4 * math.pi / (2 * ls + 1)}[normalization]
+    torch.testing.assert_close(gram, torch.diag(expected), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_gradcheck_and_gradgradcheck(normalize, normalization):
+    v = make_vectors(num=6)[[0, 1, 2, 6, 9, 12, 15]].clone().requires_grad_(True)
+    f = lambda x: spherical_harmonics(x, 4, normalize=normalize, normalization=normalization)  # noqa: E731
+    assert torch.autograd.gradcheck(f, v)
+    assert torch.autograd.gradgradcheck(f, v)
+
+
+def test_blocked_kernels_equal_reference(monkeypatch):
+    """The cache-blocked eager path (several blocks, a ragged last one) against the plain ops."""
+    monkeypatch.setattr(sh_module, "_chunk_size", lambda lmax: 4)
+    v = make_vectors().requires_grad_(True)
+    for lmax in (0, 1, 3, 7):
+        y = spherical_harmonics(v, lmax, normalization="integral")
+        torch.testing.assert_close(y, reference(v, lmax, True, "integral"), rtol=0, atol=1e-12)
+        g = torch.randn_like(y)
+        (blocked,) = torch.autograd.grad(y, v, g)                                # first order: blocked
+        (plain,) = torch.autograd.grad(spherical_harmonics(v, lmax, normalization="integral"), v, g,
+                                       create_graph=True)                         # differentiable path
+        e3nn_y = reference(v, lmax, True, "integral")
+        e3nn_grad = torch.autograd.grad(e3nn_y, v, g)[0] if lmax else torch.zeros_like(v)
+        torch.testing.assert_close(blocked, e3nn_grad, rtol=0, atol=1e-10)
+        torch.testing.assert_close(plain, e3nn_grad, rtol=0, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda x: spherical_harmonics(x, 3), v[:9].detach().requires_grad_())
+
+
+def test_no_nan_derivatives_on_axes_and_at_zero():
+    lmax = 8
+    eye = torch.eye(3, dtype=torch.float64)
+    v = torch.cat([eye, -eye, 1e-30 * eye, torch.zeros(1, 3, dtype=torch.float64)]).requires_grad_(True)
+    y = spherical_harmonics(v, lmax)
+    w = torch.randn_like(y)
+    (g,) = torch.autograd.grad((y * w).sum(), v, create_graph=True)
+    (h,) = torch.autograd.grad((g * g).sum(), v)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all() and torch.isfinite(h).all()
+    # the zero vector (documented): Y_0 = 1, higher l vanish
+    torch.testing.assert_close(y[-1], torch.eye(1, (lmax + 1) ** 2, dtype=torch.float64)[0])
+    # on the axes the gradient equals e3nn's
+    (ref,) = torch.autograd.grad((reference(v[:6], lmax, True, "component") * w[:6]).sum(), v)
+    torch.testing.assert_close(g[:6], ref[:6], rtol=0, atol=1e-10)
+
+
+def test_compile_fullgraph_matches_eager():
+    m = SphericalHarmonics(3, normalization="integral").double()
+    compiled = torch.compile(m, fullgraph=True)
+    v = make_vectors(num=5).requires_grad_(True)
+    y = compiled(v)
+    (g,) = torch.autograd.grad(y.sum(), v)
+    torch.testing.assert_close(y, reference(v, 3, True, "integral"), rtol=0, atol=1e-12)
+    torch.testing.assert_close(g, torch.autograd.grad(m(v).sum(), v)[0], rtol=0, atol=1e-12)
