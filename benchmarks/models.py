@@ -347,6 +347,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "float64"])
     parser.add_argument("--quick", action="store_true", help="small systems only (a smoke run)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
+    parser.add_argument("--families", nargs="+", default=None, help="e.g. SchNet-style (default: all)")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -357,8 +358,9 @@ def main(argv=None) -> None:
     compiled = " molnets compiled (ms) |" if args.compile else ""
     print(f"| model | peer | system | atoms | dtype | peer (ms) | molnets (ms) | speed-up |{compiled}")
     print("|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+    families = [f for f in FAMILIES if args.families is None or f.model in args.families]
     with tempfile.TemporaryDirectory() as tmp:
-        for family in FAMILIES:
+        for family in families:
             for dtype in args.dtype:
                 weights = _weights(tmp, dtype, family) if family.same_weights else None
                 for name, atoms in systems(args.quick).items():
@@ -380,7 +382,7 @@ def main(argv=None) -> None:
               "~42 neighbors per atom at 5 Å; memory = peak extra memory of the call\n")
         print("| model | atoms | peer (ms) | peer (MB) | molnets (ms) | molnets (MB) | molnets µs/atom |")
         print("|---|---|---|---|---|---|---|")
-        for family in FAMILIES:
+        for family in families:
             weights = _weights(tmp, "float32", family) if family.same_weights else None
             for n, atoms in scaling_systems(args.quick).items():
                 peer = run_impl(family.peer, atoms, args, "float32", weights)
