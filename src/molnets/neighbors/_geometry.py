@@ -5,7 +5,7 @@ Private: the public face is :func:`molnets.neighbors.neighbor_list`.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -180,3 +180,45 @@ def check_no_overlap(
             f"atoms {int(receivers[e])} and {int(senders[e])} are on top of each other "
             f"(distance {float(distances[e]):.3g} Å < {MIN_PAIR_DISTANCE} Å)"
         )
+
+
+def reduce_cell(cell: Tensor, pbc: Tensor, max_iterations: int = 200) -> Tuple[Tensor, Tensor]:
+    """Lattice reduction of the periodic vectors: the same lattice, with short, nearly
+    orthogonal vectors, so that a strongly skewed cell needs no huge search box.
+
+    Greedy Minkowski-style reduction, all structures at once: a periodic vector a_k is replaced by
+    a_k - round(a_k . w / |w|^2) w for w another periodic vector or the sum or difference of the
+    two others, while that shortens it. Non-periodic rows are left alone.
+
+    Returns:
+        reduced [B, 3, 3] = transform @ cell, and transform [B, 3, 3] (long, unimodular), so that
+        a shift S_r in the reduced basis is the shift ``S_r @ transform`` in the original one.
+
+    Shapes:
+        cell [B, 3, 3], pbc [B, 3]  ->  [B, 3, 3], [B, 3, 3]
+    """
+    num_graphs = cell.shape[0]
+    reduced = cell.clone()                                                    # [B, 3, 3]
+    transform = torch.eye(3, dtype=torch.long, device=cell.device).repeat(num_graphs, 1, 1)
+    # (k, coefficients of the vector w it is reduced by); w = sum_l c_l a_l
+    moves = []
+    for k in range(3):
+        l, m = [o for o in range(3) if o != k]
+        for coefficients in ((l, 1, m, 0), (m, 1, l, 0), (l, 1, m, 1), (l, 1, m, -1)):
+            moves.append((k,) + coefficients)
+    for _ in range(max_iterations):
+        changed = torch.zeros((), dtype=torch.bool, device=cell.device)
+        for k, l, cl, m, cm in moves:
+            active = pbc[:, k] & pbc[:, l] & (pbc[:, m] | (cm == 0))           # [B]
+            w = cl * reduced[:, l] + cm * reduced[:, m]                       # [B, 3]
+            w_t = cl * transform[:, l] + cm * transform[:, m]                 # [B, 3]
+            ratio = (reduced[:, k] * w).sum(-1) / (w * w).sum(-1).clamp(min=1e-300)  # [B]
+            # Strictly shorter only beyond one half: no cycling on ties.
+            mu = torch.where(active & (ratio.abs() > 0.5 + 1e-9), torch.round(ratio), torch.zeros_like(ratio))
+            changed = changed | (mu != 0).any()
+            reduced[:, k] = reduced[:, k] - mu.unsqueeze(1) * w
+            transform[:, k] = transform[:, k] - mu.to(torch.long).unsqueeze(1) * w_t
+        if not bool(changed):
+            break
+    # Recomputed from the integers, so that rounding does not accumulate over the iterations.
+    return transform.to(cell.dtype) @ cell, transform

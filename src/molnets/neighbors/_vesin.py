@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._geometry import System
+from ._geometry import System, reduce_cell
 
 
 def vesin_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -20,6 +20,10 @@ def vesin_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tensor, 
 
     positions, cell, pbc, batch = system
     device = positions.device
+    # vesin's search box grows with the skew of the cell: give it a reduced basis of the same
+    # lattice and map the shifts back (S @ reduced = (S @ transform) @ cell).
+    cell, transform = reduce_cell(cell.detach().to("cpu", torch.float64), pbc.cpu())
+    transforms = None if bool((transform == torch.eye(3, dtype=torch.long)).all()) else transform.numpy()
     calculator = NeighborList(cutoff=cutoff, full_list=True)
     points = positions.detach().to("cpu", torch.float64).numpy()          # [N, 3]
     boxes = cell.detach().to("cpu", torch.float64).numpy()                # [B, 3, 3]
@@ -36,6 +40,8 @@ def vesin_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tensor, 
             continue
         x = points if len(groups) == 1 else points[atoms]
         i, j, S, d = calculator.compute(x, boxes[g], periodic[g].tolist(), quantities="ijSd", copy=True)
+        if transforms is not None:
+            S = S @ transforms[g]
         if len(groups) > 1:
             i, j = atoms[i], atoms[j]
         parts.append((i, j, S, d))
