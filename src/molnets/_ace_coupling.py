@@ -99,7 +99,9 @@ def _symmetric_coupling_f64(irreps_in: str, correlation: int, target: str) -> Tu
             row[b] = math.sqrt(weight) * S.reshape(-1)
             rows.append(torch.cat(row))
     _, sv, Vh = torch.linalg.svd(torch.stack(rows), full_matrices=False)  # [P, D]
-    basis = Vh[sv > _TOL * sv[0]]  # [K, D] orthonormal
+    basis = Vh[sv > _TOL]  # [K, D] orthonormal (the chains have norm 1: an absolute threshold)
+    if basis.shape[0] == 0:
+        raise ValueError(f"no symmetric coupling of ({irreps_in})^{nu} to {target}")
 
     # back to polynomial coefficients on sorted monomials
     keys, coeffs, offset = [], [], 0

@@ -233,6 +233,7 @@ class ProductBasis(nn.Module):
         # per ν: used monomials and coefficients [T, O, K], blocks of K per target irrep
         used: List[Dict[Tuple[int, ...], Tensor]] = []
         self.num_couplings: List[int] = []
+        reached = set()
         for nu in range(1, self.correlation + 1):
             per_target = []
             for start, stop, ir in irreps_slices(self.irreps_B):
@@ -250,6 +251,9 @@ class ProductBasis(nn.Module):
                 k0 += coeffs.shape[2]
             used.append(table)
             self.num_couplings.append(K)
+            reached |= {ir for start, stop, ir in irreps_slices(self.irreps_B) if any(t[0] == start for t in per_target)}
+        if reached != {ir for _, ir in self.irreps_B}:
+            raise ValueError(f"{self.irreps_B} is not reachable from products of up to {correlation} x {self.irreps_A}")
 
         # Monomials of degree ν < ν_max are built one factor at a time (each from a degree-(ν-1)
         # prefix), so close the sets top-down; sort each level by (largest index, monomial).
