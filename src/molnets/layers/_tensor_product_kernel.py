@@ -56,14 +56,22 @@ class WeightedChannelwiseProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(x1: Tensor, t_all: Tensor, weight: Tensor, groups: Sequence[KernelGroup], dim_out: int) -> Tensor:
-        out = x1.new_empty(x1.shape[0], dim_out)                                                 # [E, dim_out]
+        num_edges = x1.shape[0]
+        compiling = torch.compiler.is_compiling()  # fixed while tracing: Dynamo rejects strided out=
+        out = x1.new_empty(num_edges, dim_out)                                                   # [E, dim_out]
+        blocks: List[Tuple[int, Tensor]] = []
         for g in groups:
             h, t = _views(x1, t_all, g)
             y = torch.bmm(h, t)                                                                  # [E, C, K]
             for p in g.paths:
                 w = weight[:, p.w_start:p.w_start + g.mul].unsqueeze(-1)                         # [E, C, 1]
-                # an elementwise kernel writes the strided output block directly
-                torch.mul(y[:, :, p.col:p.col + p.dim_out], w, out=_block(out, p.out_start, g.mul, p.dim_out))
+                y_p = y[:, :, p.col:p.col + p.dim_out]                                           # [E, C, k]
+                if compiling:  # the compiler fuses the products into the concatenation itself
+                    blocks.append((p.out_start, (y_p * w).reshape(num_edges, -1)))
+                else:  # eager: an elementwise kernel writes the strided output block directly
+                    torch.mul(y_p, w, out=_block(out, p.out_start, g.mul, p.dim_out))
+        if compiling:
+            out = torch.cat([block for _, block in sorted(blocks, key=lambda item: item[0])], dim=1)
         return out
 
     @staticmethod

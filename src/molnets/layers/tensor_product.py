@@ -171,6 +171,9 @@ class _CouplingPlan(nn.Module):
         self.weight_sizes: List[int] = weight_sizes
         self.weight_numel = sum(weight_sizes)
         self.sizes1: List[int] = [mul * ir.dim for mul, ir in irreps_in1]
+        # plain ints for forward: Dynamo cannot guard on e3nn's Irreps objects
+        self.out_sizes: List[int] = [mul * ir.dim for mul, ir in irreps_out]
+        self.dim_out = sum(self.out_sizes)
         # [dim2, sum_g a_g K_g]: alpha C of every path, zero outside its l2 rows
         coupling = torch.cat(blocks, dim=1) if blocks else torch.zeros(irreps_in2.dim, 0, dtype=torch.float64)
         # float64 master copy: casting the module to float64 after building it in float32 must
@@ -201,18 +204,18 @@ class _CouplingPlan(nn.Module):
         return ys
 
 
-def _assemble(irreps_out: o3.Irreps, parts: List[List[Tensor]], like: Tensor) -> Tensor:
+def _assemble(out_sizes: List[int], parts: List[List[Tensor]], like: Tensor) -> Tensor:
     """Sum the [E, C_out, k] contributions of each output irrep and lay them out flat, mul_ir order."""
     num_edges = like.shape[0]
     blocks = []
-    for (mul, ir), contributions in zip(irreps_out, parts):
+    for size, contributions in zip(out_sizes, parts):
         if contributions:
             total = contributions[0]
             for extra in contributions[1:]:
                 total = total + extra
-            blocks.append(total.reshape(num_edges, mul * ir.dim))                    # [E, C k]
+            blocks.append(total.reshape(num_edges, size))                            # [E, C k]
         else:
-            blocks.append(like.new_zeros(num_edges, mul * ir.dim))
+            blocks.append(like.new_zeros(num_edges, size))
     return torch.cat(blocks, dim=1) if blocks else like.new_zeros(num_edges, 0)     # [E, dim_out]
 
 
@@ -283,14 +286,14 @@ class ChannelwiseTensorProduct(nn.Module):
     def forward(self, x1: Tensor, x2: Tensor, weight: Optional[Tensor] = None) -> Tensor:
         if self.fused:
             t_all = x2 @ self.plan.coupling                                          # [E, sum_p a k]
-            return WeightedChannelwiseProduct.apply(x1, t_all, weight, self._kernel_groups, self.irreps_out.dim)
+            return WeightedChannelwiseProduct.apply(x1, t_all, weight, self._kernel_groups, self.plan.dim_out)
         return self._forward_reference(x1, x2, weight)
 
     def _forward_reference(self, x1: Tensor, x2: Tensor, weight: Optional[Tensor]) -> Tensor:
         num_edges = x1.shape[0]
         ys = self.plan(x1, x2)                                                       # [E, C, V k] per path
         ws = weight.split(self.plan.weight_sizes, dim=1) if weight is not None else [None] * len(ys)
-        parts: List[List[Tensor]] = [[] for _ in self.irreps_out]
+        parts: List[List[Tensor]] = [[] for _ in self.plan.out_sizes]
         for p, y, w in zip(self.plan.paths, ys, ws):
             if not p.has_weight:
                 out = y.reshape(num_edges, p.mul1, p.mul2, p.dim_out).sum(2)         # [E, C, k]
@@ -300,7 +303,7 @@ class ChannelwiseTensorProduct(nn.Module):
                 out = torch.einsum("ecvk,ecv->eck", y.reshape(num_edges, p.mul1, p.mul2, p.dim_out),
                                    w.reshape(num_edges, p.mul1, p.mul2))            # [E, C, k]
             parts[p.i_out].append(out)
-        return _assemble(self.irreps_out, parts, x1)
+        return _assemble(self.plan.out_sizes, parts, x1)
 
 
 class FullyConnectedTensorProduct(nn.Module):
@@ -345,9 +348,9 @@ class FullyConnectedTensorProduct(nn.Module):
         num_edges = x1.shape[0]
         ys = self.plan(x1, x2)                                                       # [E, C, V k] per path
         ws = self.weight.split(self.plan.weight_sizes)
-        parts: List[List[Tensor]] = [[] for _ in self.irreps_out]
+        parts: List[List[Tensor]] = [[] for _ in self.plan.out_sizes]
         for p, y, w in zip(self.plan.paths, ys, ws):
             y = y.reshape(num_edges, p.mul1, p.mul2, p.dim_out)                      # [E, C, V, k]
             w = w.reshape(p.mul1, p.mul2, p.mul_out)                                 # [C, V, D]
             parts[p.i_out].append(torch.einsum("ecvk,cvd->edk", y, w))               # [E, D, k]
-        return _assemble(self.irreps_out, parts, x1)
+        return _assemble(self.plan.out_sizes, parts, x1)
