@@ -23,9 +23,11 @@ from molnets.training import (
     train,
 )
 
+# (model_config, learning rate): small models that learn the tiny EMT set in 15 epochs
 TINY_MODELS = {
-    "schnet": dict(num_channels=16, num_basis=8, num_layers=2),
-    "tensornet": dict(num_channels=8, num_layers=1, num_rbf=8),
+    "schnet": (dict(num_channels=16, num_basis=8, num_layers=2), 1e-2),
+    "tensornet": (dict(num_channels=32, num_layers=1, num_rbf=16), 5e-3),
+    "mace": (dict(num_channels=8, lmax=1, correlation=2, num_layers=1, radial_mlp=(16,), readout_hidden=8), 2e-2),
 }
 
 
@@ -40,19 +42,19 @@ def _config(data, out, **changes):
 
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_training_lowers_validation_force_error(name, tiny_xyz, tmp_path):
-    config = _config(tiny_xyz, tmp_path, model=name, model_config=TINY_MODELS[name], max_epochs=15,
-                     lr=1e-2, ema_decay=0.9)
+    model_config, lr = TINY_MODELS[name]
+    config = _config(tiny_xyz, tmp_path, model=name, model_config=model_config, max_epochs=15, lr=lr, ema_decay=0.9)
     result = train(config)
     # The same untrained model: same seed, same normalization, no optimizer step.
     _, valid, _ = split_structures(read_structures(tiny_xyz), valid_fraction=0.25, test_fraction=0.125, seed=1)
     torch.manual_seed(config.seed)
-    untrained = build_model(name, (29, 79), 4.0, TINY_MODELS[name],
+    untrained = build_model(name, (29, 79), 4.0, model_config,
                             avg_num_neighbors=result.normalization.avg_num_neighbors)
     apply_normalization(untrained, result.normalization)
     dataset = GraphDataset(valid, 4.0, dtype=torch.float64)
     before = evaluate(Potential(untrained).double(), dataset).compute()["forces_mae"]
     after = evaluate(result.potential, dataset).compute()["forces_mae"]
-    assert after < before / 3, f"{name}: validation force MAE {before:.3f} -> {after:.3f} eV/Å"
+    assert after < before / 4, f"{name}: validation force MAE {before:.3f} -> {after:.3f} eV/Å"
     for name_ in ("best_model.pt", "checkpoint.pt", "log.csv", "log.json", "metrics.json",
                   "learning_curve.png", "parity_energy.png", "parity_forces.png"):
         assert (tmp_path / name_).stat().st_size > 0, name_

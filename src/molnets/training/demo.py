@@ -12,16 +12,19 @@ import os
 import time
 from typing import Dict, Optional
 
-__all__ = ["run_demo", "default_model", "DEMO_MODEL_CONFIGS"]
+__all__ = ["run_demo", "default_model", "DEMO_MODEL_CONFIGS", "DEMO_CUTOFF"]
 
 # Small models that learn EMT Cu/Au within minutes on a laptop CPU.
+# The cutoff is 4 Å (the first two neighbor shells of fcc Cu; EMT's own reach is longer, and
+# two message-passing layers see 8 Å): 5 Å would triple the edges and the cost per step.
+DEMO_CUTOFF = 4.0
 DEMO_MODEL_CONFIGS: Dict[str, Dict] = {
-    "mace": dict(num_channels=16, lmax=2, correlation=2, num_layers=2),
+    "mace": dict(num_channels=16, lmax=2, correlation=3, num_layers=2, radial_mlp=(32, 32)),
     "tensornet": dict(num_channels=32, num_layers=2, num_rbf=16),
     "schnet": dict(num_channels=32, num_basis=20, num_layers=3),
 }
 _QUICK_MODEL_CONFIGS: Dict[str, Dict] = {
-    "mace": dict(num_channels=4, lmax=1, correlation=2, num_layers=1),
+    "mace": dict(num_channels=4, lmax=1, correlation=2, num_layers=1, radial_mlp=(8,), readout_hidden=4),
     "tensornet": dict(num_channels=4, num_layers=1, num_rbf=8),
     "schnet": dict(num_channels=8, num_basis=8, num_layers=1),
 }
@@ -97,7 +100,7 @@ def run_demo(
     config = TrainConfig(
         train_file=data_path,
         model=model,
-        cutoff=4.0 if quick else 5.0,
+        cutoff=DEMO_CUTOFF,
         model_config=_model_config(model, quick),
         batch_size=4 if quick else 8,
         max_epochs=3 if quick else 10_000,
