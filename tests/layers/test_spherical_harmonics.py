@@ -129,6 +129,19 @@ def test_blocked_kernels_equal_reference(monkeypatch):
         torch.testing.assert_close(blocked, e3nn_grad, rtol=0, atol=1e-10)
         torch.testing.assert_close(plain, e3nn_grad, rtol=0, atol=1e-10)
     assert torch.autograd.gradcheck(lambda x: spherical_harmonics(x, 3), v[:9].detach().requires_grad_())
+    # the plain-op forward (used under torch.compile and on GPUs) against the blocked one
+    u = torch.nn.functional.normalize(v.detach(), dim=-1)
+    tensors = sh_module._coefficient_tensors(6, "norm", torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(sh_module._forward_reference(u, 6, tensors[0], tensors[1:7]),
+                               sh_module._forward_chunked(u, 6, tensors[0], tensors[1:7]),
+                               rtol=0, atol=1e-13)
+
+
+def test_leading_dimensions():
+    v = make_vectors()[:24].reshape(2, 4, 3, 3)
+    got = spherical_harmonics(v, 2)
+    assert got.shape == (2, 4, 3, 9)
+    torch.testing.assert_close(got.reshape(-1, 9), spherical_harmonics(v.reshape(-1, 3), 2))
 
 
 def test_no_nan_derivatives_on_axes_and_at_zero():

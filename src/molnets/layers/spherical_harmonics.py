@@ -12,14 +12,19 @@ itself: Y_l is written as an exact polynomial (the associated-Legendre form of t
 harmonics, e.g. Limpanuparb & Milthorpe, arXiv:1410.1748, with e3nn's axis order y, z, x),
 and C_l is the minimum-norm solution of (1) on the monomial coefficients, which is the
 3j-proportional one (the other solutions differ by the (l-1)-component of Y_{l-1} x r, which
-maps to zero). Forward is one outer product and one small matmul per l; the backward uses (2)
-as a single matmul, and is itself made of differentiable ops, so double backward works.
+maps to zero).
+
+Speed: the recursion runs component-major ([M, E]: every op is long along the edge axis) and,
+on CPU, in blocks of a few thousand edges whose intermediates stay in cache, with the outer
+product Y_{l-1} r and one small matmul per l. The backward is Eq. (2), one matmul per l and one
+reduction, never the autograd graph of the recursion. Written in differentiable ops (used
+when create_graph=True, under torch.compile and on GPUs), it gives exact double backward.
 
 The zero vector: with ``normalize=True`` it is normalized as ``torch.nn.functional.normalize``
 and e3nn do, r / max(|r|, 1e-12), so Y_0 = 1 and Y_{l>0} = 0 there; first and second
 derivatives are finite (no NaN; the first derivative of Y_1 at r = 0 is 1e12 times that of
-r, as in e3nn, whose second derivative there is NaN). Vectors along
-the axes are ordinary points of a polynomial: no NaN in any derivative.
+r, as in e3nn, whose second derivative there is NaN). Vectors along the axes are ordinary
+points of a polynomial: no NaN in any derivative.
 """
 
 from __future__ import annotations
@@ -240,7 +245,7 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(u: Tensor, lmax: int, y0: Tensor, *matrices: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or u.device.type != "cpu":
             return _forward_reference(u, lmax, y0, matrices[:lmax])
         return _forward_chunked(u, lmax, y0, matrices[:lmax])
 
@@ -254,7 +259,8 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
         sh, *backward_t = ctx.saved_tensors
         if ctx.lmax == 0:
             grad_u = torch.zeros_like(sh).expand(-1, 3)
-        elif torch.is_grad_enabled() or torch.compiler.is_compiling():  # create_graph=True
+        elif (torch.is_grad_enabled()  # create_graph=True
+              or torch.compiler.is_compiling() or sh.device.type != "cpu"):
             grad_u = _backward_reference(grad_sh, sh, ctx.lmax, backward_t)
         else:
             grad_u = _backward_chunked(grad_sh, sh, ctx.lmax, backward_t)
@@ -262,12 +268,15 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
 
 
 def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]) -> Tensor:
+    batch_shape = vectors.shape[:-1]
+    vectors = vectors.reshape(-1, 3)                                            # [E, 3]
     if normalize:
         # r / max(|r|, 1e-12) as torch.nn.functional.normalize (and e3nn) computes it, but through
         # the clamped squared norm, so that second derivatives at r = 0 are finite too.
         squared = (vectors * vectors).sum(dim=-1, keepdim=True)                 # [E, 1]
         vectors = vectors * torch.rsqrt(squared.clamp_min(1e-24))               # [E, 3]
-    return _SphericalHarmonicsFn.apply(vectors, lmax, *tensors)                # [E, M]
+    sh = _SphericalHarmonicsFn.apply(vectors, lmax, *tensors)                  # [E, M]
+    return sh.reshape(batch_shape + (sh.shape[-1],))
 
 
 def spherical_harmonics(vectors: Tensor, lmax: int, *, normalize: bool = True,
@@ -288,7 +297,7 @@ def spherical_harmonics(vectors: Tensor, lmax: int, *, normalize: bool = True,
             (∫_{S^2} (Y_l^m)^2 dΩ = 1).
 
     Shapes:
-        vectors [E, 3]  ->  [E, (lmax+1)^2]
+        vectors [E, 3]  ->  [E, (lmax+1)^2]   (any leading dimensions: [..., 3] -> [..., M])
 
     >>> spherical_harmonics(torch.tensor([[0.0, 0.0, 2.0]]), 1)
     tensor([[1.0000, 0.0000, 0.0000, 1.7321]])
