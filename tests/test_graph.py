@@ -1,0 +1,98 @@
+"""AtomicGraph: edge geometry and its gradients, ASE round trips, batching and splitting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+from molnets.graph import AtomicGraph, batch_graphs, edge_vectors, split_graphs
+
+
+def structures():
+    copper = bulk("Cu", "fcc", a=3.61) * (2, 1, 1)
+    copper.rattle(0.05, seed=1)
+    slab = Atoms("H3", positions=[[0.1, 0.2, 0.0], [1.3, 0.4, 1.0], [0.5, 1.7, -0.8]],
+                 cell=[[2.6, 0.0, 0.0], [1.1, 2.4, 0.0], [0.0, 0.0, 0.0]], pbc=[True, True, False])
+    water = molecule("H2O")
+    water.positions += 1e3
+    return [copper, slab, water]
+
+
+def test_edge_vectors_match_ase():
+    for atoms in structures():
+        graph = AtomicGraph.from_ase(atoms, 3.0, dtype=torch.float64)
+        i, j, S, D = ase_neighbor_list("ijSD", atoms, 3.0)
+        expected = {(a, b, tuple(s)): d for a, b, s, d in zip(i.tolist(), j.tolist(), S.tolist(), D)}
+        vectors = edge_vectors(graph)
+        assert graph.num_edges == len(expected)
+        for e, key in enumerate(zip(graph.receivers.tolist(), graph.senders.tolist(), map(tuple, graph.shifts.tolist()))):
+            np.testing.assert_allclose(vectors[e].numpy(), expected[key], atol=1e-10)
+
+
+def test_edge_vectors_gradcheck_positions_and_cell():
+    graph = AtomicGraph.from_ase(structures()[:2], 3.0, dtype=torch.float64)
+    weights = torch.randn(graph.num_edges, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def energy(positions, cell):
+        vectors = edge_vectors(graph._replace(positions=positions, cell=cell))
+        return (vectors * weights).sum(-1) + vectors.norm(dim=-1) ** 2
+
+    positions = graph.positions.clone().requires_grad_(True)
+    cell = graph.cell.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(energy, (positions, cell))
+    # The cell gradient is nonzero only through the shifts: d r_e / d cell = S_e (outer) e_y.
+    (grad_cell,) = torch.autograd.grad(edge_vectors(graph._replace(cell=cell))[:, 0].sum(), cell)
+    expected = torch.zeros_like(grad_cell)
+    expected.index_add_(0, graph.batch[graph.receivers], graph.shifts.double()[:, :, None] * torch.tensor([1.0, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(grad_cell, expected)
+
+
+def test_from_ase_to_ase_round_trip():
+    atoms_list = structures()
+    back = AtomicGraph.from_ase(atoms_list, 3.0, dtype=torch.float64).to_ase()
+    assert len(back) == len(atoms_list)
+    for before, after in zip(atoms_list, back):
+        np.testing.assert_array_equal(before.numbers, after.numbers)
+        np.testing.assert_array_equal(before.positions, after.positions)
+        np.testing.assert_array_equal(before.cell[:], after.cell[:])
+        np.testing.assert_array_equal(before.pbc, after.pbc)
+
+
+def _edge_set(graph: AtomicGraph):
+    return set(zip(graph.receivers.tolist(), graph.senders.tolist(), map(tuple, graph.shifts.tolist())))
+
+
+def test_from_ase_list_equals_batched_singles_and_split_round_trip():
+    atoms_list = structures()
+    batched = AtomicGraph.from_ase(atoms_list, 3.0, dtype=torch.float64)
+    singles = [AtomicGraph.from_ase(a, 3.0, dtype=torch.float64) for a in atoms_list]
+    joined = batch_graphs(singles)
+    for name in ("positions", "atomic_numbers", "cell", "pbc", "batch"):
+        torch.testing.assert_close(getattr(batched, name), getattr(joined, name))
+    assert _edge_set(batched) == _edge_set(joined)
+    assert batched.num_graphs == 3 and batched.batch.tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
+    for part, single in zip(split_graphs(joined), singles):
+        for name, value in part._asdict().items():
+            assert torch.equal(value, getattr(single, name)), name
+    torch.testing.assert_close(edge_vectors(joined), torch.cat([edge_vectors(g) for g in singles]))
+
+
+def test_to_dtype_casts_only_floats():
+    graph = AtomicGraph.from_ase(structures(), 3.0, dtype=torch.float64)
+    single = graph.to(dtype=torch.float32)
+    assert single.positions.dtype == single.cell.dtype == torch.float32
+    for name in ("atomic_numbers", "batch", "receivers", "senders", "shifts"):
+        assert getattr(single, name).dtype == torch.long
+    assert single.pbc.dtype == torch.bool
+    torch.testing.assert_close(single.positions.double(), graph.positions, atol=1e-4, rtol=0)
+    assert graph.to(torch.device("cpu")).positions.dtype == torch.float64
+    assert AtomicGraph.from_ase(structures()[0], 3.0).positions.dtype == torch.get_default_dtype()
+
+
+def test_from_ase_empty_list_raises():
+    with pytest.raises(ValueError, match="at least one"):
+        AtomicGraph.from_ase([], 3.0)
