@@ -408,6 +408,9 @@ def _train(config: TrainConfig, d: _Dist, stop_after_epochs: Optional[int]) -> T
     if resume_state is not None:
         normalization = Normalization(**resume_state["normalization"])
         normalization.atomic_energies = {int(z): e for z, e in normalization.atomic_energies.items()}
+        if d.main and resume_state["model_name"] != config.model:
+            print(f"note: resuming the {resume_state['model_name']} model of {checkpoint_path}; "
+                  f"the model option ({config.model!r}) applies to new runs only", flush=True)
         cls = model_class(resume_state["model_name"])
         model = cls(config_from_dict(cls.config_class, resume_state["model_config"]))
     else:
