@@ -172,9 +172,30 @@ def _chunk_size(lmax: int) -> int:
     return max(1024, 196608 // (6 * lmax - 3)) if lmax > 0 else 1 << 30
 
 
+_EPS = 1e-12  # r / max(|r|, eps), as torch.nn.functional.normalize and e3nn
+
+
+def _normalize(vectors: Tensor) -> Tensor:
+    """r / max(|r|, eps) in differentiable ops, through the clamped squared norm, so that
+    second derivatives at r = 0 are finite too (those of F.normalize are NaN there)."""
+    squared = (vectors * vectors).sum(dim=-1, keepdim=True)                     # [E, 1]
+    return vectors * torch.rsqrt(squared.clamp_min(_EPS * _EPS))                # [E, 3]
+
+
+def _normalize_backward(vectors: Tensor, grad_u: Tensor) -> Tensor:
+    """Vector-Jacobian product of ``_normalize``: (g - (g.u) u) / |r|, or g / eps where the
+    norm is clamped; differentiable (double backward)."""
+    squared = (vectors * vectors).sum(dim=-1, keepdim=True)                     # [E, 1]
+    inv_norm = torch.rsqrt(squared.clamp_min(_EPS * _EPS))                      # [E, 1]
+    u = vectors * inv_norm                                                      # [E, 3]
+    radial = (grad_u * u).sum(dim=-1, keepdim=True) * (squared > _EPS * _EPS)   # [E, 1]
+    return (grad_u - radial * u) * inv_norm                                     # [E, 3]
+
+
 def _forward_reference(u: Tensor, lmax: int, y0: Tensor, forward_t: Sequence[Tensor]) -> Tensor:
-    """Eq. (1) in plain differentiable ops, component-major (the layout in which every op
-    runs along the long edge axis). Used under torch.compile."""
+    """Eq. (1) on unit (or raw) vectors u, in plain differentiable ops, component-major (the
+    layout in which every op runs along the long edge axis). Used under torch.compile, on GPUs
+    and as the test reference of the blocked CPU kernels."""
     u_t = u.t()                                                                 # [3, E]
     y = y0.expand(1, u.shape[0])                                                # [1, E]
     blocks = [y]
@@ -197,16 +218,31 @@ def _backward_reference(grad_sh: Tensor, sh: Tensor, lmax: int,
     return (weighted * sh.t()[:num_lower, None, :]).sum(0).t()                  # [E, 3]
 
 
-def _forward_chunked(u: Tensor, lmax: int, y0: Tensor, forward_t: Sequence[Tensor]) -> Tensor:
+def _unit_block(vectors: Tensor, start: int, n: int, normalize: bool, u_buffer: Tensor,
+                norm_buffer: Tensor) -> Tuple[Tensor, Tensor]:
+    """Edges start..start+n of the (normalized) vectors, component-major [3, n], and their
+    clamped norms [n] (in cache: cheaper than normalizing the [E, 3] layout)."""
+    u_t = u_buffer[:, :n]                                                       # [3, c]
+    u_t.copy_(vectors[start:start + n].t())
+    norm = norm_buffer[:n]                                                      # [c]
+    if normalize:
+        torch.linalg.vector_norm(u_t, dim=0, out=norm)
+        u_t.div_(norm.clamp_min_(_EPS))
+    return u_t, norm
+
+
+def _forward_chunked(vectors: Tensor, lmax: int, normalize: bool, y0: Tensor,
+                     forward_t: Sequence[Tensor]) -> Tensor:
     """Eq. (1) eagerly, in cache-sized blocks of edges with preallocated buffers."""
-    num_edges, size = u.shape[0], (lmax + 1) ** 2
-    out = u.new_empty(num_edges, size)                                          # [E, M]
+    num_edges, size = vectors.shape[0], (lmax + 1) ** 2
+    out = vectors.new_empty(num_edges, size)                                    # [E, M]
     chunk = min(_chunk_size(lmax), max(num_edges, 1))
-    y_buffer = u.new_empty(size, chunk)                                         # [M, c]
-    outer_buffer = u.new_empty(max(3 * (2 * lmax - 1), 1) * chunk)
+    y_buffer = vectors.new_empty(size, chunk)                                   # [M, c]
+    outer_buffer = vectors.new_empty(max(3 * (2 * lmax - 1), 1) * chunk)
+    u_buffer, norm_buffer = vectors.new_empty(3, chunk), vectors.new_empty(chunk)
     for start in range(0, num_edges, chunk):
         n = min(chunk, num_edges - start)
-        u_t = u[start:start + n].t()                                            # [3, c]
+        u_t, _ = _unit_block(vectors, start, n, normalize, u_buffer, norm_buffer)  # [3, c]
         y_t = y_buffer[:, :n]                                                   # [M, c]
         y_t[0].copy_(y0.expand(n))
         for l, a in enumerate(forward_t, start=1):
@@ -217,15 +253,16 @@ def _forward_chunked(u: Tensor, lmax: int, y0: Tensor, forward_t: Sequence[Tenso
     return out
 
 
-def _backward_chunked(grad_sh: Tensor, sh: Tensor, lmax: int,
+def _backward_chunked(grad_sh: Tensor, sh: Tensor, vectors: Tensor, lmax: int, normalize: bool,
                       backward_t: Sequence[Tensor]) -> Tensor:
-    """``_backward_reference`` eagerly, in cache-sized blocks (first-order gradients only)."""
+    """Eq. (2) and the normalization's Jacobian eagerly, in cache-sized blocks (first order)."""
     num_edges, num_lower = sh.shape[0], lmax * lmax
-    grad_u = sh.new_empty(num_edges, 3)                                         # [E, 3]
+    grad_vectors = sh.new_empty(num_edges, 3)                                   # [E, 3]
     chunk = min(_chunk_size(lmax), max(num_edges, 1))
     w_buffer = sh.new_empty(3 * num_lower * chunk)
     y_buffer = sh.new_empty(num_lower * chunk)
     g_buffer = sh.new_empty((lmax + 1) ** 2 * chunk)
+    u_buffer, norm_buffer = sh.new_empty(3, chunk), sh.new_empty(chunk)
     for start in range(0, num_edges, chunk):
         n = min(chunk, num_edges - start)
         weighted = w_buffer[:3 * num_lower * n].view(3 * num_lower, n)         # [3 M', c]
@@ -235,47 +272,51 @@ def _backward_chunked(grad_sh: Tensor, sh: Tensor, lmax: int,
         grad_t.copy_(grad_sh[start:start + n].t())
         for l, b in enumerate(backward_t, start=1):
             torch.mm(b, grad_t[l * l:(l + 1) ** 2], out=weighted[3 * (l - 1) ** 2:3 * l * l])
-        weighted = weighted.view(num_lower, 3, n).mul_(y_t[:, None, :])         # [M', 3, c]
-        grad_u[start:start + n].copy_(weighted.sum(0).t())
-    return grad_u
+        grad_u = weighted.view(num_lower, 3, n).mul_(y_t[:, None, :]).sum(0)   # [3, c]
+        if normalize:  # (g - (g.u) u) / |r|; g / eps where the norm is clamped
+            u_t, norm = _unit_block(vectors, start, n, True, u_buffer, norm_buffer)
+            radial = (grad_u * u_t).sum(0).masked_fill_(norm <= _EPS, 0.0)      # [c]
+            grad_u = grad_u.sub_(radial * u_t).div_(norm)                       # [3, c]
+        grad_vectors[start:start + n].copy_(grad_u.t())
+    return grad_vectors
 
 
 class _SphericalHarmonicsFn(torch.autograd.Function):
-    """Y(u) by Eq. (1); its backward by Eq. (2), itself differentiable (double backward)."""
+    """Y(r / |r|) by Eq. (1); its backward by Eq. (2) and the normalization's Jacobian, itself
+    differentiable (double backward)."""
 
     @staticmethod
-    def forward(u: Tensor, lmax: int, y0: Tensor, *matrices: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() or u.device.type != "cpu":
+    def forward(vectors: Tensor, lmax: int, normalize: bool, y0: Tensor, *matrices: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() or vectors.device.type != "cpu":
+            u = _normalize(vectors) if normalize else vectors                   # [E, 3]
             return _forward_reference(u, lmax, y0, matrices[:lmax])
-        return _forward_chunked(u, lmax, y0, matrices[:lmax])
+        return _forward_chunked(vectors, lmax, normalize, y0, matrices[:lmax])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.lmax = inputs[1]
-        ctx.save_for_backward(output, *inputs[3 + inputs[1]:])
+        vectors, lmax, normalize = inputs[:3]
+        ctx.lmax, ctx.normalize = lmax, normalize
+        ctx.save_for_backward(vectors, output, *inputs[4 + lmax:])
 
     @staticmethod
     def backward(ctx, grad_sh: Tensor):
-        sh, *backward_t = ctx.saved_tensors
-        if ctx.lmax == 0:
-            grad_u = torch.zeros_like(sh).expand(-1, 3)
+        vectors, sh, *backward_t = ctx.saved_tensors
+        lmax, normalize = ctx.lmax, ctx.normalize
+        if lmax == 0:
+            grad_vectors = torch.zeros_like(vectors)
         elif (torch.is_grad_enabled()  # create_graph=True
-              or torch.compiler.is_compiling() or sh.device.type != "cpu"):
-            grad_u = _backward_reference(grad_sh, sh, ctx.lmax, backward_t)
+              or torch.compiler.is_compiling() or vectors.device.type != "cpu"):
+            grad_vectors = _backward_reference(grad_sh, sh, lmax, backward_t)  # [E, 3]
+            if normalize:
+                grad_vectors = _normalize_backward(vectors, grad_vectors)
         else:
-            grad_u = _backward_chunked(grad_sh, sh, ctx.lmax, backward_t)
-        return (grad_u, None, None) + (None,) * (2 * ctx.lmax)
+            grad_vectors = _backward_chunked(grad_sh, sh, vectors, lmax, normalize, backward_t)
+        return (grad_vectors, None, None, None) + (None,) * (2 * lmax)
 
 
 def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]) -> Tensor:
     batch_shape = vectors.shape[:-1]
-    vectors = vectors.reshape(-1, 3)                                            # [E, 3]
-    if normalize:
-        # r / max(|r|, 1e-12) as torch.nn.functional.normalize (and e3nn) computes it, but through
-        # the clamped squared norm, so that second derivatives at r = 0 are finite too.
-        squared = (vectors * vectors).sum(dim=-1, keepdim=True)                 # [E, 1]
-        vectors = vectors * torch.rsqrt(squared.clamp_min(1e-24))               # [E, 3]
-    sh = _SphericalHarmonicsFn.apply(vectors, lmax, *tensors)                  # [E, M]
+    sh = _SphericalHarmonicsFn.apply(vectors.reshape(-1, 3), lmax, normalize, *tensors)  # [E, M]
     return sh.reshape(batch_shape + (sh.shape[-1],))
 
 
