@@ -26,7 +26,7 @@ from pathlib import Path
 
 CHANNELS, IRREPS_A, IRREPS_B, CORRELATION, NUM_SPECIES = 128, "0e + 1o + 2e + 3o", "0e + 1o", 3, 3
 MACE_PYTHON = Path(__file__).resolve().parent / ".peers" / "mace" / "bin" / "python"
-BUDGET_S = 8.0  # time per measurement: repeat until spent (at least 2 calls, at most 10)
+BUDGET_S = 8.0  # time per measurement: repeat until spent (after a warm-up, 1 to 10 calls)
 
 
 def _with_channels(irreps: str) -> str:
@@ -34,9 +34,10 @@ def _with_channels(irreps: str) -> str:
 
 
 def _median_time(fn) -> float:
-    fn()  # warm-up
-    times = []
-    while len(times) < 2 or (sum(times) < BUDGET_S and len(times) < 10):
+    start = time.perf_counter()
+    fn()  # warm-up, also tells how many calls the budget affords
+    spent, times = time.perf_counter() - start, []
+    while not times or (len(times) < 10 and spent + sum(times) < BUDGET_S):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -89,16 +90,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10^3 atoms only")
     parser.add_argument("--peer", choices=["mace"], help=argparse.SUPPRESS)
-    parser.add_argument("--sizes", type=int, nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=int, nargs="+", help="numbers of atoms (default 1000 10000)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64"])
     args = parser.parse_args()
     sizes = args.sizes or ([1000] if args.quick else [1000, 10000])
-    dtypes = ["float32", "float64"]
+    dtypes = args.dtypes
     if args.peer:
         print(json.dumps(run_cases(args.peer, sizes, dtypes)))
         return
 
     ours = run_cases("molnets", sizes, dtypes)
-    command = [str(MACE_PYTHON), __file__, "--peer", "mace", "--sizes", *map(str, sizes)]
+    command = [str(MACE_PYTHON), __file__, "--peer", "mace", "--sizes", *map(str, sizes), "--dtypes", *dtypes]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     peer = json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -8,7 +8,6 @@ orthogonal matrices of both determinants; the generalized coupling is compared w
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ from e3nn import o3
 
 from molnets._ace_coupling import dense_coupling
 from molnets.ace import AtomicBasis, ProductBasis
+from molnets.layers.radial import BesselBasis
+from molnets.layers.spherical_harmonics import spherical_harmonics
 
 CUTOFF = 3.0
 NUM_BASIS = 4
@@ -45,12 +46,11 @@ def channels(C: int, irreps: str) -> o3.Irreps:
 
 
 def edge_inputs(positions, senders, receivers, lmax):
-    """Edge harmonics (e3nn, component normalization) and a Bessel radial basis of r_ji."""
+    """Edge harmonics (component normalization) and a Bessel radial basis of r_ji."""
     vec = positions[senders] - positions[receivers]  # [E, 3]
-    r = vec.norm(dim=1, keepdim=True)  # [E, 1]
-    sh = o3.spherical_harmonics(o3.Irreps.spherical_harmonics(lmax), vec, normalize=True, normalization="component")
-    n = torch.arange(1, NUM_BASIS + 1, dtype=torch.float64)
-    radial = torch.sin(n * math.pi * r / CUTOFF) / r * (1 - r / CUTOFF) ** 2  # [E, K]
+    sh = spherical_harmonics(vec, lmax, normalize=True, normalization="component")  # [E, (lmax+1)^2]
+    r = vec.norm(dim=1)  # [E]
+    radial = BesselBasis(CUTOFF, NUM_BASIS)(r) * (1 - r[:, None] / CUTOFF) ** 2  # [E, K]
     return sh, radial
 
 
@@ -173,6 +173,8 @@ PRODUCT_CASES = [(lmax, nu, "0e + 1o") for lmax in (1, 2, 3) for nu in (1, 2, 3)
     (2, 2, "0e + 1o + 2e + 2o"),
     (2, 3, "0e + 1o + 1e + 2e + 2o"),
     (3, 3, "1o + 2e + 3o"),
+    (0, 1, "0e"),
+    (0, 3, "0e"),
 ]
 
 

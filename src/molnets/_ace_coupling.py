@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from functools import lru_cache
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 from e3nn import o3
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from molnets.layers.clebsch_gordan import wigner_3j
 
-__all__ = ["symmetric_coupling", "dense_coupling", "irreps_slices"]
+__all__ = ["symmetric_coupling", "dense_coupling", "irreps_slices", "contraction_plan", "ContractionPlan"]
 
 _TOL = 1e-10  # singular values and coefficients below this are exact zeros lost to rounding
 
@@ -155,3 +155,91 @@ def dense_coupling(irreps_in: o3.Irreps, correlation: int, ir_out: o3.Irrep) -> 
         idx = tuple(monomials[:, s] for s in p)
         U.index_put_(idx, coeffs / len(perms), accumulate=True)
     return U.permute(nu, *range(nu), nu + 1).contiguous()  # [O, M^ν, K]
+
+
+class ContractionPlan(NamedTuple):
+    """Index and coefficient tensors of ``ProductBasis``'s fast path (all float64 or long).
+
+    U[ν-1] [T_ν, O, K_ν]: coefficients of the degree-ν monomials (ν < ν_max), which are
+    built as monomial[prefix] * A[last]; prefix[ν-2] ([M, T] one-hot at ν = 2, else [T] long)
+    and last[ν-2] ([M, T] one-hot) for ν = 2 .. ν_max - 1. U_top_low [n_low, d_low, O, K] and
+    U_top_last [T, d_last, O, K]: the top degree by Horner's rule on its largest index d,
+    split at the last irrep of A (d_low = its first component).
+    """
+
+    num_couplings: List[int]
+    U: List[Tensor]
+    prefix: List[Tensor]
+    last: List[Tensor]
+    U_top_low: Tensor
+    U_top_last: Tensor
+
+
+def contraction_plan(irreps_A: o3.Irreps, irreps_B: o3.Irreps, correlation: int) -> ContractionPlan:
+    """The fast-path tensors for B = Σ_ν W^{(ν)} U^{(ν)} A^{⊗ν}, A and B one channel each.
+
+    Couplings to several target irreps are stacked: O = irreps_B.dim, and K_ν the total number
+    of couplings of degree ν (a target irrep's block of K has zeros outside its O rows).
+    Raises ValueError if some target irrep is reached by no degree.
+    """
+    irreps_A, irreps_B, top = o3.Irreps(irreps_A), o3.Irreps(irreps_B), int(correlation)
+    M, O = irreps_A.dim, irreps_B.dim
+    used: List[Dict[Tuple[int, ...], Tensor]] = []  # per ν: monomial -> coefficients [O, K]
+    num_couplings, reached = [], set()
+    for nu in range(1, top + 1):
+        per_target = []
+        for start, stop, ir in irreps_slices(irreps_B):
+            try:
+                per_target.append((start, stop, *symmetric_coupling(irreps_A, nu, ir)))
+            except ValueError:
+                continue  # no symmetric coupling of A^ν to this irrep
+            reached.add(ir)
+        K = sum(coeffs.shape[2] for *_, coeffs in per_target)
+        table: Dict[Tuple[int, ...], Tensor] = {}
+        k0 = 0
+        for start, stop, monomials, coeffs in per_target:
+            for t, mono in enumerate(map(tuple, monomials.tolist())):
+                row = table.setdefault(mono, torch.zeros(O, K, dtype=torch.float64))
+                row[start:stop, k0 : k0 + coeffs.shape[2]] = coeffs[t]
+            k0 += coeffs.shape[2]
+        used.append(table)
+        num_couplings.append(K)
+    if reached != {ir for _, ir in irreps_B}:
+        raise ValueError(f"{irreps_B} is not reachable from products of up to {top} x {irreps_A}")
+
+    # degree-ν monomials (ν < top) are built from degree-(ν-1) prefixes: close the sets
+    # top-down; sort each level by (largest index, monomial) for the Horner split below
+    levels: List[List[Tuple[int, ...]]] = [[] for _ in range(top)]
+    needed = {mono[:-1] for mono in used[top - 1]}
+    for nu in range(top - 1, 0, -1):
+        levels[nu - 1] = sorted(set(used[nu - 1]) | needed, key=lambda m: (m[-1], m))
+        needed = {mono[:-1] for mono in levels[nu - 1]}
+    if top > 1:
+        levels[0] = [(a,) for a in range(M)]
+    onehot = torch.eye(M, dtype=torch.float64)
+    U, prefix, last = [], [], []
+    for nu in range(1, top):
+        zero = torch.zeros(O, num_couplings[nu - 1], dtype=torch.float64)
+        U.append(torch.stack([used[nu - 1].get(m, zero) for m in levels[nu - 1]]))  # [T, O, K]
+        if nu > 1:
+            position = {m: t for t, m in enumerate(levels[nu - 2])}
+            index = torch.tensor([position[m[:-1]] for m in levels[nu - 1]], dtype=torch.long)
+            # from the M components of A, a one-hot product is much faster than indexing
+            prefix.append(onehot[:, index].contiguous() if nu == 2 else index)
+            last.append(onehot[:, [m[-1] for m in levels[nu - 1]]].contiguous())  # [M, T]
+
+    # top degree: monomial = prefix p + (d,) with max(p) <= d; with the prefixes sorted by
+    # their largest index, those below the last irrep of A are a leading run of the list
+    prefixes = levels[top - 2] if top > 1 else [()]
+    position = {m: t for t, m in enumerate(prefixes)}
+    d_split = irreps_slices(irreps_A)[-1][0]
+    n_low = sum(1 for p in prefixes if (p[-1] if p else -1) < d_split)
+    K = num_couplings[top - 1]
+    U_low = torch.zeros(n_low, d_split, O, K, dtype=torch.float64)
+    U_last = torch.zeros(len(prefixes), M - d_split, O, K, dtype=torch.float64)
+    for mono, row in used[top - 1].items():
+        if mono[-1] < d_split:
+            U_low[position[mono[:-1]], mono[-1]] = row
+        else:
+            U_last[position[mono[:-1]], mono[-1] - d_split] = row
+    return ContractionPlan(num_couplings, U, prefix, last, U_low, U_last)

@@ -21,13 +21,13 @@ the block flat, [N, ProductBasis.irreps_out.dim], in e3nn's layout, ready for an
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-from molnets._ace_coupling import dense_coupling, irreps_slices, symmetric_coupling
+from molnets._ace_coupling import contraction_plan, dense_coupling, irreps_slices
 from molnets.layers.clebsch_gordan import wigner_3j
 from molnets.layers.mlp import MLP
 from molnets.layers.scatter import scatter_sum
@@ -202,12 +202,14 @@ class ProductBasis(nn.Module):
     ``molnets._ace_coupling``); W^{(ν)} are learnable weights per species, coupling index η and
     channel k. The ν-th term is a homogeneous polynomial of degree ν in A: a (ν+1)-body term.
 
-    Fast path: U^{(ν)} is symmetric, so U^{(ν)} · A^{⊗ν} only needs the *distinct* monomials
-    A_{a1} ... A_{aν} (a1 <= ... <= aν) that U touches (77 of the 4096 entries of A^{⊗3} for
-    0e+1o+2e+3o -> 0e). They are built one factor at a time, each degree-ν monomial the product
-    of a degree-(ν-1) monomial and one more A, and the weights are folded into U per species
-    before the contraction (W first, as in MACE), so the work per atom and channel is
-    (number of monomials) x (species) x (output components) multiply-adds.
+    Fast path (tested equal to the einsums ``product_basis_order1..3``): U^{(ν)} is symmetric,
+    so U^{(ν)} · A^{⊗ν} only needs the *distinct* monomials A_{a1} ... A_{aν} (a1 <= ... <= aν)
+    that U touches (77 of the 4096 entries of A^{⊗3} for 0e+1o+2e+3o -> 0e). The weights are
+    folded into U first, for every species at once (S is small; the atom's own species is
+    picked at the end). Degrees below ν_max are built one factor at a time, each monomial a
+    lower-degree one times one more A; the top degree is never materialized: by Horner's rule,
+    B^{(ν_max)} = Σ_d A_d Σ_p (monomial p of degree ν_max - 1) (W U)_{p d}, two dense batched
+    products per call. Nothing of size M^ν is ever formed.
 
     Args:
         irreps_in: irreps of A, C channels each (e.g. "128x0e + 128x1o + 128x2e + 128x3o").
@@ -229,75 +231,19 @@ class ProductBasis(nn.Module):
             raise ValueError(f"need equal channels in and out and 1 <= correlation <= 4, got {C}, {C_out}, {correlation}")
         self.num_channels, self.correlation, self.num_species = C, int(correlation), int(num_species)
         self.out_slices = [(start, stop) for start, stop, _ in irreps_slices(self.irreps_B)]
+        self.num_components_out = self.irreps_B.dim  # O; a plain int for torch.compile
 
-        # per ν: used monomials and coefficients [T, O, K], blocks of K per target irrep
-        used: List[Dict[Tuple[int, ...], Tensor]] = []
-        self.num_couplings: List[int] = []
-        reached = set()
-        for nu in range(1, self.correlation + 1):
-            per_target = []
-            for start, stop, ir in irreps_slices(self.irreps_B):
-                try:
-                    per_target.append((start, stop, *symmetric_coupling(self.irreps_A, nu, ir)))
-                except ValueError:
-                    continue  # no symmetric coupling of A^ν to this irrep
-            K = sum(coeffs.shape[2] for *_, coeffs in per_target)
-            table: Dict[Tuple[int, ...], Tensor] = {}
-            k0 = 0
-            for start, stop, monomials, coeffs in per_target:
-                for t, mono in enumerate(map(tuple, monomials.tolist())):
-                    row = table.setdefault(mono, torch.zeros(self.irreps_B.dim, K, dtype=torch.float64))
-                    row[start:stop, k0 : k0 + coeffs.shape[2]] = coeffs[t]
-                k0 += coeffs.shape[2]
-            used.append(table)
-            self.num_couplings.append(K)
-            reached |= {ir for start, stop, ir in irreps_slices(self.irreps_B) if any(t[0] == start for t in per_target)}
-        if reached != {ir for _, ir in self.irreps_B}:
-            raise ValueError(f"{self.irreps_B} is not reachable from products of up to {correlation} x {self.irreps_A}")
-
-        # Monomials of degree ν < ν_max are built one factor at a time (each from a degree-(ν-1)
-        # prefix), so close the sets top-down; sort each level by (largest index, monomial).
-        M, dtype = self.irreps_A.dim, torch.get_default_dtype()
-        top = self.correlation
-        levels: List[List[Tuple[int, ...]]] = [[] for _ in range(top)]
-        needed = {mono[:-1] for mono in used[top - 1]}
-        for nu in range(top - 1, 0, -1):
-            levels[nu - 1] = sorted(set(used[nu - 1]) | needed, key=lambda m: (m[-1], m))
-            needed = {mono[:-1] for mono in levels[nu - 1]}
-        if top > 1:
-            levels[0] = [(a,) for a in range(M)]
-        for nu in range(1, top):
-            K = self.num_couplings[nu - 1]
-            zero = torch.zeros(self.irreps_B.dim, K, dtype=torch.float64)
-            U = torch.stack([used[nu - 1].get(m, zero) for m in levels[nu - 1]])  # [T, O, K]
-            self.register_buffer(f"U{nu}", U.to(dtype))
+        plan = contraction_plan(self.irreps_A, self.irreps_B, self.correlation)
+        self.num_couplings = plan.num_couplings
+        dtype = torch.get_default_dtype()
+        for nu in range(1, self.correlation):
+            self.register_buffer(f"U{nu}", plan.U[nu - 1].to(dtype))  # [T, O, K]
             if nu > 1:
-                # the new factor A_{last} (and, at degree 2, the prefix) come from the M components
-                # of A: a one-hot matrix product is much faster than indexing, also backwards
-                onehot = torch.eye(M, dtype=dtype)
-                self.register_buffer(f"last{nu}", onehot[:, [m[-1] for m in levels[nu - 1]]].contiguous())  # [M, T]
-                position = {m: t for t, m in enumerate(levels[nu - 2])}
-                prefix = torch.tensor([position[m[:-1]] for m in levels[nu - 1]], dtype=torch.long)
-                self.register_buffer(f"prefix{nu}", onehot[:, prefix].contiguous() if nu == 2 else prefix)
-        # The top degree is never materialized (Horner's rule on the last factor A_d): all its
-        # monomials are prefix p + (d,) with max(p) <= d, and with the prefixes sorted by their
-        # largest index, the ones that end in an irrep of A are a leading run of the list. Two
-        # dense products: the last irrep of A (all prefixes), the others (their longest run).
-        prefixes = levels[top - 2] if top > 1 else [()]
-        position = {m: t for t, m in enumerate(prefixes)}
-        slices = irreps_slices(self.irreps_A)
-        d_split = slices[-1][0]
-        n_low = sum(1 for p in prefixes if (p[-1] if p else -1) < d_split)
-        K = self.num_couplings[top - 1]
-        U_low = torch.zeros(n_low, d_split, self.irreps_B.dim, K, dtype=torch.float64)
-        U_last = torch.zeros(len(prefixes), M - d_split, self.irreps_B.dim, K, dtype=torch.float64)
-        for mono, row in used[top - 1].items():
-            if mono[-1] < d_split:
-                U_low[position[mono[:-1]], mono[-1]] = row
-            else:
-                U_last[position[mono[:-1]], mono[-1] - d_split] = row
-        self.register_buffer("U_top_low", U_low.to(dtype))  # [n_low, d_low, O, K]
-        self.register_buffer("U_top_last", U_last.to(dtype))  # [T, d_last, O, K]
+                self.register_buffer(f"last{nu}", plan.last[nu - 2].to(dtype))  # [M, T] one-hot
+                prefix = plan.prefix[nu - 2]  # [M, T] one-hot at ν = 2, else [T] long
+                self.register_buffer(f"prefix{nu}", prefix.to(dtype) if prefix.is_floating_point() else prefix)
+        self.register_buffer("U_top_low", plan.U_top_low.to(dtype))  # [n_low, d_low, O, K]
+        self.register_buffer("U_top_last", plan.U_top_last.to(dtype))  # [T, d_last, O, K]
         self.weights = nn.ParameterList(
             torch.randn(self.num_species, K, C) / math.sqrt(max(K, 1)) for K in self.num_couplings
         )
@@ -323,7 +269,7 @@ class ProductBasis(nn.Module):
 
     def _terms_every_species(self, A: Tensor) -> List[Tensor]:
         """The ν-terms for every species at once (W folded into U first): each [C, N, S O]."""
-        N, C, S, O = A.shape[0], self.num_channels, self.num_species, self.irreps_B.dim
+        N, C, S, O = A.shape[0], self.num_channels, self.num_species, self.num_components_out
         x = A.transpose(0, 1).contiguous()  # [C, N, M]
         monomials = x  # [C, N, T], degree ν
         out = []
@@ -339,8 +285,10 @@ class ProductBasis(nn.Module):
         if self.correlation == 1:
             monomials = x.new_ones(C, N, 1)  # the empty prefix
         n_low, d_low = self.U_top_low.shape[:2]
-        UW_low = torch.einsum("pdok,skc->cpdso", self.U_top_low, self.weights[-1]).reshape(C, n_low, -1)
-        UW_last = torch.einsum("pdok,skc->cpdso", self.U_top_last, self.weights[-1]).reshape(C, monomials.shape[2], -1)
+        n_last, d_last = self.U_top_last.shape[:2]
+        UW_low = torch.einsum("pdok,skc->cpdso", self.U_top_low, self.weights[-1])  # [C, n_low, d_low, S, O]
+        UW_last = torch.einsum("pdok,skc->cpdso", self.U_top_last, self.weights[-1])  # [C, T, d_last, S, O]
+        UW_low, UW_last = UW_low.reshape(C, n_low, d_low * S * O), UW_last.reshape(C, n_last, d_last * S * O)
         H = torch.cat(
             [torch.bmm(monomials[:, :, :n_low], UW_low), torch.bmm(monomials, UW_last)], dim=2
         ).reshape(C, N, x.shape[2], S * O)  # [C, N, M, S O]: the polynomial divided by A_d
@@ -349,7 +297,7 @@ class ProductBasis(nn.Module):
 
     def _select(self, B_every: Tensor, species: Tensor) -> Tensor:
         """Keep each atom's own species and lay out flat: [C, N, S O] -> [N, irreps_out.dim]."""
-        C, N, O = B_every.shape[0], B_every.shape[1], self.irreps_B.dim
+        C, N, O = B_every.shape[0], B_every.shape[1], self.num_components_out
         index = species.reshape(1, N, 1, 1).expand(C, N, 1, O)  # [C, N, 1, O]
         B = B_every.reshape(C, N, self.num_species, O).gather(2, index).squeeze(2)  # [C, N, O]
         return self._flat(B.transpose(0, 1))  # [N, irreps_out.dim]
