@@ -106,7 +106,7 @@ def check_against_ase(structure, cutoff: float, backends: List[str]) -> None:
         assert_same_pairs(expected, molnets_pairs(*result, x, c), context)
 
 
-@settings(max_examples=300, **SETTINGS)
+@settings(max_examples=250, **SETTINGS)
 @given(structures())
 def test_backends_equal_ase_and_reference(case):
     structure, cutoff = case
@@ -120,7 +120,7 @@ def test_non_periodic_backends_equal_ase(case):
     check_against_ase(structure, cutoff, ["cluster", "torch", "vesin", "auto"])
 
 
-@settings(max_examples=50, **SETTINGS)
+@settings(max_examples=30, **SETTINGS)
 @given(st.lists(structures(), min_size=1, max_size=6), st.floats(0.5, 4.0))
 def test_batched_equals_per_structure(cases, cutoff):
     """A batch mixing every kind of structure gives the union of the per-structure lists."""
@@ -146,6 +146,22 @@ def test_batched_equals_per_structure(cases, cutoff):
         assert len(actual) == len(receivers), "duplicate pairs"
         context = f"backend={backend}, batch of {len(parts)}: " + "; ".join(p[3] for p in parts)
         assert_same_pairs(expected, actual, context)
+
+
+@pytest.mark.parametrize("pbc", [False, True])
+def test_auto_on_many_small_structures(pbc):
+    """The batched choices of "auto" (torch-cluster, torch cell list) equal the reference."""
+    rng = np.random.default_rng(11)
+    num_graphs, per_graph = 40, 5
+    x = torch.tensor(rng.uniform(0, 6, size=(num_graphs * per_graph, 3)) + 1e3 * (not pbc))
+    cells = torch.tensor(np.eye(3) * 6.0 + rng.normal(scale=0.5, size=(num_graphs, 3, 3)))
+    batch = torch.arange(num_graphs).repeat_interleave(per_graph)
+    expected, actual = (
+        neighbor_list(x, 3.5, cells, torch.tensor(pbc).expand(num_graphs, 3), batch, backend=backend)
+        for backend in ("reference", "auto")
+    )
+    key = lambda r: set(zip(r[0].tolist(), r[1].tolist(), map(tuple, r[2].tolist())))  # noqa: E731
+    assert len(key(expected)) > num_graphs and key(actual) == key(expected)
 
 
 def test_strongly_skewed_cell_against_ase():

@@ -7,6 +7,8 @@ brute-force reference.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from typing import Callable, Dict, Literal, Optional, Tuple
 
 import torch
@@ -30,6 +32,11 @@ _BACKENDS: Dict[str, _Impl] = {
     "cluster": cluster_neighbor_list,
 }
 BACKENDS: Tuple[str, ...] = tuple(_BACKENDS)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_torch_cluster() -> bool:
+    return importlib.util.find_spec("torch_cluster") is not None
 
 
 def neighbor_list(
@@ -58,7 +65,10 @@ def neighbor_list(
         batch: [N] long, the structure of each atom (0..B-1); None means one structure.
         backend: ``"reference"`` (brute force, the test oracle), ``"torch"`` (pure-torch cell
             list, any device, batched), ``"vesin"`` (CPU), ``"cluster"`` (torch-cluster,
-            non-periodic only), or ``"auto"``: vesin on the CPU, the torch cell list elsewhere.
+            non-periodic only), or ``"auto"``, the fastest measured: on other devices the torch
+            cell list; on the CPU vesin, except for batches of small structures (at most 64 atoms
+            on average): torch-cluster if every structure is non-periodic and it is installed,
+            else the batched torch cell list from 32 structures on.
 
     Returns:
         receivers [E] (i), senders [E] (j), shifts [E, 3] (long, S) such that the edge vector is
@@ -82,9 +92,25 @@ def neighbor_list(
     return receivers, senders, shifts
 
 
+# "auto" on the CPU, from benchmarks/neighbors.py (2 cores): vesin is the fastest single-structure
+# search (fcc Cu 256-16384 atoms: the torch cell list is 3-6x slower). For a batch of many small
+# molecules vesin's per-call cost adds up: 64 g2 molecules took 18 ms with a vesin loop, 15 ms with
+# the batched torch cell list and 0.9 ms with torch-cluster's batched radius graph.
+_SMALL_STRUCTURE = 64   # atoms per structure, on average
+_MANY_STRUCTURES = 32
+
+
 def _resolve(backend: str, system: System) -> str:
     if backend == "auto":
-        return "vesin" if system.positions.device.type == "cpu" else "torch"
+        if system.positions.device.type != "cpu":
+            return "torch"
+        num_graphs = system.cell.shape[0]
+        small = system.positions.shape[0] <= _SMALL_STRUCTURE * num_graphs
+        if num_graphs > 1 and small and _has_torch_cluster() and not bool(system.pbc.any()):
+            return "cluster"
+        if num_graphs >= _MANY_STRUCTURES and small:
+            return "torch"
+        return "vesin"
     if backend not in _BACKENDS:
         raise ValueError(f"unknown neighbor-list backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     return backend

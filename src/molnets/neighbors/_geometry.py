@@ -182,6 +182,27 @@ def check_no_overlap(
         )
 
 
+# Reduction moves (k, l, c_l, m, c_m): a_k is reduced by w = c_l a_l + c_m a_m.
+_MOVES = [
+    (k, l, 1, m, c)
+    for k, (l, m) in enumerate(((1, 2), (0, 2), (0, 1)))
+    for (l, m, c) in ((l, m, 0), (m, l, 0), (l, m, 1), (l, m, -1))
+]
+
+
+def _reducible(cell: Tensor, pbc: Tensor) -> bool:
+    """Whether any move of :func:`reduce_cell` would shorten a periodic vector (all moves at once)."""
+    coefficients = torch.zeros(len(_MOVES), 3, dtype=cell.dtype, device=cell.device)   # [12, 3]
+    for row, (k, l, cl, m, cm) in enumerate(_MOVES):
+        coefficients[row, l], coefficients[row, m] = cl, cm
+    k = torch.tensor([move[0] for move in _MOVES], device=cell.device)                # [12]
+    w = torch.einsum("mc,bcx->bmx", coefficients, cell)                               # [B, 12, 3]
+    ratio = (cell[:, k] * w).sum(-1) / (w * w).sum(-1).clamp(min=1e-300)              # [B, 12]
+    needed = (coefficients != 0).to(torch.long) @ (~pbc).to(torch.long).T == 0        # [12, B]
+    active = needed.T & pbc[:, k]                                                     # [B, 12]
+    return bool((active & (ratio.abs() > 0.5 + 1e-9)).any())
+
+
 def reduce_cell(cell: Tensor, pbc: Tensor, max_iterations: int = 200) -> Tuple[Tensor, Tensor]:
     """Lattice reduction of the periodic vectors: the same lattice, with short, nearly
     orthogonal vectors, so that a strongly skewed cell needs no huge search box.
@@ -198,17 +219,13 @@ def reduce_cell(cell: Tensor, pbc: Tensor, max_iterations: int = 200) -> Tuple[T
         cell [B, 3, 3], pbc [B, 3]  ->  [B, 3, 3], [B, 3, 3]
     """
     num_graphs = cell.shape[0]
-    reduced = cell.clone()                                                    # [B, 3, 3]
     transform = torch.eye(3, dtype=torch.long, device=cell.device).repeat(num_graphs, 1, 1)
-    # (k, coefficients of the vector w it is reduced by); w = sum_l c_l a_l
-    moves = []
-    for k in range(3):
-        l, m = [o for o in range(3) if o != k]
-        for coefficients in ((l, 1, m, 0), (m, 1, l, 0), (l, 1, m, 1), (l, 1, m, -1)):
-            moves.append((k,) + coefficients)
+    if not _reducible(cell, pbc):  # the common case, decided with one host sync
+        return cell, transform
+    reduced = cell.clone()                                                    # [B, 3, 3]
     for _ in range(max_iterations):
         changed = torch.zeros((), dtype=torch.bool, device=cell.device)
-        for k, l, cl, m, cm in moves:
+        for k, l, cl, m, cm in _MOVES:
             active = pbc[:, k] & pbc[:, l] & (pbc[:, m] | (cm == 0))           # [B]
             w = cl * reduced[:, l] + cm * reduced[:, m]                       # [B, 3]
             w_t = cl * transform[:, l] + cm * transform[:, m]                 # [B, 3]

@@ -39,15 +39,22 @@ def vesin_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tensor, 
         if len(atoms) == 0:
             continue
         x = points if len(groups) == 1 else points[atoms]
-        i, j, S, d = calculator.compute(x, boxes[g], periodic[g].tolist(), quantities="ijSd", copy=True)
-        if transforms is not None:
-            S = S @ transforms[g]
+        # copy=False: vesin's buffers are reused by the next call, so each is copied exactly once
+        # below (the index conversions and the shift transform make new arrays).
+        i, j, S, d = calculator.compute(x, boxes[g], periodic[g].tolist(), quantities="ijSd", copy=False)
+        S = S.astype(np.int64) if transforms is None else S.astype(np.int64) @ transforms[g]
         if len(groups) > 1:
             i, j = atoms[i], atoms[j]
-        parts.append((i, j, S, d))
+        else:
+            i, j = i.astype(np.int64), j.astype(np.int64)
+        parts.append((i, j, S, d.copy()))
     if not parts:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty, empty.reshape(0, 3), positions.new_zeros(0)
-    i, j, S, d = (np.concatenate(p) for p in zip(*parts))
-    as_long = lambda a: torch.from_numpy(a.astype(np.int64, copy=False)).to(device)  # noqa: E731
-    return as_long(i), as_long(j), as_long(S), torch.from_numpy(d).to(device, positions.dtype)
+    i, j, S, d = parts[0] if len(parts) == 1 else (np.concatenate(p) for p in zip(*parts))
+    return (
+        torch.from_numpy(i).to(device),
+        torch.from_numpy(j).to(device),
+        torch.from_numpy(S).to(device),
+        torch.from_numpy(d).to(device, positions.dtype),
+    )
