@@ -50,41 +50,12 @@ from ..layers.cartesian import (
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP
 from ..layers.pairs import half_edges
+from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import scatter_sum
 from .base import DesignSpace, count_parameters
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
-
-try:
-    from ..layers.radial import CosineEnvelope, ExpNormalBasis
-except ImportError:  # TEMPORARY until layers/radial.py lands: torchmd-net's definitions
-
-    class ExpNormalBasis(nn.Module):
-        """e_k(r) = exp(-β (exp(-α r) - μ_k)²), α = 5 / r_c (Unke & Meuwly 2019, PhysNet)."""
-
-        def __init__(self, cutoff: float, num_basis: int) -> None:
-            super().__init__()
-            start = math.exp(-cutoff)
-            self.alpha = 5.0 / cutoff
-            self.register_buffer("means", torch.linspace(start, 1.0, num_basis, dtype=torch.float64))
-            self.register_buffer("betas", torch.full((num_basis,), (2 / num_basis * (1 - start)) ** -2,
-                                                     dtype=torch.float64))
-
-        def forward(self, r: Tensor) -> Tensor:
-            means, betas = self.means.to(r.dtype), self.betas.to(r.dtype)
-            return torch.exp(-betas * (torch.exp(-self.alpha * r[:, None]) - means) ** 2)  # [E, K]
-
-    class CosineEnvelope(nn.Module):
-        """u(r) = (cos(π r / r_c) + 1) / 2 for r < r_c, else 0."""
-
-        def __init__(self, cutoff: float) -> None:
-            super().__init__()
-            self.cutoff = cutoff
-
-        def forward(self, r: Tensor) -> Tensor:
-            return 0.5 * (torch.cos(math.pi * r / self.cutoff) + 1.0) * (r < self.cutoff).to(r.dtype)  # [E]
-
 
 @dataclass(frozen=True)
 class TensorNetConfig:
