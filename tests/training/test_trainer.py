@@ -67,17 +67,28 @@ def _weights(path):
     return torch.load(path, weights_only=True)["potential"]
 
 
-def test_resume_after_stop_gives_identical_weights(tiny_xyz, tmp_path):
-    kw = dict(model="schnet", model_config=dict(num_channels=8, num_basis=6, num_layers=1), max_epochs=4)
-    train(_config(tiny_xyz, tmp_path / "straight", **kw))
-    train(_config(tiny_xyz, tmp_path / "pieces", **kw), stop_after_epochs=1)
-    train(_config(tiny_xyz, tmp_path / "pieces", resume=True, **kw), stop_after_epochs=2)
-    resumed = train(_config(tiny_xyz, tmp_path / "pieces", resume=True, **kw))
-    straight, pieces = _weights(tmp_path / "straight/checkpoint.pt"), _weights(tmp_path / "pieces/checkpoint.pt")
+_RESUME_OPTIONS = dict(model="schnet", model_config=dict(num_channels=8, num_basis=6, num_layers=1), max_epochs=3)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_xyz, tmp_path_factory):
+    """The uninterrupted run that the interrupted ones must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("straight")
+    torch.set_num_threads(1)
+    result = train(_config(tiny_xyz, out, **_RESUME_OPTIONS))
+    return result, _weights(out / "checkpoint.pt")
+
+
+def test_resume_after_stop_gives_identical_weights(tiny_xyz, tmp_path, straight_run):
+    train(_config(tiny_xyz, tmp_path, **_RESUME_OPTIONS), stop_after_epochs=1)
+    train(_config(tiny_xyz, tmp_path, resume=True, **_RESUME_OPTIONS), stop_after_epochs=1)
+    resumed = train(_config(tiny_xyz, tmp_path, resume=True, **_RESUME_OPTIONS))
+    straight, pieces = straight_run[1], _weights(tmp_path / "checkpoint.pt")
     for key in straight:
         assert torch.equal(straight[key], pieces[key]), key
-    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3]
-    assert torch.load(tmp_path / "pieces/checkpoint.pt", weights_only=True)["epoch"] == 3
+    assert [row["epoch"] for row in resumed.history] == [0, 1, 2]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert resumed.test_metrics["forces_mae"] == straight_run[0].test_metrics["forces_mae"]
 
 
 _KILLED_RUN = textwrap.dedent(
@@ -103,21 +114,19 @@ _KILLED_RUN = textwrap.dedent(
 )
 
 
-def test_resume_after_kill_9_while_writing_the_checkpoint(tiny_xyz, tmp_path):
-    kw = dict(model="schnet", model_config=dict(num_channels=8, num_basis=6, num_layers=1), max_epochs=3)
-    killed = _config(tiny_xyz, tmp_path / "killed", **kw)
+def test_resume_after_kill_9_while_writing_the_checkpoint(tiny_xyz, tmp_path, straight_run):
+    killed = _config(tiny_xyz, tmp_path, **_RESUME_OPTIONS)
     proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, repr(dataclasses.asdict(killed))],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    left = sorted(os.listdir(tmp_path / "killed"))
+    left = sorted(os.listdir(tmp_path))
     assert "checkpoint.pt" in left and any(".tmp." in name for name in left)
-    assert torch.load(tmp_path / "killed/checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 0
     resumed = train(dataclasses.replace(killed, resume=True))
-    straight = train(_config(tiny_xyz, tmp_path / "straight", **kw))
-    assert len(resumed.history) == len(straight.history) == 3
-    a, b = _weights(tmp_path / "straight/checkpoint.pt"), _weights(tmp_path / "killed/checkpoint.pt")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert len(resumed.history) == 3
+    straight, after_kill = straight_run[1], _weights(tmp_path / "checkpoint.pt")
+    for key in straight:
+        assert torch.equal(straight[key], after_kill[key]), key
 
 
 def test_ema_follows_the_formula():
