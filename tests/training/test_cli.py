@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import ase.io
 import pytest
@@ -60,13 +59,11 @@ def test_train_resolves_yaml_then_flags_and_evaluate(tiny_xyz, tmp_path, capsys)
 
 
 def test_evaluate_names_a_structure_with_unknown_elements(tiny_xyz, tmp_path, capsys):
-    torch.manual_seed(0)
     from molnets.models import SchNet, SchNetConfig
-
-    model_path = tmp_path / "cu.pt"
-    SchNet(SchNetConfig(species=(29, 79), cutoff=4.0, num_channels=4, num_basis=4, num_layers=1)).double()
     from molnets.models.base import save_model
 
+    torch.manual_seed(0)
+    model_path = tmp_path / "cu.pt"
     save_model(SchNet(SchNetConfig(species=(29, 79), cutoff=4.0, num_channels=4, num_basis=4, num_layers=1)),
                model_path)
     frames = ase.io.read(tiny_xyz, index=":3")

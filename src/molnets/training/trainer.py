@@ -434,7 +434,8 @@ def _train(config: TrainConfig, d: _Dist, stop_after_epochs: Optional[int]) -> T
         # Size-1 dimensions make some gradients' strides differ from DDP's bucket views; the
         # values are right, only the copy is slower, and the warning would repeat every step.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        trained = nn.parallel.DistributedDataParallel(potential)
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(potential, device_ids=device_ids)
 
     optimizer = torch.optim.AdamW(potential.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _make_scheduler(config, optimizer)
