@@ -125,34 +125,37 @@ def cell_list_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
     # Half stencil per atom: offsets o with (o0, o1, o2) >= (0, 0, 0) lexicographically, i.e. the
     # flat stencil index t from the centre (K - 1) / 2 to K - 1, K = prod(2m + 1).
     side = 2 * half_width + 1                                                         # [B, 3]
-    atom_side = side[graph_s]                                                         # [N, 3]
-    stencil_size = atom_side.prod(-1)                                                 # [N]
-    num_half = (stencil_size + 1) // 2                                                # [N]
-    first = torch.cumsum(num_half, 0) - num_half                                      # [N]
-    num_entries = int(num_half.sum())
     arange_n = torch.arange(num_atoms, device=device)
-    entry_atom = torch.repeat_interleave(arange_n, num_half, output_size=num_entries)  # [P]
-    t = (stencil_size[entry_atom] - 1) // 2 + torch.arange(num_entries, device=device) - first[entry_atom]
-    entry_side = atom_side[entry_atom]                                                # [P, 3]
-    offset = torch.stack(
-        (
-            t // (entry_side[:, 1] * entry_side[:, 2]),
-            (t // entry_side[:, 2]) % entry_side[:, 1],
-            t % entry_side[:, 2],
-        ),
-        dim=1,
-    ) - half_width[graph_s[entry_atom]]                                               # [P, 3]
+    if single:
+        # One stencil for all atoms: entries by broadcasting, without per-entry gathers.
+        stencil_size = int(side[0].prod())
+        t = torch.arange((stencil_size - 1) // 2, stencil_size, device=device)        # [K/2]
+        offset = _unflatten(t, side[0]) - half_width[0]                               # [K/2, 3]
+        entry_atom = arange_n.repeat_interleave(t.shape[0])                           # [P]
+        first = arange_n * t.shape[0]                                                 # [N]
+        target = (bin_s.unsqueeze(1) + offset).reshape(-1, 3)                         # [P, 3]
+        entry_graph, entry_num_bins, entry_pbc = None, num_bins[0], pbc[0]
+    else:
+        atom_side = side[graph_s]                                                     # [N, 3]
+        stencil_size = atom_side.prod(-1)                                             # [N]
+        num_half = (stencil_size + 1) // 2                                            # [N]
+        first = torch.cumsum(num_half, 0) - num_half                                  # [N]
+        num_entries = int(num_half.sum())
+        entry_atom = torch.repeat_interleave(arange_n, num_half, output_size=num_entries)  # [P]
+        t = (stencil_size[entry_atom] - 1) // 2 + torch.arange(num_entries, device=device) - first[entry_atom]
+        entry_graph = graph_s[entry_atom]                                             # [P]
+        offset = _unflatten(t, atom_side[entry_atom]) - half_width[entry_graph]       # [P, 3]
+        target = bin_s[entry_atom] + offset                                           # [P, 3]
+        entry_num_bins, entry_pbc = num_bins[entry_graph], pbc[entry_graph]           # [P, 3] x2
 
     # Target bin of each entry; periodic directions wrap, and the wrap count is the shift S'.
-    entry_graph = graph_s[entry_atom]                                                 # [P]
-    entry_num_bins = num_bins[entry_graph]                                            # [P, 3]
-    target = bin_s[entry_atom] + offset                                               # [P, 3]
     wrap = torch.div(target, entry_num_bins, rounding_mode="floor")                   # [P, 3]
     target = target - wrap * entry_num_bins                                           # [P, 3]
-    entry_pbc = pbc[entry_graph]                                                      # [P, 3]
     inside = (entry_pbc | (wrap == 0)).all(-1)                                        # [P]
     shift = torch.where(entry_pbc, wrap, torch.zeros_like(wrap))                      # [P, 3]
-    target_bin = _flat_bin(target, entry_num_bins) + bin_offset[entry_graph]          # [P]
+    target_bin = _flat_bin(target, entry_num_bins)                                    # [P]
+    if not single:
+        target_bin = target_bin + bin_offset[entry_graph]
     target_bin = torch.where(inside, target_bin, torch.zeros_like(target_bin))
     entry_count = torch.where(inside, count[target_bin], torch.zeros_like(target_bin))  # [P]
     entry_start = start[target_bin]                                                   # [P]
@@ -164,9 +167,9 @@ def cell_list_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
 
     keep = (entry_count > 0).nonzero().squeeze(1)                                     # [P']
     entry_atom, entry_count, entry_start = entry_atom[keep], entry_count[keep], entry_start[keep]
-    shift, entry_graph = shift[keep], entry_graph[keep]
+    shift = shift[keep]                                                               # [P', 3]
     shift_vec = (
-        shift.to(dtype) @ cell[0] if single else torch.einsum("px,pxy->py", shift.to(dtype), cell[entry_graph])
+        shift.to(dtype) @ cell[0] if single else torch.einsum("px,pxy->py", shift.to(dtype), cell[entry_graph[keep]])
     )                                                                                 # [P', 3]
     centre = wrapped[entry_atom] - shift_vec                                          # [P', 3]
 
@@ -208,5 +211,10 @@ def _bins(length: Tensor, width: Tensor, pbc: Tensor) -> Tensor:
 
 
 def _flat_bin(bins: Tensor, num_bins: Tensor) -> Tensor:
-    """Row-major flat index of 3-d bin indices. Shapes: [M, 3], [M, 3] -> [M]."""
-    return (bins[:, 0] * num_bins[:, 1] + bins[:, 1]) * num_bins[:, 2] + bins[:, 2]
+    """Row-major flat index of 3-d bin indices. Shapes: [M, 3], [M, 3] or [3] -> [M]."""
+    return (bins[:, 0] * num_bins[..., 1] + bins[:, 1]) * num_bins[..., 2] + bins[:, 2]
+
+
+def _unflatten(t: Tensor, side: Tensor) -> Tensor:
+    """Row-major 3-d index (from 0) of flat stencil indices. Shapes: [M], [M, 3] or [3] -> [M, 3]."""
+    return torch.stack((t // (side[..., 1] * side[..., 2]), (t // side[..., 2]) % side[..., 1], t % side[..., 2]), 1)
