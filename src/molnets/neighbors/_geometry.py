@@ -192,9 +192,8 @@ _MOVES = [
 
 def _reducible(cell: Tensor, pbc: Tensor) -> bool:
     """Whether any move of :func:`reduce_cell` would shorten a periodic vector (all moves at once)."""
-    coefficients = torch.zeros(len(_MOVES), 3, dtype=cell.dtype, device=cell.device)   # [12, 3]
-    for row, (k, l, cl, m, cm) in enumerate(_MOVES):
-        coefficients[row, l], coefficients[row, m] = cl, cm
+    rows = [[cl * (c == l) + cm * (c == m) for c in range(3)] for _, l, cl, m, cm in _MOVES]
+    coefficients = torch.tensor(rows, dtype=cell.dtype, device=cell.device)          # [12, 3]
     k = torch.tensor([move[0] for move in _MOVES], device=cell.device)                # [12]
     w = torch.einsum("mc,bcx->bmx", coefficients, cell)                               # [B, 12, 3]
     ratio = (cell[:, k] * w).sum(-1) / (w * w).sum(-1).clamp(min=1e-300)              # [B, 12]
