@@ -171,6 +171,7 @@ class _CouplingPlan(nn.Module):
         self.weight_sizes: List[int] = weight_sizes
         self.weight_numel = sum(weight_sizes)
         self.sizes1: List[int] = [mul * ir.dim for mul, ir in irreps_in1]
+        self.t_sizes: List[int] = [g.dim1 * g.num_cols for g in groups]
         # plain ints for forward: Dynamo cannot guard on e3nn's Irreps objects
         self.out_sizes: List[int] = [mul * ir.dim for mul, ir in irreps_out]
         self.dim_out = sum(self.out_sizes)
@@ -192,11 +193,11 @@ class _CouplingPlan(nn.Module):
         num_edges = x1.shape[0]
         # split (not slicing): its backward is one cat, not one zero-filled tensor per path
         h_all = x1.split(self.sizes1, dim=1)
-        t_all = x2 @ self.coupling                                                   # [E, sum_g a K]
-        ys: List[Tensor] = [x1] * len(self.paths)
-        for g in self.groups:
+        t_all = (x2 @ self.coupling).split(self.t_sizes, dim=1)                      # [E, a K] per group
+        ys: List[Tensor] = [x1] * len(self.paths)  # placeholders, each replaced below
+        for g, t in zip(self.groups, t_all):
             h = h_all[g.i_in1].reshape(num_edges, g.mul1, g.dim1)                    # [E, C, a]
-            t = t_all[:, g.t_start:g.t_start + g.dim1 * g.num_cols].reshape(num_edges, g.dim1, g.num_cols)  # [E, a, K]
+            t = t.reshape(num_edges, g.dim1, g.num_cols)                             # [E, a, K]
             y = torch.bmm(h, t)                                                      # [E, C, K]
             widths = [self.paths[n].mul2 * self.paths[n].dim_out for n in g.paths]
             for n, y_p in zip(g.paths, y.split(widths, dim=2)):
