@@ -241,11 +241,11 @@ def _forward_chunked(vectors: Tensor, lmax: int, normalize: bool, y0: Tensor,
     y_buffer = vectors.new_empty(size, chunk)                                   # [M, c]
     outer_buffer = vectors.new_empty(max(3 * (2 * lmax - 1), 1) * chunk)
     u_buffer, norm_buffer = vectors.new_empty(3, chunk), vectors.new_empty(chunk)
+    y_buffer[0].copy_(y0.expand(chunk))  # Y_0 is constant: written once, kept by every block
     for start in range(0, num_edges, chunk):
         n = min(chunk, num_edges - start)
         u_t, _ = _unit_block(vectors, start, n, normalize, u_buffer, norm_buffer)  # [3, c]
         y_t = y_buffer[:, :n]                                                   # [M, c]
-        y_t[0].copy_(y0.expand(n))
         for l, a in enumerate(forward_t, start=1):
             outer = outer_buffer[:3 * (2 * l - 1) * n].view(2 * l - 1, 3, n)
             torch.mul(y_t[(l - 1) ** 2:l * l, None, :], u_t[None], out=outer)  # [2l-1, 3, c]
