@@ -8,6 +8,7 @@ import torch
 from molnets import testing
 from molnets.layers.readout import set_energy_normalization
 from molnets.models import SchNet, SchNetConfig
+from molnets.models.mace import MACE, MACEConfig
 from molnets.models.tensornet import TensorNet, TensorNetConfig
 
 SPECIES = (1, 6, 8)
@@ -17,6 +18,8 @@ CUTOFF = 3.5
 MODELS = {
     "schnet": lambda: SchNet(SchNetConfig(species=SPECIES, cutoff=CUTOFF, num_channels=16, num_basis=12, num_layers=2)),
     "tensornet": lambda: TensorNet(TensorNetConfig(species=SPECIES, cutoff=CUTOFF, num_channels=16, num_rbf=12)),
+    "mace": lambda: MACE(MACEConfig(species=SPECIES, cutoff=CUTOFF, num_channels=8, lmax=2, correlation=3,
+                                    num_bessel=6, avg_num_neighbors=4.0, radial_mlp=(16,))),
 }
 
 

@@ -1,0 +1,98 @@
+"""The ACE atomic basis A on the pairs of a symmetric neighbor list, path by path.
+
+The same function and the same parameters as ``molnets.ace.AtomicBasis`` (its reference,
+which it wraps), computed with less work:
+
+    A_{i,k l3 m3} = (1/n̄) Σ_{j∈N(i)} Σ_{paths (l1 l2 l3)} R_{k,path}(r_ji) Σ_{m1 m2} C^{l3 m3}_{l1 m1, l2 m2} Y_{l1}^{m1}(r̂_ji) (W h_j)_{k, l2 m2}
+
+(Drautz 2019, Eq. 22; Batatia et al. 2022 "MACE", Eqs. 8-9).
+
+- The radial MLP R depends on |r_ij| only: it runs once per pair {i, j} (half the edges), the
+  dominant dense-layer cost; both directions of the pair read the same row.
+- R is folded into the node features first, X_{k,(path, m2)} = R_{k,path} (W h_j)_{k, l2 m2}
+  (Σ_paths (2 l2 + 1) numbers per channel, 22 for 0e+1o features and lmax 3), then one batched
+  product with K_{(path, m2), l3 m3} = Σ_{m1} C Y_{l1}^{m1} (computed without channels) sums all
+  paths into A: no [E, C, Q] intermediate, no gathers, no dense path-summing product.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from e3nn import o3
+from torch import Tensor, nn
+
+from molnets._ace_coupling import irreps_slices
+from molnets.ace import AtomicBasis
+from molnets.layers.scatter import scatter_sum
+
+__all__ = ["PairAtomicBasis"]
+
+
+class PairAtomicBasis(nn.Module):
+    """``AtomicBasis`` with the radial MLP on pairs and the coupling path by path (same output).
+
+    Edge convention: edges k and k + P are the two directions of pair k (E = 2P), so
+    ``edge_radial`` has one row per pair.
+
+    Args:
+        reference: the ``AtomicBasis`` whose parameters (``channel_weights``, ``radial_weights``)
+            and coupling coefficients are used; it stays the test oracle.
+
+    Shapes:
+        h [N, irreps_in.dim], edge_sh [E, irreps_sh.dim], edge_radial [P, K], senders [E],
+        receivers [E]  ->  A [N, C, M]
+    """
+
+    def __init__(self, reference: AtomicBasis) -> None:
+        super().__init__()
+        self.basis = reference
+        self.irreps_in, self.irreps_out = reference.irreps_in, reference.irreps_out
+        irreps_A = o3.Irreps([(1, ir) for _, ir in reference.irreps_out])
+        h_slices = irreps_slices(o3.Irreps([(1, ir) for _, ir in reference.irreps_in]))
+        A_slices = irreps_slices(irreps_A)
+        # the reference's paths, in its order: (index of the h irrep, T columns, A components)
+        paths = []
+        col = 0
+        for o0, o1, ir3 in A_slices:
+            for _, _, ir1 in irreps_slices(reference.irreps_sh):
+                for b, (_, _, ir2) in enumerate(h_slices):
+                    if ir3 in ir1 * ir2:
+                        paths.append((b, col, col + ir3.dim, o0, o1))
+                        col += ir3.dim
+        assert len(paths) == reference.num_paths and col == reference.cg.shape[2]
+        # rows r = (path, m2), grouped by the h irrep: select [paths, n_b] and coupling [M_sh, rows, M]
+        cg = reference.cg.double()  # [M_sh, M_h, Q]
+        select, rows = [], []
+        for b, (b0, b1, _) in enumerate(h_slices):
+            group = [p for p, path in enumerate(paths) if path[0] == b]
+            select.append(torch.eye(len(paths), dtype=torch.float64)[group])  # [n_b, paths]
+            for p in group:
+                _, c0, c1, o0, o1 = paths[p]
+                for m2 in range(b0, b1):
+                    row = torch.zeros(cg.shape[0], irreps_A.dim, dtype=torch.float64)
+                    row[:, o0:o1] = cg[:, m2, c0:c1]
+                    rows.append(row)
+        dtype = reference.cg.dtype
+        self.num_h_irreps = len(h_slices)
+        for b, S in enumerate(select):
+            self.register_buffer(f"select{b}", S.to(dtype), persistent=False)  # [n_b, paths]
+        self.register_buffer("coupling", torch.stack(rows, dim=1).to(dtype), persistent=False)  # [M_sh, rows, M]
+
+    def forward(self, h: Tensor, edge_sh: Tensor, edge_radial: Tensor, senders: Tensor, receivers: Tensor) -> Tensor:
+        # Channels last inside (contiguous for the elementwise products), [N, C, M] outside.
+        basis = self.basis
+        N, P, C = h.shape[0], edge_radial.shape[0], basis.num_channels
+        R = basis.radial_weights(edge_radial).reshape(P, C, basis.num_paths).transpose(1, 2)  # [P, paths, C]
+        K = torch.einsum("ea,arm->emr", edge_sh, self.coupling)  # [E, M, rows]: C · Y, no channels
+        messages, row = None, 0
+        for b, ((start, stop, mul, dim), W) in enumerate(zip(basis.in_slices, basis.channel_weights)):
+            Wh = torch.einsum("nub,uc->nbc", h[:, start:stop].reshape(N, mul, dim), W)  # [N, 2 l2 + 1, C]
+            Wh_j = Wh.index_select(0, senders).reshape(2, P, 1, dim, C)  # [2, P, 1, 2 l2 + 1, C]
+            R_b = torch.matmul(getattr(self, f"select{b}"), R).unsqueeze(2)  # [P, n_b, 1, C]: paths from this irrep
+            X = (R_b * Wh_j).reshape(2 * P, R_b.shape[1] * dim, C)  # [E, n_b (2 l2 + 1), C]
+            part = torch.bmm(K[:, :, row : row + X.shape[1]], X)  # [E, M, C]
+            messages = part if messages is None else messages + part  # [E, M, C]
+            row += X.shape[1]
+        A = scatter_sum(messages, receivers, dim_size=N)  # [N, M, C]
+        return A.transpose(1, 2) * basis.inv_avg_num_neighbors  # [N, C, M]
