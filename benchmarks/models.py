@@ -241,11 +241,89 @@ def setup_torchmdnet_tensornet(system: dict, spec: dict) -> Callable[[], object]
     return step
 
 
+# MACE-style vs mace-torch: ../shared/PEERS.md sizes; each side knows only the system's elements
+MACE = {"cutoff": 5.0, "num_channels": 64, "lmax": 3, "hidden_lmax": 1, "correlation": 3, "num_layers": 2,
+        "num_bessel": 8, "envelope_p": 5, "avg_num_neighbors": 20.0}
+
+
+def setup_molnets_mace(system: dict, spec: dict) -> Callable[[], object]:
+    from molnets.models import Potential
+    from molnets.models.mace import MACE as MolnetsMACE, MACEConfig
+
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    torch.manual_seed(0)
+    model = MolnetsMACE(MACEConfig(species=tuple(sorted(set(system["numbers"]))), **MACE)).to(device, dtype)
+    if spec.get("compile"):
+        model = torch.compile(model, fullgraph=True, dynamic=False)
+    potential = Potential(model).eval()
+    graph = _molnets_graph(system, MACE["cutoff"], dtype, device)
+
+    def step():
+        out = potential(graph)
+        return out["energy"].sum(), out["forces"]
+
+    return step
+
+
+def setup_molnets_mace_compiled(system: dict, spec: dict) -> Callable[[], object]:
+    return setup_molnets_mace(system, dict(spec, compile=True))
+
+
+def setup_mace_torch(system: dict, spec: dict) -> Callable[[], object]:
+    """mace-torch's ScaleShiftMACE (residual interaction blocks), matscipy neighbor list (untimed)."""
+    import mace  # noqa: F401  (before e3nn: see ../shared/PEERS.md)
+    from e3nn import o3
+    from mace.data.neighborhood import get_neighborhood
+    from mace.modules import RealAgnosticResidualInteractionBlock, ScaleShiftMACE
+
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    torch.set_default_dtype(dtype)
+    species = sorted(set(system["numbers"]))
+    torch.manual_seed(0)
+    model = ScaleShiftMACE(
+        r_max=MACE["cutoff"], num_bessel=MACE["num_bessel"], num_polynomial_cutoff=MACE["envelope_p"],
+        max_ell=MACE["lmax"], interaction_cls=RealAgnosticResidualInteractionBlock,
+        interaction_cls_first=RealAgnosticResidualInteractionBlock, num_interactions=MACE["num_layers"],
+        num_elements=len(species), hidden_irreps=o3.Irreps(f"{MACE['num_channels']}x0e + {MACE['num_channels']}x1o"),
+        MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(species)),
+        avg_num_neighbors=MACE["avg_num_neighbors"], atomic_numbers=species, correlation=MACE["correlation"],
+        gate=torch.nn.functional.silu, atomic_inter_scale=1.0, atomic_inter_shift=0.0,
+    ).to(device, dtype).eval()
+    positions = np.array(system["positions"])
+    cell = np.array(system["cell"])
+    edge_index, shifts, unit_shifts, cell = get_neighborhood(
+        positions, MACE["cutoff"], pbc=tuple(system["pbc"]), cell=cell if system["periodic"] else None
+    )
+    numbers = np.array(system["numbers"])
+    one_hot = torch.nn.functional.one_hot(torch.tensor([species.index(z) for z in numbers]), len(species))
+    n = len(numbers)
+    data = {
+        "positions": torch.tensor(positions, dtype=dtype, device=device),
+        "node_attrs": one_hot.to(device, dtype),
+        "edge_index": torch.tensor(edge_index, dtype=torch.long, device=device),
+        "shifts": torch.tensor(shifts, dtype=dtype, device=device),
+        "unit_shifts": torch.tensor(unit_shifts, dtype=dtype, device=device),
+        "cell": torch.tensor(cell, dtype=dtype, device=device).reshape(3, 3),
+        "batch": torch.zeros(n, dtype=torch.long, device=device),
+        "ptr": torch.tensor([0, n], dtype=torch.long, device=device),
+        "head": torch.zeros(1, dtype=torch.long, device=device),
+    }
+
+    def step():
+        out = model(data, training=False, compute_force=True)
+        return out["energy"].sum(), out["forces"]
+
+    return step
+
+
 # impl name -> (interpreter, setup function name)
 IMPLS: Dict[str, tuple] = {
     "molnets-schnet": (MAIN_PYTHON, "setup_molnets_schnet"),
     "molnets-schnet-compiled": (MAIN_PYTHON, "setup_molnets_schnet_compiled"),
     "pyg-schnet": (MAIN_PYTHON, "setup_pyg_schnet"),
+    "molnets-mace": (MAIN_PYTHON, "setup_molnets_mace"),
+    "molnets-mace-compiled": (MAIN_PYTHON, "setup_molnets_mace_compiled"),
+    "mace-torch": (str(PEERS / "mace" / "bin" / "python"), "setup_mace_torch"),
     "molnets-tensornet": (MAIN_PYTHON, "setup_molnets_tensornet"),
     "molnets-tensornet-compiled": (MAIN_PYTHON, "setup_molnets_tensornet_compiled"),
     "torchmdnet-tensornet": (str(PEERS / "torchmdnet" / "bin" / "python"), "setup_torchmdnet_tensornet"),
@@ -301,6 +379,7 @@ class Family:
 
 FAMILIES: List[Family] = [
     Family("SchNet-style", "PyG SchNet", "molnets-schnet", "pyg-schnet", same_weights=True),
+    Family("MACE-style", "mace-torch MACE", "molnets-mace", "mace-torch", same_weights=False),
     Family("TensorNet-style", "torchmd-net TensorNet", "molnets-tensornet", "torchmdnet-tensornet",
            same_weights=True),
 ]
