@@ -1,0 +1,125 @@
+"""MACE-style model: equivariant hidden features, correlation order, size, the fast atomic basis."""
+
+from __future__ import annotations
+
+import torch
+from e3nn import o3
+
+from molnets.ace import AtomicBasis
+from molnets.layers.pair_atomic_basis import PairAtomicBasis
+from molnets.models.base import count_parameters
+from molnets.models.mace import MACE, MACEConfig
+from molnets.testing import random_graph, random_orthogonal, transform
+
+SPECIES = (1, 6, 8)
+SMALL = dict(species=SPECIES, cutoff=3.5, num_channels=8, lmax=2, num_bessel=6, avg_num_neighbors=4.0,
+             radial_mlp=(16,))
+
+
+def _float64(build):
+    """Build in float64: ace.py computes its coupling buffers in the default dtype."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return build()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _representation(irreps: o3.Irreps, Q: torch.Tensor) -> torch.Tensor:
+    """D(Q) of irreps, exact in float64: each D_l solves Y_l(Q x) = D_l Y_l(x) for e3nn's Y_l on
+    random points (e3nn's ``D_from_matrix`` goes through float32 constants, ~1e-6 off), with the
+    parity p of the irrep instead of Y_l's (-1)^l when det Q = -1."""
+    x = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    blocks = []
+    for mul, ir in irreps:
+        Y, Y_rot = (o3.spherical_harmonics(ir.l, v, normalize=True) for v in (x, x @ Q.T))  # [64, 2l+1]
+        D = torch.linalg.lstsq(Y, Y_rot).solution.T  # [2l+1, 2l+1]; Y_l carries parity (-1)^l
+        blocks += [D * (ir.p * (-1) ** ir.l if torch.linalg.det(Q) < 0 else 1)] * mul
+    return torch.block_diag(*blocks)
+
+
+def _graph(seed: int = 1):
+    return random_graph(num_atoms=10, cutoff=3.5, species=SPECIES, seed=seed, dtype=torch.float64)
+
+
+def test_hidden_features_are_equivariant_under_rotation_and_inversion():
+    torch.manual_seed(0)
+    model = _float64(lambda: MACE(MACEConfig(**SMALL, hidden_lmax=2, num_layers=3)))
+    graph = _graph()
+    for seed, inversion in ((2, False), (3, True)):
+        Q = random_orthogonal(seed, inversion=inversion, dtype=torch.float64)  # det +1 or -1
+        assert torch.isclose(torch.linalg.det(Q), torch.tensor(-1.0 if inversion else 1.0, dtype=torch.float64))
+        before, after = model.node_features(graph), model.node_features(transform(graph, Q))
+        for layer, (h, h_rot, interaction) in enumerate(zip(before, after, model.interactions)):
+            D = _representation(interaction.irreps_out, Q)
+            assert h.abs().max() > 1e-3, layer  # not trivially zero
+            torch.testing.assert_close(h_rot, h @ D.T, atol=1e-10, rtol=1e-10)
+    # the odd features really change sign under inversion (they are not all zero)
+    h = before[0]
+    assert h[:, 8:].abs().max() > 1e-3
+
+
+def test_correlation_order_changes_the_model():
+    """ν = 3 with its ν = 2, 3 weights set to zero is the ν = 1 model; with them, it is not."""
+    torch.manual_seed(0)
+    linear = _float64(lambda: MACE(MACEConfig(**SMALL, correlation=1)))
+    cubic = _float64(lambda: MACE(MACEConfig(**SMALL, correlation=3)))
+    shared = {k: v for k, v in linear.state_dict().items() if k in dict(cubic.named_parameters())}
+    assert len(shared) == len(list(linear.parameters()))  # every ν = 1 weight has its place in ν = 3
+    cubic.load_state_dict(shared, strict=False)
+    graph = _graph()
+    with torch.no_grad():
+        higher = [w.clone() for interaction in cubic.interactions for w in interaction.product_basis.weights[1:]]
+        for interaction in cubic.interactions:
+            for w in interaction.product_basis.weights[1:]:
+                w.zero_()
+        torch.testing.assert_close(cubic(graph), linear(graph), atol=1e-12, rtol=1e-12)
+        for w, value in zip((w for i in cubic.interactions for w in i.product_basis.weights[1:]), higher):
+            w.copy_(value)
+        assert (cubic(graph) - linear(graph)).abs().max() > 1e-3
+
+
+def test_parameter_count_of_the_peers_configuration():
+    """64x0e + 64x1o hidden, lmax 3, ν = 3, 2 layers, 8 Bessel, radial MLP 64-64-64, one element.
+
+    Counted by hand (C = 64): embedding C; per layer: W h (C² per input irrep), radial MLP
+    (8·64 + 64) + 2 (64·64 + 64) + (64·C P + C P) with P coupling paths (4 from 0e into 0e, 1o, 2e,
+    3o; 10 from 0e + 1o: 4 + 6, the six 1o ⊗ Y_l1 -> l3 with l3 <= 3 and parity (-1)^l3),
+    mixing of A (4 C²), product weights (number of symmetric couplings) · C, update (one C² per
+    output irrep) and skip (one C² per irrep of h that is also in the output); readouts C and
+    (64·16 + 16) + (16 + 1). Symmetric couplings of A = 0e+1o+2e+3o: to 0e: 1 (ν = 1), 4 (ν = 2:
+    a_l · a_l), 8 (ν = 3: a0³, a0 |a_l|² for l = 1, 2, 3, (a1 a1 a2), (a2 a2 a2), (a1 a2 a3),
+    (a2 a3 a3)); to 1o: 1, 3 (a0 a1, a1 a2, a2 a3) and 12 (ν = 3). mace-torch's MACE with these
+    sizes has 173,328 (its product basis keeps linearly dependent couplings: 23 + 51 at ν = 3,
+    and it mixes the paths of A before summing them).
+    """
+    C = 64
+    radial = lambda P: (8 * 64 + 64) + 2 * (64 * 64 + 64) + (64 * C * P + C * P)  # noqa: E731
+    layer1 = C * C + radial(4) + 4 * C * C + (2 + 7 + 20) * C + 2 * C * C + C * C
+    layer2 = 2 * C * C + radial(10) + 4 * C * C + (1 + 4 + 8) * C + C * C + C * C
+    expected = C + layer1 + layer2 + C + (64 * 16 + 16) + (16 + 1)
+    model = MACE(MACEConfig(species=(29,)))
+    assert count_parameters(model) == expected == 145_441
+    assert model.design_space().body_order == 4
+
+
+def test_pair_atomic_basis_equals_the_reference():
+    """The fast path (radial MLP per pair, R folded first) computes ace.AtomicBasis' function."""
+    torch.manual_seed(0)
+    N, P = 7, 20
+    reference = _float64(lambda: AtomicBasis(
+        o3.Irreps("4x0e + 4x1o + 4x2e"), o3.Irreps.spherical_harmonics(3), o3.Irreps("4x0e + 4x1o + 4x2e + 4x3o"),
+        num_basis=5, avg_num_neighbors=3.0, radial_hidden=(8,)))
+    fast = PairAtomicBasis(reference)
+    h = torch.randn(N, reference.irreps_in.dim, dtype=torch.float64, requires_grad=True)
+    edge_sh = torch.randn(2 * P, 16, dtype=torch.float64, requires_grad=True)
+    edge_radial = torch.randn(P, 5, dtype=torch.float64)
+    senders, receivers = torch.randint(0, N, (2 * P,)), torch.randint(0, N, (2 * P,))
+    ours = fast(h, edge_sh, edge_radial, senders, receivers)
+    ref = reference(h, edge_sh, torch.cat([edge_radial, edge_radial]), senders, receivers)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad((ours * ref.detach()).sum(), [h, edge_sh])
+    ref_grads = torch.autograd.grad((ref * ref.detach()).sum(), [h, edge_sh])
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
