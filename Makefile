@@ -30,7 +30,7 @@ $(VENV)/.molnets-test-installed: $(VENV)/.molnets-installed
 	touch $@
 
 demo: setup
-	$(PY) examples/neighbors_demo.py
+	$(VENV)/bin/molnets demo
 
 test: setup-test
 	$(PY) -m pytest -q

@@ -1,8 +1,36 @@
-"""molnets: equivariant molecular neural-network layers and interatomic potentials."""
+"""molnets: equivariant molecular neural-network layers and interatomic potentials.
 
+The data path of every model: ``ase.Atoms`` -> :class:`AtomicGraph` (with the neighbor list of
+:func:`neighbor_list`) -> a model's per-atom energies -> :class:`Potential` (energy, forces,
+stress) -> :class:`MolnetsCalculator` for ASE. Layers live in :mod:`molnets.layers`, the ACE
+block in :mod:`molnets.ace`, training in :mod:`molnets.training`, the reusable model test suite
+in :mod:`molnets.testing`.
+"""
+
+from . import ace, layers, models, neighbors, testing, training
+from .calculator import MolnetsCalculator
+from .describe import compare, describe
 from .graph import AtomicGraph, batch_graphs, edge_vectors, split_graphs
+from .models import (
+    MACE,
+    MACEConfig,
+    Potential,
+    SchNet,
+    SchNetConfig,
+    TensorNet,
+    TensorNetConfig,
+    load_model,
+    save_model,
+)
 from .neighbors import neighbor_list
 
 __version__ = "0.1.0"
 
-__all__ = ["AtomicGraph", "batch_graphs", "split_graphs", "edge_vectors", "neighbor_list", "__version__"]
+__all__ = [
+    "AtomicGraph", "batch_graphs", "split_graphs", "edge_vectors", "neighbor_list",
+    "Potential", "save_model", "load_model",
+    "SchNet", "SchNetConfig", "TensorNet", "TensorNetConfig", "MACE", "MACEConfig",
+    "MolnetsCalculator", "describe", "compare",
+    "ace", "layers", "models", "neighbors", "testing", "training",
+    "__version__",
+]

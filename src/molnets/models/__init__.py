@@ -12,6 +12,8 @@ from .base import (
     model_class,
     save_model,
 )
+from .mace import MACE, MACEConfig
 from .schnet import SchNet, SchNetConfig
+from .tensornet import TensorNet, TensorNetConfig
 
-__all__ = [*base.__all__, "SchNet", "SchNetConfig"]
+__all__ = [*base.__all__, "SchNet", "SchNetConfig", "TensorNet", "TensorNetConfig", "MACE", "MACEConfig"]
