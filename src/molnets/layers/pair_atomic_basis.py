@@ -89,10 +89,12 @@ class PairAtomicBasis(nn.Module):
         for b, ((start, stop, mul, dim), W) in enumerate(zip(basis.in_slices, basis.channel_weights)):
             Wh = torch.einsum("nub,uc->nbc", h[:, start:stop].reshape(N, mul, dim), W)  # [N, 2 l2 + 1, C]
             Wh_j = Wh.index_select(0, senders).reshape(2, P, 1, dim, C)  # [2, P, 1, 2 l2 + 1, C]
-            R_b = torch.matmul(getattr(self, f"select{b}"), R).unsqueeze(2)  # [P, n_b, 1, C]: paths from this irrep
+            R_b = torch.matmul(getattr(self, f"select{b}"), R)  # [P, n_b, C]: the paths from this irrep
+            # explicit expand: the backward then reduces over the outermost axis (halves) first
+            R_b = R_b.unsqueeze(2).expand(P, R_b.shape[1], dim, C)  # [P, n_b, 2 l2 + 1, C]
             X = (R_b * Wh_j).reshape(2 * P, R_b.shape[1] * dim, C)  # [E, n_b (2 l2 + 1), C]
-            part = torch.bmm(K[:, :, row : row + X.shape[1]], X)  # [E, M, C]
-            messages = part if messages is None else messages + part  # [E, M, C]
+            K_b = K[:, :, row : row + X.shape[1]]  # [E, M, n_b (2 l2 + 1)]
+            messages = torch.bmm(K_b, X) if messages is None else torch.baddbmm(messages, K_b, X)  # [E, M, C]
             row += X.shape[1]
         A = scatter_sum(messages, receivers, dim_size=N)  # [N, M, C]
         return A.transpose(1, 2) * basis.inv_avg_num_neighbors  # [N, C, M]
