@@ -24,7 +24,8 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 from matscipy.neighbours import neighbour_list as matscipy_neighbour_list
 from vesin import NeighborList
 
-from molnets.neighbors import neighbor_list
+from molnets.neighbors import _resolve, neighbor_list
+from molnets.neighbors._geometry import validate
 
 CUTOFF = 5.0
 
@@ -43,21 +44,30 @@ def molecules(count: int = 64):
     return structures
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_times(runs: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
+    """Median wall time of each run; the runs take turns, so that load drifts hit all alike."""
+    for fn in runs.values():
+        fn()  # warm-up
+    times: Dict[str, list] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def contenders(structures) -> Dict[str, Callable[[], object]]:
+def case_inputs(structures):
+    """positions [N, 3], cutoff, cells [B, 3, 3], pbc [B, 3], batch [N] of a list of ase.Atoms."""
     positions = torch.from_numpy(np.concatenate([a.positions for a in structures]))
     cells = torch.from_numpy(np.stack([a.cell[:] for a in structures]))
     pbc = torch.from_numpy(np.stack([a.pbc for a in structures]))
     batch = torch.repeat_interleave(torch.arange(len(structures)), torch.tensor([len(a) for a in structures]))
+    return positions, CUTOFF, cells, pbc, batch
+
+
+def contenders(structures) -> Dict[str, Callable[[], object]]:
+    positions, _, cells, pbc, batch = case_inputs(structures)
     vesin_list = NeighborList(cutoff=CUTOFF, full_list=True)
     runs = {
         f"molnets {backend}": (lambda backend=backend: neighbor_list(positions, CUTOFF, cells, pbc, batch, backend=backend))
@@ -85,9 +95,8 @@ def main() -> None:
     cases["64 molecules (g2)"] = molecules(64)
     results: Dict[str, Dict[str, float]] = {}
     for case, structures in cases.items():
-        results[case] = {}
-        for name, fn in contenders(structures).items():
-            results[case][name] = median_time(fn, args.repeats if len(structures[0]) < 10000 else max(3, args.repeats // 2))
+        repeats = args.repeats if len(structures[0]) < 10000 else max(3, args.repeats // 2)
+        results[case] = median_times(contenders(structures), repeats)
 
     names = sorted({n for r in results.values() for n in r}, key=lambda n: (not n.startswith("molnets"), n))
     print(f"Neighbor lists, {CUTOFF} Å cutoff, float64, CPU, {args.threads} threads: median ms (ratio to vesin)\n")
@@ -103,9 +112,9 @@ def main() -> None:
     torch_times = np.array([results[c]["molnets torch"] for c in cases if c.startswith("Cu")])
     slope = np.polyfit(np.log(sizes), np.log(torch_times), 1)[0]
     print(f"\ntorch cell list: time ~ N^{slope:.2f} (fit over N = {sizes.astype(int).tolist()})")
-    molecules_case = results["64 molecules (g2)"]
-    faster = "torch (batched)" if molecules_case["molnets torch"] < molecules_case["molnets vesin"] else "vesin (loop)"
-    print(f"64 molecules: the faster molnets backend here is {faster}")
+    molecules_case = {n: t for n, t in results["64 molecules (g2)"].items() if n.startswith("molnets") and "auto" not in n}
+    print(f"64 molecules: fastest molnets backend {min(molecules_case, key=molecules_case.get)}; "
+          f"auto picks {_resolve('auto', validate(*case_inputs(cases['64 molecules (g2)'])))}")
 
 
 if __name__ == "__main__":
