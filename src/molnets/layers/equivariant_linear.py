@@ -80,7 +80,7 @@ class EquivariantLinear(nn.Module):
 class ComponentLinear(nn.Module):
     """Per-irrep channel mixing on the [N, C, M] layout of the ACE block (channels first).
 
-        y_{i, d, lm} = Σ_c W^{(l)}_{c d} x_{i, c, lm} / sqrt(C)
+        y_{i, d, lm} = Σ_c W^{(l)}_{c d} x_{i, c, lm},   W ~ N(0, 1/C) at initialization
 
     The linear map after the atomic basis in MACE (Batatia et al. 2022, Eq. 9, the W_{kk̃l}).
 
