@@ -1,5 +1,6 @@
 """Spherical harmonics: equal to e3nn, equivariant under O(3), normalized, twice differentiable."""
 
+import importlib
 import math
 
 import numpy as np
@@ -7,13 +8,14 @@ import pytest
 import torch
 from e3nn import o3
 
-from molnets.layers import spherical_harmonics as sh_module
 from molnets.layers.spherical_harmonics import (
     SphericalHarmonics,
     spherical_harmonics,
     spherical_harmonics_l,
 )
 
+# the module itself (molnets.layers re-exports a function of the same name)
+sh_module = importlib.import_module("molnets.layers.spherical_harmonics")
 NORMALIZATIONS = ["integral", "component", "norm"]
 
 
