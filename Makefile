@@ -1,6 +1,7 @@
 # The two set-up commands of the README live here:
 #   make demo   set up a virtual environment and run the main job
 #   make test   set up a virtual environment with the test and cluster extras and run the tests
+#   make docs   run the tutorial and build the documentation (mkdocs, warnings are errors)
 # Both install torch==2.13.0 (CPU) before the project, so that pip never pulls a CUDA build.
 
 VENV ?= .venv
@@ -8,7 +9,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: setup setup-test demo test bench clean
+.PHONY: setup setup-test setup-docs demo test docs bench clean
 
 setup: $(VENV)/.molnets-installed
 
@@ -29,11 +30,23 @@ $(VENV)/.molnets-test-installed: $(VENV)/.molnets-installed
 	$(PIP) install -e ".[test,cluster]"
 	touch $@
 
+setup-docs: $(VENV)/.molnets-docs-installed
+
+$(VENV)/.molnets-docs-installed: $(VENV)/.molnets-installed
+	$(PIP) install -e ".[docs]"
+	touch $@
+
 demo: setup
 	$(VENV)/bin/molnets demo
 
 test: setup-test
 	$(PY) -m pytest -q
+
+# The tutorial is executed once (its printed output and PNGs go into docs/tutorial/index.md),
+# then the site is built into build/site; a broken reference or any warning fails.
+docs: setup-docs
+	$(PY) docs/render_tutorial.py
+	$(PY) -m mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
