@@ -1,4 +1,4 @@
-"""The ACE atomic basis A on the pairs of a symmetric neighbor list, path by path.
+"""The ACE atomic basis A on the pairs of a symmetric neighbor list, radial weights folded first.
 
 The same function and the same parameters as ``molnets.ace.AtomicBasis`` (its reference,
 which it wraps), computed with less work:
@@ -17,7 +17,6 @@ which it wraps), computed with less work:
 
 from __future__ import annotations
 
-
 import torch
 from e3nn import o3
 from torch import Tensor, nn
@@ -30,7 +29,7 @@ __all__ = ["PairAtomicBasis"]
 
 
 class PairAtomicBasis(nn.Module):
-    """``AtomicBasis`` with the radial MLP on pairs and the coupling path by path (same output).
+    """``AtomicBasis`` with the radial MLP on pairs and one batched coupling (same output).
 
     Edge convention: edges k and k + P are the two directions of pair k (E = 2P), so
     ``edge_radial`` has one row per pair.
