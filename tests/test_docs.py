@@ -110,8 +110,11 @@ def test_site_builds_strict_and_shows_the_tutorial(site):
 
 def test_every_public_class_and_function_is_in_the_api_reference(site):
     pages = {module: (site / page / "index.html").read_text() for module, page in API_PAGES.items()}
-    absent = [f"{module}.{name}" for module, name, _ in _public_objects()
-              if f'id="{module}.{name}"' not in pages[module]]
+    # where a function shadows its own submodule (molnets.describe), the page documents it at
+    # the path where it is defined
+    absent = [f"{module}.{name}" for module, name, obj in _public_objects()
+              if f'id="{module}.{name}"' not in pages[module]
+              and f'id="{obj.__module__}.{obj.__qualname__}"' not in pages[module]]
     assert not absent, f"public names missing from the API reference: {absent}"
 
 
