@@ -31,7 +31,8 @@ def float64():
 def make_vectors(num=40, seed=0):
     """Random vectors of various lengths, plus +-axes and axis-plane diagonals."""
     g = torch.Generator().manual_seed(seed)
-    random = torch.randn(num, 3, generator=g, dtype=torch.float64) * torch.rand(num, 1, generator=g, dtype=torch.float64).add(0.2) * 3
+    lengths = torch.rand(num, 1, generator=g, dtype=torch.float64).add(0.2) * 3
+    random = torch.randn(num, 3, generator=g, dtype=torch.float64) * lengths
     eye = torch.eye(3, dtype=torch.float64)
     diag = torch.tensor([[1.0, 1.0, 0.0], [0.0, -1.0, 1.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
     return torch.cat([random, eye, -eye, 2.5 * eye, diag])
