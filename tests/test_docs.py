@@ -13,9 +13,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mkdocs", reason="the docs tools come with the test extra: pip install -e '.[test]'")
-pytest.importorskip("mkdocstrings_handlers.python")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # module -> its API page (the ids mkdocstrings gives are "<module>.<name>")

@@ -411,7 +411,8 @@ frames = emt_dataset(64, repeat=(2, 2, 1), num_trajectories=4, seed=0)
 ase.io.write("emt.xyz", frames)
 structures = structures_from_atoms(frames)
 normalization = compute_normalization(structures, species=(29, 79))
-print(f"{len(frames)} structures of {len(frames[0])} atoms, Au fraction 0 to 0.3")
+print(f"{len(frames)} structures of {len(frames[0])} atoms, Au fractions",
+      sorted({round(float(np.mean(f.numbers == 79)), 3) for f in frames}))
 print("EMT data:           E0 =", {z: round(e, 4) for z, e in normalization.atomic_energies.items()},
       f"eV, shift = {normalization.shift:.1e} eV/atom, scale = RMS force = {normalization.scale:.3f} eV/Å")
 
@@ -483,7 +484,7 @@ for axis, ref, pred, label in [(ax[0], e_ref, e_pred, "energy (eV/atom)"), (ax[1
     axis.scatter(ref, pred, s=6, alpha=0.6)
     lo, hi = min(ref.min(), pred.min()), max(ref.max(), pred.max())
     axis.plot([lo, hi], [lo, hi], "k-", lw=0.8)
-    axis.set(xlabel=f"EMT {label}", ylabel=f"molnets {label}")
+    axis.set(xlabel=f"EMT {label}", ylabel=f"molnets {label}", title=f"test MAE {np.abs(pred - ref).mean():.3g}")
 fig.tight_layout()
 fig.savefig("parity.png", dpi=100)
 plt.close(fig)
