@@ -455,7 +455,7 @@ plt.close(fig)
 config = TrainConfig(
     train_file="emt.xyz", model="mace", cutoff=4.0, output_dir="run", seed=0, progress=False,
     model_config=dict(num_channels=8, lmax=1, correlation=2, num_layers=1, radial_mlp=(16,), readout_hidden=8),
-    batch_size=4, lr=1e-2, max_epochs=60, max_time=25.0, forces_weight=10.0, dtype="float32",
+    batch_size=4, lr=1e-2, max_epochs=150, max_time=25.0, forces_weight=10.0, dtype="float32",
 )
 t0 = time.perf_counter()
 result = train(config)
