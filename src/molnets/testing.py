@@ -399,8 +399,8 @@ def check_distinguishes_isomers(model: nn.Module, *, species=None, cutoff=None) 
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     potential = _potential(model, stress=False)
     decalin, bicyclopentyl = decalin_and_bicyclopentyl()
-    e1 = potential(AtomicGraph.from_ase(decalin, cutoff, dtype=DTYPE))["energy"].sum()
-    e2 = potential(AtomicGraph.from_ase(bicyclopentyl, cutoff, dtype=DTYPE))["energy"].sum()
+    e1 = potential(AtomicGraph.from_ase(decalin, cutoff, dtype=DTYPE))["energy"].sum().detach()
+    e2 = potential(AtomicGraph.from_ase(bicyclopentyl, cutoff, dtype=DTYPE))["energy"].sum().detach()
     assert abs(float(e1 - e2)) > 1e-6 * max(1.0, abs(float(e1))), (
         f"decalin and bicyclopentyl get the same energy: {float(e1)} vs {float(e2)} eV"
     )
