@@ -28,6 +28,7 @@ from e3nn import o3
 from torch import Tensor, nn
 
 from molnets._ace_coupling import contraction_plan, dense_coupling, irreps_slices
+from molnets._constants import register_constant, restore_constants
 from molnets.layers.clebsch_gordan import wigner_3j
 from molnets.layers.mlp import MLP
 from molnets.layers.scatter import scatter_sum
@@ -123,11 +124,14 @@ class AtomicBasis(nn.Module):
             path_of_col += [p] * ir3.dim
             col += ir3.dim
         self.num_paths = len(paths)
-        dtype = torch.get_default_dtype()
-        self.register_buffer("cg", cg.to(dtype))  # [M_sh, M_h, Q]
+        # float64 masters: .double() after a float32 build keeps the exact coefficients
+        register_constant(self, "cg", cg)  # [M_sh, M_h, Q]
         self.register_buffer("path_of_col", torch.tensor(path_of_col, dtype=torch.long))  # [Q]
-        self.register_buffer("col_to_m", col_to_m.to(dtype))  # [Q, M]
+        register_constant(self, "col_to_m", col_to_m)  # [Q, M]
         self.radial_weights = MLP([num_basis, *radial_hidden, C * self.num_paths], activation="silu")
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        return restore_constants(super()._apply(fn, recurse))
 
     def forward(self, h: Tensor, edge_sh: Tensor, edge_radial: Tensor, senders: Tensor, receivers: Tensor) -> Tensor:
         N, E, C = h.shape[0], edge_sh.shape[0], self.num_channels
@@ -235,18 +239,24 @@ class ProductBasis(nn.Module):
 
         plan = contraction_plan(self.irreps_A, self.irreps_B, self.correlation)
         self.num_couplings = plan.num_couplings
-        dtype = torch.get_default_dtype()
+        # float64 masters: .double() after a float32 build keeps the exact coefficients
         for nu in range(1, self.correlation):
-            self.register_buffer(f"U{nu}", plan.U[nu - 1].to(dtype))  # [T, O, K]
+            register_constant(self, f"U{nu}", plan.U[nu - 1])  # [T, O, K]
             if nu > 1:
-                self.register_buffer(f"last{nu}", plan.last[nu - 2].to(dtype))  # [M, T] one-hot
+                register_constant(self, f"last{nu}", plan.last[nu - 2])  # [M, T] one-hot
                 prefix = plan.prefix[nu - 2]  # [M, T] one-hot at ν = 2, else [T] long
-                self.register_buffer(f"prefix{nu}", prefix.to(dtype) if prefix.is_floating_point() else prefix)
-        self.register_buffer("U_top_low", plan.U_top_low.to(dtype))  # [n_low, d_low, O, K]
-        self.register_buffer("U_top_last", plan.U_top_last.to(dtype))  # [T, d_last, O, K]
+                if prefix.is_floating_point():
+                    register_constant(self, f"prefix{nu}", prefix)
+                else:
+                    self.register_buffer(f"prefix{nu}", prefix)
+        register_constant(self, "U_top_low", plan.U_top_low)  # [n_low, d_low, O, K]
+        register_constant(self, "U_top_last", plan.U_top_last)  # [T, d_last, O, K]
         self.weights = nn.ParameterList(
             torch.randn(self.num_species, K, C) / math.sqrt(max(K, 1)) for K in self.num_couplings
         )
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        return restore_constants(super()._apply(fn, recurse))
 
     def coupling(self, correlation: int) -> Tensor:
         """The dense U^{(ν)} [O, M, ..., M, K] (float64, O = irreps_out.dim // C), for tests and reading."""

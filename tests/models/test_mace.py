@@ -16,16 +16,6 @@ SMALL = dict(species=SPECIES, cutoff=3.5, num_channels=8, lmax=2, num_bessel=6, 
              radial_mlp=(16,))
 
 
-def _float64(build):
-    """Build in float64: ace.py computes its coupling buffers in the default dtype."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return build()
-    finally:
-        torch.set_default_dtype(default)
-
-
 def _representation(irreps: o3.Irreps, Q: torch.Tensor) -> torch.Tensor:
     """D(Q) of irreps, exact in float64: each D_l solves Y_l(Q x) = D_l Y_l(x) for e3nn's Y_l on
     random points (e3nn's ``D_from_matrix`` goes through float32 constants, ~1e-6 off), with the
@@ -45,7 +35,7 @@ def _graph(seed: int = 1):
 
 def test_hidden_features_are_equivariant_under_rotation_and_inversion():
     torch.manual_seed(0)
-    model = _float64(lambda: MACE(MACEConfig(**SMALL, hidden_lmax=2, num_layers=3)))
+    model = MACE(MACEConfig(**SMALL, hidden_lmax=2, num_layers=3)).double()
     graph = _graph()
     for seed, inversion in ((2, False), (3, True)):
         Q = random_orthogonal(seed, inversion=inversion, dtype=torch.float64)  # det +1 or -1
@@ -63,8 +53,8 @@ def test_hidden_features_are_equivariant_under_rotation_and_inversion():
 def test_correlation_order_changes_the_model():
     """ν = 3 with its ν = 2, 3 weights set to zero is the ν = 1 model; with them, it is not."""
     torch.manual_seed(0)
-    linear = _float64(lambda: MACE(MACEConfig(**SMALL, correlation=1)))
-    cubic = _float64(lambda: MACE(MACEConfig(**SMALL, correlation=3)))
+    linear = MACE(MACEConfig(**SMALL, correlation=1)).double()
+    cubic = MACE(MACEConfig(**SMALL, correlation=3)).double()
     shared = {k: v for k, v in linear.state_dict().items() if k in dict(cubic.named_parameters())}
     assert len(shared) == len(list(linear.parameters()))  # every ν = 1 weight has its place in ν = 3
     cubic.load_state_dict(shared, strict=False)
@@ -108,9 +98,9 @@ def test_pair_atomic_basis_equals_the_reference():
     """The fast path (radial MLP per pair, R folded first) computes ace.AtomicBasis' function."""
     torch.manual_seed(0)
     N, P = 7, 20
-    reference = _float64(lambda: AtomicBasis(
+    reference = AtomicBasis(
         o3.Irreps("4x0e + 4x1o + 4x2e"), o3.Irreps.spherical_harmonics(3), o3.Irreps("4x0e + 4x1o + 4x2e + 4x3o"),
-        num_basis=5, avg_num_neighbors=3.0, radial_hidden=(8,)))
+        num_basis=5, avg_num_neighbors=3.0, radial_hidden=(8,)).double()
     fast = PairAtomicBasis(reference)
     h = torch.randn(N, reference.irreps_in.dim, dtype=torch.float64, requires_grad=True)
     edge_sh = torch.randn(2 * P, 16, dtype=torch.float64, requires_grad=True)

@@ -22,6 +22,7 @@ from e3nn import o3
 from torch import Tensor, nn
 
 from molnets._ace_coupling import irreps_slices
+from molnets._constants import float64_constant, register_constant, restore_constants
 from molnets.ace import AtomicBasis
 from molnets.layers.scatter import scatter_sum
 
@@ -61,7 +62,7 @@ class PairAtomicBasis(nn.Module):
                         col += ir3.dim
         assert len(paths) == reference.num_paths and col == reference.cg.shape[2]
         # rows r = (path, m2), grouped by the h irrep: select [paths, n_b] and coupling [M_sh, rows, M]
-        cg = reference.cg.double()  # [M_sh, M_h, Q]
+        cg = float64_constant(reference, "cg")  # [M_sh, M_h, Q], exact even if reference.cg is float32
         select, rows = [], []
         for b, (b0, b1, _) in enumerate(h_slices):
             group = [p for p, path in enumerate(paths) if path[0] == b]
@@ -75,8 +76,11 @@ class PairAtomicBasis(nn.Module):
         dtype = reference.cg.dtype
         self.num_h_irreps = len(h_slices)
         for b, S in enumerate(select):
-            self.register_buffer(f"select{b}", S.to(dtype), persistent=False)  # [n_b, paths]
-        self.register_buffer("coupling", torch.stack(rows, dim=1).to(dtype), persistent=False)  # [M_sh, rows, M]
+            register_constant(self, f"select{b}", S, persistent=False, dtype=dtype)  # [n_b, paths]
+        register_constant(self, "coupling", torch.stack(rows, dim=1), persistent=False, dtype=dtype)  # [M_sh, rows, M]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        return restore_constants(super()._apply(fn, recurse))
 
     def forward(self, h: Tensor, edge_sh: Tensor, edge_radial: Tensor, senders: Tensor, receivers: Tensor) -> Tensor:
         # Channels last inside (contiguous for the elementwise products), [N, C, M] outside.

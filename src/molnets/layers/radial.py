@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from molnets._constants import register_constant, restore_constants
+
 __all__ = [
     "BesselBasis",
     "GaussianBasis",
@@ -33,11 +35,10 @@ __all__ = [
 
 
 def _parameter_or_buffer(module: nn.Module, name: str, value: Tensor, trainable: bool) -> None:
-    value = value.to(torch.get_default_dtype())
     if trainable:
-        module.register_parameter(name, nn.Parameter(value))
+        module.register_parameter(name, nn.Parameter(value.to(torch.get_default_dtype())))
     else:
-        module.register_buffer(name, value)
+        register_constant(module, name, value)  # float64 master: exact after .double()
 
 
 class BesselBasis(nn.Module):
@@ -68,6 +69,9 @@ class BesselBasis(nn.Module):
         self.prefactor = math.sqrt(2.0 / self.cutoff)
         freqs = torch.arange(1, num_basis + 1, dtype=torch.float64) * math.pi / self.cutoff
         _parameter_or_buffer(self, "frequencies", freqs, trainable)  # [K]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        return restore_constants(super()._apply(fn, recurse))
 
     def forward(self, lengths: Tensor) -> Tensor:
         freqs = self.frequencies.to(lengths.dtype)                             # [K]
@@ -113,6 +117,9 @@ class GaussianBasis(nn.Module):
         centers = torch.linspace(start, self.cutoff, num_basis, dtype=torch.float64)
         _parameter_or_buffer(self, "centers", centers, trainable)  # [K]
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        return restore_constants(super()._apply(fn, recurse))
+
     def forward(self, lengths: Tensor) -> Tensor:
         z = (lengths[:, None] - self.centers.to(lengths.dtype)) / self.width   # [E, K]
         return torch.exp(-0.5 * z * z)                                         # [E, K]
@@ -153,6 +160,9 @@ class ExpNormalBasis(nn.Module):
         betas = torch.full((num_basis,), (2.0 / num_basis * (1.0 - start)) ** -2, dtype=torch.float64)
         _parameter_or_buffer(self, "means", means, trainable)  # [K]
         _parameter_or_buffer(self, "betas", betas, trainable)  # [K]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        return restore_constants(super()._apply(fn, recurse))
 
     def forward(self, lengths: Tensor) -> Tensor:
         decay = torch.exp(-self.alpha * lengths)[:, None]                      # [E, 1]
