@@ -17,24 +17,13 @@ from molnets._ace_coupling import dense_coupling
 from molnets.ace import AtomicBasis, ProductBasis
 from molnets.layers.radial import BesselBasis
 from molnets.layers.spherical_harmonics import spherical_harmonics
+from molnets.testing import random_orthogonal
 
 CUTOFF = 3.0
 NUM_BASIS = 4
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    # e3nn builds its Wigner-D generators in the default dtype: float64 for 1e-12 checks
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def random_orthogonal(seed: int, improper: bool) -> torch.Tensor:
-    torch.manual_seed(seed)
-    R = o3.rand_matrix(dtype=torch.float64)
-    return -R if improper else R
+pytestmark = pytest.mark.usefixtures("float64_default")  # e3nn constants in float64 (tests/conftest.py)
 
 
 def natural(lmax: int) -> str:
@@ -97,7 +86,7 @@ def test_coupling_is_orthonormal_symmetric_and_equivariant(irreps, nu, target):
     for perm in itertools.permutations(range(1, nu + 1)):
         assert_close(U.permute(0, *perm, nu + 1), U)
     for improper in (False, True):
-        R = random_orthogonal(nu, improper)
+        R = random_orthogonal(nu, inversion=improper, dtype=torch.float64)
         D, D_out = o3.Irreps(irreps).D_from_matrix(R), o3.Irrep(target).D_from_matrix(R)
         rotated = U
         for axis in range(1, nu + 1):  # Σ_{a'} U[.., a', ..] D[a', a] on every input index
@@ -191,7 +180,7 @@ def test_product_basis_equivariance(lmax, nu, targets):
     B = pb(A, species)
     assert B.shape == (5, pb.irreps_out.dim)
     for improper in (False, True):
-        R = random_orthogonal(lmax + nu, improper)
+        R = random_orthogonal(lmax + nu, inversion=improper, dtype=torch.float64)
         D_out = pb.irreps_out.D_from_matrix(R)
         assert_close(pb(rotate_A(A, natural(lmax), R), species), B @ D_out.T)
 
@@ -295,7 +284,7 @@ def test_atomic_basis_equivariance(irreps_in, lmax, irreps_A):
     assert A.shape == (7, 3, o3.Irreps(irreps_A).dim)
     assert A.abs().max() > 1e-3
     for improper in (False, True):
-        R = random_orthogonal(3, improper)
+        R = random_orthogonal(3, inversion=improper, dtype=torch.float64)
         D_in = o3.Irreps(irreps_in).D_from_matrix(R)
         A_rot = atomic_basis(layer, positions @ R.T, h @ D_in.T, lmax)
         assert_close(A_rot, rotate_A(A, irreps_A, R))
@@ -328,7 +317,7 @@ def test_block_equivariance_and_terms():
     A, B = block(positions, species)
     D_B = block.B.irreps_out.D_from_matrix
     for improper in (False, True):
-        R = random_orthogonal(7, improper)
+        R = random_orthogonal(7, inversion=improper, dtype=torch.float64)
         _, B_rot = block(positions @ R.T, species)
         assert_close(B_rot, B @ D_B(R).T)
 
@@ -348,7 +337,7 @@ def test_one_neighbor_depends_only_on_that_neighbor():
     assert_close(B[0], B_moved[0])
     # a function of the direction (equivariantly) and of the distance only
     for improper in (False, True):
-        R = random_orthogonal(11, improper)
+        R = random_orthogonal(11, inversion=improper, dtype=torch.float64)
         _, B_rot = block(torch.stack([torch.zeros(3), R @ v]), species[:2])
         assert_close(B_rot[0], B[0] @ block.B.irreps_out.D_from_matrix(R).T)
     _, B_longer = block(torch.stack([torch.zeros(3), 1.2 * v]), species[:2])

@@ -16,15 +16,6 @@ TRIPLES = [
 ]
 
 
-@pytest.fixture
-def float64_default():
-    # e3nn builds its Wigner-D generators in the default dtype
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def test_equals_e3nn_all_triples_up_to_6():
     for l1, l2, l3 in TRIPLES:
         ours = wigner_3j(l1, l2, l3, dtype=torch.float64)

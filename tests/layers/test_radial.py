@@ -29,12 +29,7 @@ SMOOTH_ENVELOPES = {  # u, u', u'' vanish at the cutoff
 }
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 reference values (tests/conftest.py)
 
 
 def derivatives(module, r):

@@ -13,19 +13,14 @@ from molnets.layers.spherical_harmonics import (
     spherical_harmonics,
     spherical_harmonics_l,
 )
+from molnets.testing import random_orthogonal
 
 # the module itself (molnets.layers re-exports a function of the same name)
 sh_module = importlib.import_module("molnets.layers.spherical_harmonics")
 NORMALIZATIONS = ["integral", "component", "norm"]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """e3nn builds Wigner-D matrices in the default dtype: make it float64 for 1e-12 checks."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # e3nn constants in float64 (tests/conftest.py)
 
 
 def make_vectors(num=40, seed=0):
@@ -36,12 +31,6 @@ def make_vectors(num=40, seed=0):
     eye = torch.eye(3, dtype=torch.float64)
     diag = torch.tensor([[1.0, 1.0, 0.0], [0.0, -1.0, 1.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
     return torch.cat([random, eye, -eye, 2.5 * eye, diag])
-
-
-def random_orthogonal(seed):
-    g = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
 
 
 def reference(vectors, lmax, normalize, normalization):
@@ -77,9 +66,7 @@ def test_module_selected_ls_and_dtype_round_trip():
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_equivariance_with_e3nn_wigner_d(seed):
     lmax = 8
-    R = random_orthogonal(seed)
-    if seed % 2:
-        R = -R  # include improper rotations (det -1)
+    R = random_orthogonal(seed, inversion=seed % 2 == 1, dtype=torch.float64)  # odd seeds: det -1
     v = make_vectors(seed=seed)
     D = o3.Irreps.spherical_harmonics(lmax).D_from_matrix(R)                    # [M, M]
     for normalize in (True, False):

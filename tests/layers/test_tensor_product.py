@@ -5,22 +5,10 @@ import torch
 from e3nn import o3
 
 from molnets.layers.tensor_product import ChannelwiseTensorProduct, FullyConnectedTensorProduct, uvu_instructions
+from molnets.testing import random_orthogonal
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    # e3nn builds its Wigner-D generators and TensorProduct constants in the default dtype
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def random_orthogonal(seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
-    q = q * torch.sign(torch.diagonal(r))
-    return q if seed % 2 else -q  # odd seeds: det may be +1 or -1; even seeds flip it
+pytestmark = pytest.mark.usefixtures("float64_default")  # e3nn constants in float64 (tests/conftest.py)
 
 
 # (irreps_in1, irreps_in2, instructions or target irreps) for the channelwise product
@@ -139,7 +127,7 @@ def _all_layers():
 @pytest.mark.parametrize("seed", [1, 2])
 def test_equivariance_rotation_and_inversion(name, seed):
     tp = _all_layers()[name]
-    R = random_orthogonal(seed)
+    R = random_orthogonal(seed, inversion=seed % 2 == 0, dtype=torch.float64)  # seed 1: det +1, 2: det -1
     D1, D2, D_out = (irreps.D_from_matrix(R) for irreps in (tp.irreps_in1, tp.irreps_in2, tp.irreps_out))
     x1, x2, w = (x.detach() for x in _inputs(tp, seed=seed))
     args = (w,) if isinstance(tp, ChannelwiseTensorProduct) else ()
