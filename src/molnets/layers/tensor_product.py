@@ -34,6 +34,7 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
+from molnets._constants import register_constant, restore_constants
 from molnets.layers._tensor_product_kernel import KernelGroup, KernelPath, WeightedChannelwiseProduct
 from molnets.layers.clebsch_gordan import wigner_3j
 
@@ -179,14 +180,10 @@ class _CouplingPlan(nn.Module):
         coupling = torch.cat(blocks, dim=1) if blocks else torch.zeros(irreps_in2.dim, 0, dtype=torch.float64)
         # float64 master copy: casting the module to float64 after building it in float32 must
         # not leave float32-rounded coefficients (see _apply)
-        self._coupling64 = coupling
-        self.register_buffer("coupling", coupling.to(torch.get_default_dtype()), persistent=False)
+        register_constant(self, "coupling", coupling, persistent=False)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
-        super()._apply(fn, recurse)
-        target = self.coupling
-        self._buffers["coupling"] = self._coupling64.to(device=target.device, dtype=target.dtype)
-        return self
+        return restore_constants(super()._apply(fn, recurse))
 
     def forward(self, x1: Tensor, x2: Tensor) -> List[Tensor]:
         """Shapes: x1 [E, dim1], x2 [E, dim2] -> one [E, C, V k] per path, in instruction order."""
