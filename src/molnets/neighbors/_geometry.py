@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,19 +56,24 @@ def validate(
     num_atoms = positions.shape[0]
     if batch is None:
         batch = torch.zeros(num_atoms, dtype=torch.long, device=positions.device)
+        num_graphs_in_batch = 1
     elif batch.shape != (num_atoms,):
         raise ValueError(f"batch must have shape [N] = [{num_atoms}], got {tuple(batch.shape)}")
     elif batch.dtype != torch.long:
         raise ValueError(f"batch must be a long tensor, got {batch.dtype}")
-    if num_atoms > 0 and int(batch.min()) < 0:
-        raise ValueError("batch contains negative structure indices")
+    elif num_atoms == 0:
+        num_graphs_in_batch = 1
+    else:
+        low, high = torch.aminmax(batch)
+        if int(low) < 0:
+            raise ValueError("batch contains negative structure indices")
+        num_graphs_in_batch = int(high) + 1
 
     pbc_t = _as_pbc(pbc, positions.device)
     if cell is None:
         if bool(pbc_t.any()):
             raise ValueError("pbc is set but no cell was given: periodic boundaries need a cell")
-        num_graphs = int(batch.max()) + 1 if num_atoms > 0 else 1
-        cell = positions.new_zeros((num_graphs, 3, 3))
+        cell = positions.new_zeros((num_graphs_in_batch, 3, 3))
     else:
         if not isinstance(cell, Tensor):
             cell = torch.as_tensor(cell, dtype=positions.dtype, device=positions.device)
@@ -76,19 +82,27 @@ def validate(
         if cell.dim() != 3 or cell.shape[1:] != (3, 3):
             raise ValueError(f"cell must have shape [3, 3] or [B, 3, 3], got {tuple(cell.shape)}")
         cell = cell.to(dtype=positions.dtype, device=positions.device)
-        if not bool(torch.isfinite(cell).all()):
-            raise ValueError("cell contains NaN or infinite values")
     num_graphs = cell.shape[0]
-    if num_atoms > 0 and int(batch.max()) >= num_graphs:
+    if num_graphs_in_batch > num_graphs:
         raise ValueError(
-            f"batch refers to structure {int(batch.max())} but only {num_graphs} cell(s) were given"
+            f"batch refers to structure {num_graphs_in_batch - 1} but only {num_graphs} cell(s) were given"
         )
     if pbc_t.shape == (3,):
         pbc_t = pbc_t.expand(num_graphs, 3)
     if pbc_t.shape != (num_graphs, 3):
         raise ValueError(f"pbc must have shape [3] or [B, 3] = [{num_graphs}, 3], got {tuple(pbc_t.shape)}")
-    _check_periodic_vectors(cell, pbc_t)
+    # The per-structure checks run in numpy on a host copy of the (tiny) cell and pbc: a handful
+    # of numpy calls cost less than the ~15 small torch ops they replace, on every device.
+    cell_np, pbc_np = host_cell(cell, pbc_t)
+    if not np.isfinite(cell_np).all():
+        raise ValueError("cell contains NaN or infinite values")
+    _check_periodic_vectors(cell_np, pbc_np)
     return System(positions, cell, pbc_t.contiguous(), batch)
+
+
+def host_cell(cell: Tensor, pbc: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    """float64 numpy copies of cell [B, 3, 3] and pbc [B, 3] (no copy for a float64 CPU cell)."""
+    return cell.detach().to("cpu", torch.float64).numpy(), pbc.cpu().numpy()
 
 
 def _as_pbc(pbc: PbcLike, device: torch.device) -> Tensor:
@@ -104,17 +118,20 @@ def _as_pbc(pbc: PbcLike, device: torch.device) -> Tensor:
     return pbc_t
 
 
-def _check_periodic_vectors(cell: Tensor, pbc: Tensor) -> None:
-    """The lattice vectors along periodic directions must be linearly independent."""
-    rows = cell * pbc.unsqueeze(-1).to(cell.dtype)                           # [B, 3, 3]
-    gram = rows @ rows.transpose(-2, -1)                                     # [B, 3, 3]
+def _check_periodic_vectors(cell: np.ndarray, pbc: np.ndarray) -> None:
+    """The lattice vectors along periodic directions must be linearly independent.
+
+    Shapes:
+        cell [B, 3, 3] (float64), pbc [B, 3] (bool)
+    """
+    rows = cell * pbc[..., None]                                              # [B, 3, 3]
+    gram = rows @ rows.transpose(0, 2, 1)                                     # [B, 3, 3]
     # Non-periodic directions get a unit diagonal so that they do not make the Gram matrix singular.
-    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
-    gram = gram + torch.diag_embed((~pbc).to(cell.dtype)) * eye
-    scale = torch.where(pbc, rows.norm(dim=-1) ** 2, torch.ones_like(gram[..., 0])).prod(-1)  # [B]
-    singular = torch.linalg.det(gram) <= SINGULAR_CELL_TOL * scale          # [B]
-    if bool(singular.any()):
-        bad = singular.nonzero().flatten()[:5].tolist()
+    gram[:, np.arange(3), np.arange(3)] += ~pbc                               # [B, 3, 3]
+    scale = np.where(pbc, (rows * rows).sum(-1), 1.0).prod(-1)                # [B]
+    singular = np.linalg.det(gram) <= SINGULAR_CELL_TOL * scale               # [B]
+    if singular.any():
+        bad = np.flatnonzero(singular)[:5].tolist()
         raise ValueError(
             f"the cell of structure(s) {bad} is singular along its periodic directions "
             "(lattice vectors are zero or linearly dependent)"
@@ -173,9 +190,9 @@ def check_no_overlap(
     """Raise if two atoms (or an atom and its periodic image) sit on top of each other."""
     if distances.numel() == 0:
         return
-    close = distances < MIN_PAIR_DISTANCE
-    if bool(close.any()):
-        e = int(close.nonzero()[0, 0])
+    # One reduction (a single pass, one host sync); the offending pair is looked up only on failure.
+    if bool(distances.min() < MIN_PAIR_DISTANCE):
+        e = int((distances < MIN_PAIR_DISTANCE).nonzero()[0, 0])
         raise ValueError(
             f"atoms {int(receivers[e])} and {int(senders[e])} are on top of each other "
             f"(distance {float(distances[e]):.3g} Å < {MIN_PAIR_DISTANCE} Å)"
@@ -190,16 +207,25 @@ _MOVES = [
 ]
 
 
-def _reducible(cell: Tensor, pbc: Tensor) -> bool:
-    """Whether any move of :func:`reduce_cell` would shorten a periodic vector (all moves at once)."""
-    rows = [[cl * (c == l) + cm * (c == m) for c in range(3)] for _, l, cl, m, cm in _MOVES]
-    coefficients = torch.tensor(rows, dtype=cell.dtype, device=cell.device)          # [12, 3]
-    k = torch.tensor([move[0] for move in _MOVES], device=cell.device)                # [12]
-    w = torch.einsum("mc,bcx->bmx", coefficients, cell)                               # [B, 12, 3]
-    ratio = (cell[:, k] * w).sum(-1) / (w * w).sum(-1).clamp(min=1e-300)              # [B, 12]
-    needed = (coefficients != 0).to(torch.long) @ (~pbc).to(torch.long).T == 0        # [12, B]
-    active = needed.T & pbc[:, k]                                                     # [B, 12]
-    return bool((active & (ratio.abs() > 0.5 + 1e-9)).any())
+# The moves as arrays: coefficient rows [12, 3] (w = coefficients @ cell), the reduced row k [12].
+_MOVE_COEFFICIENTS = np.array(
+    [[cl * (c == l) + cm * (c == m) for c in range(3)] for _, l, cl, m, cm in _MOVES], dtype=np.float64
+)
+_MOVE_ROW = np.array([move[0] for move in _MOVES])
+
+
+def reducible(cell: np.ndarray, pbc: np.ndarray) -> bool:
+    """Whether any move of :func:`reduce_cell` would shorten a periodic vector (all moves at once).
+
+    Shapes:
+        cell [B, 3, 3] (float64), pbc [B, 3] (bool)
+    """
+    w = _MOVE_COEFFICIENTS @ cell                                             # [B, 12, 3]
+    ratio = (cell[:, _MOVE_ROW] * w).sum(-1) / np.maximum((w * w).sum(-1), 1e-300)  # [B, 12]
+    # A move counts only if every vector it uses (a_k and those in w) is periodic.
+    uses_free = ((_MOVE_COEFFICIENTS != 0)[None] & ~pbc[:, None, :]).any(-1)  # [B, 12]
+    active = ~uses_free & pbc[:, _MOVE_ROW]                                   # [B, 12]
+    return bool((active & (np.abs(ratio) > 0.5 + 1e-9)).any())
 
 
 def reduce_cell(cell: Tensor, pbc: Tensor, max_iterations: int = 200) -> Tuple[Tensor, Tensor]:
@@ -219,7 +245,7 @@ def reduce_cell(cell: Tensor, pbc: Tensor, max_iterations: int = 200) -> Tuple[T
     """
     num_graphs = cell.shape[0]
     transform = torch.eye(3, dtype=torch.long, device=cell.device).repeat(num_graphs, 1, 1)
-    if not _reducible(cell, pbc):  # the common case, decided with one host sync
+    if not reducible(*host_cell(cell, pbc)):  # the common case, decided with one host sync
         return cell, transform
     reduced = cell.clone()                                                    # [B, 3, 3]
     for _ in range(max_iterations):
