@@ -10,7 +10,7 @@ in :mod:`molnets.testing`.
 from . import ace, layers, models, neighbors, testing, training
 from .calculator import MolnetsCalculator
 from .describe import compare, describe
-from .graph import AtomicGraph, batch_graphs, edge_vectors, split_graphs
+from .graph import AtomicGraph, batch_graphs, edge_vectors, half_edge_graph, split_graphs
 from .models import (
     MACE,
     MACEConfig,
@@ -27,7 +27,7 @@ from .neighbors import neighbor_list
 __version__ = "0.1.0"
 
 __all__ = [
-    "AtomicGraph", "batch_graphs", "split_graphs", "edge_vectors", "neighbor_list",
+    "AtomicGraph", "batch_graphs", "split_graphs", "edge_vectors", "half_edge_graph", "neighbor_list",
     "Potential", "save_model", "load_model",
     "SchNet", "SchNetConfig", "TensorNet", "TensorNetConfig", "MACE", "MACEConfig",
     "MolnetsCalculator", "describe", "compare",

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .layers.pairs import half_edges
 from .neighbors import Backend, neighbor_list
 
-__all__ = ["AtomicGraph", "batch_graphs", "split_graphs", "edge_vectors"]
+__all__ = ["AtomicGraph", "batch_graphs", "split_graphs", "edge_vectors", "half_edge_graph"]
 
 
 class AtomicGraph(NamedTuple):
@@ -166,6 +167,23 @@ def edge_vectors(graph: AtomicGraph) -> Tensor:
     cell = graph.cell[graph.batch[graph.receivers]]                                  # [E, 3, 3]
     offset = torch.einsum("ex,exy->ey", graph.shifts.to(cell.dtype), cell)          # [E, 3]
     return graph.positions[graph.senders] - graph.positions[graph.receivers] + offset  # [E, 3]
+
+
+def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
+    """The same structures with one directed edge of each pair {(i, j, S), (j, i, -S)}.
+
+    Whatever depends only on |r_ij| (radial bases, filter networks) is equal on both
+    directions of a pair: models compute it on these P = E // 2 edges and send each pair's
+    message both ways (see :func:`molnets.layers.pairs.half_edges`). Static shapes: compiles
+    and exports.
+
+    Shapes:
+        graph with E edges  ->  graph with P = E // 2 edges (receivers, senders, shifts [P, 3])
+    """
+    pairs = half_edges(graph.receivers, graph.senders, graph.shifts, graph.num_atoms)  # [P]
+    return graph._replace(
+        receivers=graph.receivers[pairs], senders=graph.senders[pairs], shifts=graph.shifts[pairs]
+    )
 
 
 def batch_graphs(graphs: Sequence[AtomicGraph]) -> AtomicGraph:

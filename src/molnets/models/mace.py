@@ -33,11 +33,10 @@ from e3nn import o3
 from torch import Tensor, nn
 
 from ..ace import AtomicBasis, ProductBasis
-from ..graph import AtomicGraph, edge_vectors
+from ..graph import AtomicGraph, edge_vectors, half_edge_graph
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.equivariant_linear import ComponentLinear, EquivariantLinear
 from ..layers.pair_atomic_basis import PairAtomicBasis
-from ..layers.pairs import half_edges
 from ..layers.radial import BesselBasis, PolynomialEnvelope
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.spherical_harmonics import SphericalHarmonics
@@ -182,9 +181,9 @@ class MACE(nn.Module):
 
     def _features(self, graph: AtomicGraph, species: Tensor) -> List[Tensor]:
         # Geometry on one edge of each pair {i, j}; the reverse edge has Y_l(-r) = (-1)^l Y_l(r).
-        pairs = half_edges(graph.receivers, graph.senders, graph.shifts, graph.num_atoms)  # [P]
-        pair_i, pair_j = graph.receivers[pairs], graph.senders[pairs]  # [P]
-        edge_vec = edge_vectors(graph._replace(receivers=pair_i, senders=pair_j, shifts=graph.shifts[pairs]))  # [P, 3]
+        pair_graph = half_edge_graph(graph)  # P = E // 2 edges
+        pair_i, pair_j = pair_graph.receivers, pair_graph.senders  # [P]
+        edge_vec = edge_vectors(pair_graph)  # [P, 3]
         edge_len = edge_vec.norm(dim=-1)  # [P]
         sh = self.sh(edge_vec) * self.envelope(edge_len)[:, None]  # [P, M]: vanishes at r_c
         edge_sh = torch.cat([sh, sh * self.sh_parity], dim=0)  # [E, M]

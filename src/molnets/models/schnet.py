@@ -29,10 +29,9 @@ from typing import ClassVar, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..graph import AtomicGraph, edge_vectors
+from ..graph import AtomicGraph, edge_vectors, half_edge_graph
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP
-from ..layers.pairs import half_edges
 from ..layers.radial import CosineEnvelope, GaussianBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import scatter_sum
@@ -134,10 +133,7 @@ class SchNet(nn.Module):
 
     def forward(self, graph: AtomicGraph) -> Tensor:
         species = self.species_index(graph.atomic_numbers)                           # [N]
-        pairs = half_edges(graph.receivers, graph.senders, graph.shifts, graph.num_atoms)       # [P]
-        pair_graph = graph._replace(
-            receivers=graph.receivers[pairs], senders=graph.senders[pairs], shifts=graph.shifts[pairs]
-        )
+        pair_graph = half_edge_graph(graph)                                          # P = E // 2 edges
         edge_len = edge_vectors(pair_graph).norm(dim=-1)                             # [P]
         edge_radial = self.radial(edge_len)                                          # [P, K]
         edge_envelope = self.envelope(edge_len)                                      # [P]

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..graph import AtomicGraph, edge_vectors
+from ..graph import AtomicGraph, edge_vectors, half_edge_graph
 from ..layers.cartesian import (
     TensorLinear,
     ComponentBasis,
@@ -49,7 +49,6 @@ from ..layers.cartesian import (
 )
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP
-from ..layers.pairs import half_edges
 from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import scatter_sum
@@ -238,9 +237,9 @@ class TensorNet(nn.Module):
 
     def forward(self, graph: AtomicGraph) -> Tensor:
         species = self.species_index(graph.atomic_numbers)                               # [N]
-        pairs = half_edges(graph.receivers, graph.senders, graph.shifts, graph.num_atoms)  # [P]
-        pair_i, pair_j = graph.receivers[pairs], graph.senders[pairs]                    # [P]
-        edge_vec = edge_vectors(graph._replace(receivers=pair_i, senders=pair_j, shifts=graph.shifts[pairs]))  # [P, 3]
+        pair_graph = half_edge_graph(graph)                                              # P = E // 2 edges
+        pair_i, pair_j = pair_graph.receivers, pair_graph.senders                        # [P]
+        edge_vec = edge_vectors(pair_graph)                                              # [P, 3]
         edge_len = edge_vec.norm(dim=-1)                                                 # [P]
         # As in torchmd-net, φ enters twice: in e(r) = φ(r) expnormal(r), and on the filters.
         envelope = self.envelope(edge_len)                                               # [P]
