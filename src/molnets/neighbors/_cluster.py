@@ -35,7 +35,8 @@ def cluster_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tensor
     edge_index = radius_graph(
         positions[order], r=cutoff, batch=batch[order], loop=False, max_num_neighbors=largest
     )
-    senders, receivers = order[edge_index[0]], order[edge_index[1]]  # flow "source_to_target": row 0 sends
+    sources, targets = edge_index.unbind(0)  # torch-cluster's "source_to_target" flow: sources send
+    senders, receivers = order[sources], order[targets]
     distances = (positions[senders] - positions[receivers]).norm(dim=-1)
     keep = distances < cutoff  # radius_graph counts pairs at exactly the cutoff; the convention is "<"
     receivers, senders, distances = receivers[keep], senders[keep], distances[keep]
