@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--output-dir", default="molnets-demo", help="folder for every file (default: %(default)s)")
-    demo.add_argument("--model", default=None, choices=["schnet", "tensornet", "mace"],
-                      help="model to train (default: mace, or the best that is installed)")
+    demo.add_argument("--model", default="mace", choices=["schnet", "tensornet", "mace"],
+                      help="model to train (default: %(default)s)")
     demo.add_argument("--time-budget", type=float, default=200.0,
                       help="seconds of training, checked after each epoch (default: %(default)s)")
     demo.add_argument("--structures", type=int, default=None, help="structures to generate (default: 240)")

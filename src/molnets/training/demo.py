@@ -12,7 +12,7 @@ import os
 import time
 from typing import Dict, Optional
 
-__all__ = ["run_demo", "default_model", "DEMO_MODEL_CONFIGS", "DEMO_CUTOFF"]
+__all__ = ["run_demo", "DEMO_MODEL_CONFIGS", "DEMO_CUTOFF"]
 
 # Small models that learn EMT Cu/Au within minutes on a laptop CPU.
 # The cutoff is 4 Å (the first two neighbor shells of fcc Cu; EMT's own reach is longer, and
@@ -30,34 +30,10 @@ _QUICK_MODEL_CONFIGS: Dict[str, Dict] = {
 }
 
 
-def default_model() -> str:
-    """"mace" when ``molnets.models.mace`` imports, else "tensornet", else "schnet"."""
-    from ..models.base import model_class
-
-    for name in ("mace", "tensornet", "schnet"):
-        try:
-            model_class(name)
-        except ImportError:
-            continue
-        return name
-    raise RuntimeError("no model of molnets imports")
-
-
-def _model_config(name: str, quick: bool) -> Dict:
-    """The demo's hyper-parameters, restricted to the fields the installed config has."""
-    import dataclasses
-
-    from ..models.base import model_class
-
-    wanted = (_QUICK_MODEL_CONFIGS if quick else DEMO_MODEL_CONFIGS)[name]
-    fields = {f.name for f in dataclasses.fields(model_class(name).config_class)}
-    return {k: v for k, v in wanted.items() if k in fields}
-
-
 def run_demo(
     output_dir: str = "molnets-demo",
     *,
-    model: Optional[str] = None,
+    model: str = "mace",
     time_budget: float = 200.0,
     quick: bool = False,
     num_structures: Optional[int] = None,
@@ -68,7 +44,7 @@ def run_demo(
 
     Args:
         output_dir: the one folder every file goes to.
-        model: "schnet", "tensornet" or "mace"; None: ``default_model()``.
+        model: "schnet", "tensornet" or "mace".
         time_budget: seconds of training (checked after each epoch).
         quick: tiny data (8-atom cells), a tiny model and 3 epochs: seconds, for tests.
         num_structures: structures to generate (default 240; 24 with ``quick``).
@@ -84,7 +60,6 @@ def run_demo(
 
     out = os.path.abspath(output_dir)
     os.makedirs(out, exist_ok=True)
-    model = model or default_model()
     num_structures = num_structures or (24 if quick else 240)
     md_steps = md_steps if md_steps is not None else (10 if quick else 200)
     print(f"molnets demo: every file goes to {out}", flush=True)
@@ -101,7 +76,7 @@ def run_demo(
         train_file=data_path,
         model=model,
         cutoff=DEMO_CUTOFF,
-        model_config=_model_config(model, quick),
+        model_config=dict((_QUICK_MODEL_CONFIGS if quick else DEMO_MODEL_CONFIGS)[model]),
         batch_size=4 if quick else 8,
         max_epochs=3 if quick else 10_000,
         max_time=None if quick else time_budget,
