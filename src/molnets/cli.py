@@ -342,7 +342,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="molnets", description=__doc__, formatter_class=formatter,
+        prog="molnets", description=__doc__.replace("``", ""), formatter_class=formatter,
     )
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 for demo)")
