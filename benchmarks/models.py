@@ -110,21 +110,26 @@ def _schnet_model(spec: dict):
     return SchNet(SchNetConfig(species=tuple(spec["species"]), **SCHNET))
 
 
-def setup_molnets_schnet(system: dict, spec: dict) -> Callable[[], object]:
+def _molnets_step(model, cutoff: float, system: dict, spec: dict) -> Callable[[], object]:
+    """Energy + forces of a molnets model through ``Potential`` (optionally compiled)."""
     from molnets.models import Potential
 
     dtype, device = getattr(torch, spec["dtype"]), spec["device"]
-    model = _schnet_model(spec).to(device, dtype)
+    model = model.to(device, dtype)
     if spec.get("compile"):
         model = torch.compile(model, fullgraph=True, dynamic=False)
     potential = Potential(model).eval()
-    graph = _molnets_graph(system, SCHNET["cutoff"], dtype, device)
+    graph = _molnets_graph(system, cutoff, dtype, device)
 
     def step():
         out = potential(graph)
         return out["energy"].sum(), out["forces"]
 
     return step
+
+
+def setup_molnets_schnet(system: dict, spec: dict) -> Callable[[], object]:
+    return _molnets_step(_schnet_model(spec), SCHNET["cutoff"], system, spec)
 
 
 def setup_molnets_schnet_compiled(system: dict, spec: dict) -> Callable[[], object]:
@@ -200,20 +205,7 @@ def _tensornet_model(spec: dict):
 
 
 def setup_molnets_tensornet(system: dict, spec: dict) -> Callable[[], object]:
-    from molnets.models import Potential
-
-    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
-    model = _tensornet_model(spec).to(device, dtype)
-    if spec.get("compile"):
-        model = torch.compile(model, fullgraph=True, dynamic=False)
-    potential = Potential(model).eval()
-    graph = _molnets_graph(system, TENSORNET["cutoff"], dtype, device)
-
-    def step():
-        out = potential(graph)
-        return out["energy"].sum(), out["forces"]
-
-    return step
+    return _molnets_step(_tensornet_model(spec), TENSORNET["cutoff"], system, spec)
 
 
 def setup_molnets_tensornet_compiled(system: dict, spec: dict) -> Callable[[], object]:
@@ -247,22 +239,11 @@ MACE = {"cutoff": 5.0, "num_channels": 64, "lmax": 3, "hidden_lmax": 1, "correla
 
 
 def setup_molnets_mace(system: dict, spec: dict) -> Callable[[], object]:
-    from molnets.models import Potential
     from molnets.models.mace import MACE as MolnetsMACE, MACEConfig
 
-    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
     torch.manual_seed(0)
-    model = MolnetsMACE(MACEConfig(species=tuple(sorted(set(system["numbers"]))), **MACE)).to(device, dtype)
-    if spec.get("compile"):
-        model = torch.compile(model, fullgraph=True, dynamic=False)
-    potential = Potential(model).eval()
-    graph = _molnets_graph(system, MACE["cutoff"], dtype, device)
-
-    def step():
-        out = potential(graph)
-        return out["energy"].sum(), out["forces"]
-
-    return step
+    model = MolnetsMACE(MACEConfig(species=tuple(sorted(set(system["numbers"]))), **MACE))
+    return _molnets_step(model, MACE["cutoff"], system, spec)
 
 
 def setup_molnets_mace_compiled(system: dict, spec: dict) -> Callable[[], object]:
