@@ -103,21 +103,28 @@ def test_gradcheck_and_gradgradcheck(normalize, normalization):
     assert torch.autograd.gradgradcheck(f, v)
 
 
-def test_blocked_kernels_equal_reference(monkeypatch):
-    """The cache-blocked eager path (several blocks, a ragged last one) against the plain ops."""
+@pytest.mark.parametrize("normalize", [True, False])
+def test_blocked_kernels_equal_reference(monkeypatch, normalize):
+    """The cache-blocked eager paths (several blocks, a ragged last one): the polynomial kernel
+    (Eq. 3, lmax <= 4) and the recursion kernel (above) against e3nn and the plain ops."""
     monkeypatch.setattr(sh_module, "_chunk_size", lambda lmax: 4)
     v = make_vectors().requires_grad_(True)
-    for lmax in (0, 1, 3, 7):
-        y = spherical_harmonics(v, lmax, normalization="integral")
-        torch.testing.assert_close(y, reference(v, lmax, True, "integral"), rtol=0, atol=1e-12)
+    assert sh_module._POLYNOMIAL_LMAX == 4  # the loop below covers both kernels
+    for lmax in (0, 1, 2, 3, 4, 5, 7):
+        y = spherical_harmonics(v, lmax, normalize=normalize, normalization="integral")
+        e3nn_y = reference(v, lmax, normalize, "integral")
+        torch.testing.assert_close(y, e3nn_y, rtol=1e-12, atol=1e-12)
         g = torch.randn_like(y)
         (blocked,) = torch.autograd.grad(y, v, g)                                # first order: blocked
-        (plain,) = torch.autograd.grad(spherical_harmonics(v, lmax, normalization="integral"), v, g,
-                                       create_graph=True)                         # differentiable path
-        e3nn_y = reference(v, lmax, True, "integral")
+        (plain,) = torch.autograd.grad(spherical_harmonics(v, lmax, normalize=normalize,
+                                                           normalization="integral"),
+                                       v, g, create_graph=True)                  # differentiable path
         e3nn_grad = torch.autograd.grad(e3nn_y, v, g)[0] if lmax else torch.zeros_like(v)
-        torch.testing.assert_close(blocked, e3nn_grad, rtol=0, atol=1e-10)
-        torch.testing.assert_close(plain, e3nn_grad, rtol=0, atol=1e-10)
+        torch.testing.assert_close(blocked, e3nn_grad, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(plain, e3nn_grad, rtol=1e-12, atol=1e-10)
+        with torch.no_grad():  # the forward without autograd.Function (no graph to record)
+            torch.testing.assert_close(spherical_harmonics(v, lmax, normalize=normalize,
+                                                           normalization="integral"), y)
     assert torch.autograd.gradcheck(lambda x: spherical_harmonics(x, 3), v[:9].detach().requires_grad_())
     # the plain-op forward (used under torch.compile and on GPUs) against the blocked one
     u = torch.nn.functional.normalize(v.detach(), dim=-1)

@@ -14,11 +14,20 @@ and C_l is the minimum-norm solution of (1) on the monomial coefficients, which 
 3j-proportional one (the other solutions differ by the (l-1)-component of Y_{l-1} x r, which
 maps to zero).
 
-Speed: the recursion runs component-major ([M, E]: every op is long along the edge axis) and,
-on CPU, in blocks of a few thousand edges whose intermediates stay in cache, with the outer
-product Y_{l-1} r and one small matmul per l. The backward is Eq. (2), one matmul per l and one
-reduction, never the autograd graph of the recursion. Written in differentiable ops (used
-when create_graph=True, under torch.compile and on GPUs), it gives exact double backward.
+Speed: the differentiable ops run the recursion component-major ([M, E]: every op is long
+along the edge axis). The eager CPU kernels work in blocks of a few thousand edges whose
+intermediates stay in cache and never run the autograd graph of the forward. Up to lmax 4 they
+evaluate the polynomials directly: the monomials u^a of degree <= lmax (three products per
+degree, component-major), then one matmul that also transposes to the [E, M] layout,
+
+    Y(u) = P(u) A,     dL/du_k = sum_{a'} P_{a'}(u) (G (D_k A)^T)_{a'}                     (3)
+
+with A [K, M] the coefficients of every Y_l^m on the K monomials and D_k the derivative of the
+monomials with respect to u_k (exact, on the monomials of degree < lmax): the backward reads
+only the vectors and the output gradient. Above lmax 4, where A is mostly zeros between the
+degree blocks, they run Eq. (1) and (2), one small matmul per l. Written in differentiable ops
+(used when create_graph=True, under torch.compile and on GPUs), Eq. (1)-(2) give exact double
+backward.
 
 The zero vector: with ``normalize=True`` it is normalized as ``torch.nn.functional.normalize``
 and e3nn do, r / max(|r|, 1e-12), so Y_0 = 1 and Y_{l>0} = 0 there; first and second
@@ -126,6 +135,34 @@ def _recursion_coefficients(l: int) -> np.ndarray:
     return solution.reshape(2 * l - 1, 3, 2 * l + 1)
 
 
+def _monomials_up_to(lmax: int) -> List[Tuple[int, int, int]]:
+    """Exponents (a, b, c) of x^a y^b z^c, degree 0..lmax, degree-major; within a degree in the
+    order of ``_monomials`` (the order ``_fill_monomials`` writes them in)."""
+    return [mono for l in range(lmax + 1) for mono in _monomials(l)]
+
+
+@functools.lru_cache(maxsize=None)
+def _polynomial_coefficients(lmax: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A [K, M] and D A [3 K', M] of Eq. (3), component normalization, float64.
+
+    A[a, (l, m)] is the coefficient of monomial a in Y_l^m; row (k, a') of the second holds the
+    coefficients of d/du_k of every Y_l^m on the monomials a' of degree < lmax.
+    """
+    monomials = _monomials_up_to(lmax)
+    index = {mono: n for n, mono in enumerate(monomials)}
+    lower = {mono: n for n, mono in enumerate(_monomials_up_to(lmax - 1))}
+    values = np.zeros((len(monomials), (lmax + 1) ** 2))
+    for l in range(lmax + 1):
+        for n, mono in enumerate(_monomials(l)):
+            values[index[mono], l * l:(l + 1) ** 2] = _sh_polynomial_matrix(l)[:, n]
+    gradients = np.zeros((3, len(lower), (lmax + 1) ** 2))
+    for mono, row in index.items():
+        for k in range(3):
+            if mono[k]:  # d/du_k u^mono = mono[k] u^(mono - e_k)
+                gradients[k, lower[tuple(p - (axis == k) for axis, p in enumerate(mono))]] += mono[k] * values[row]
+    return values, gradients.reshape(3 * len(lower), (lmax + 1) ** 2)
+
+
 def _scales(lmax: int, normalization: Normalization) -> List[float]:
     """Factor s_l turning component normalization into the requested one."""
     if normalization == "component":
@@ -139,14 +176,17 @@ def _scales(lmax: int, normalization: Normalization) -> List[float]:
 
 @functools.lru_cache(maxsize=None)
 def _coefficients(lmax: int, normalization: Normalization) -> List[np.ndarray]:
-    """[y0, A_1..A_lmax, B_1..B_lmax], float64, with the output scale s_l folded in:
+    """[y0, A_1..A_lmax, B_1..B_lmax, A, DA], float64, with the output scale s_l folded in:
     A_l [2l+1, 3(2l-1)] = (C_l s_l/s_{l-1})^T for Eq. (1), B_l [3(2l-1), 2l+1] = l C_l s_l/s_{l-1}
-    for Eq. (2); rows/columns (j, k) are ordered j-major."""
+    for Eq. (2) (rows/columns (j, k) ordered j-major); A [K, M] and DA [3K', M] for Eq. (3)."""
     s = _scales(lmax, normalization)
     scaled = [(_recursion_coefficients(l) * (s[l] / s[l - 1])).reshape(-1, 2 * l + 1)
               for l in range(1, lmax + 1)]
+    column_scale = np.repeat(s, [2 * l + 1 for l in range(lmax + 1)])               # [M]
+    values, gradients = _polynomial_coefficients(lmax)
     return ([np.array(s[0])] + [np.ascontiguousarray(c.T) for c in scaled]
-            + [l * c for l, c in enumerate(scaled, start=1)])
+            + [l * c for l, c in enumerate(scaled, start=1)]
+            + [values * column_scale, gradients * column_scale])
 
 
 _TENSORS: Dict[tuple, List[Tensor]] = {}
@@ -284,6 +324,71 @@ def _backward_chunked(grad_sh: Tensor, sh: Tensor, vectors: Tensor, lmax: int, n
     return grad_vectors
 
 
+_POLYNOMIAL_LMAX = 4  # Eq. (3) up to here; above, A is mostly zeros and Eq. (1)-(2) are faster
+
+
+def _fill_monomials(z: Tensor, lmax: int) -> None:
+    """Rows of z [K, c] for degrees 2..lmax from rows 0..3 (1, x, y, z): the degree-l monomials
+    are x * (degree l-1), y * (those of degree l-1 without x), z * z^(l-1)."""
+    u_t, start, size = z[1:4], 1, 3
+    for l in range(2, lmax + 1):
+        previous, start = z[start:start + size], start + size
+        torch.mul(previous, u_t[0:1], out=z[start:start + size])
+        torch.mul(previous[size - l:], u_t[1:2], out=z[start + size:start + size + l])
+        torch.mul(previous[size - 1:], u_t[2:3], out=z[start + size + l:start + size + l + 1])
+        size += l + 1
+
+
+def _monomial_block(vectors: Tensor, start: int, n: int, lmax: int, normalize: bool,
+                    z_buffer: Tensor, norm_buffer: Tensor) -> Tuple[Tensor, Tensor]:
+    """The monomials of degree <= lmax of edges start..start+n, [K, n] (row 0 = 1 is written by
+    the caller, once), and the inverse clamped norms [n]."""
+    z = z_buffer[:, :n]                                                         # [K, c]
+    u_t, inv_norm = _unit_block(vectors, start, n, normalize, z[1:4], norm_buffer)  # [3, c], [c]
+    if not normalize:
+        z[1:4].copy_(u_t)
+    _fill_monomials(z, lmax)
+    return z, inv_norm
+
+
+def _forward_polynomial(vectors: Tensor, lmax: int, normalize: bool, values: Tensor) -> Tensor:
+    """Eq. (3), Y = P(u) A, eagerly, in cache-sized blocks of edges."""
+    num_edges = vectors.shape[0]
+    out = vectors.new_empty(num_edges, values.shape[1])                         # [E, M]
+    chunk = min(_chunk_size(lmax), max(num_edges, 1))
+    z_buffer, norm_buffer = vectors.new_empty(values.shape[0], chunk), vectors.new_empty(chunk)
+    z_buffer[0].fill_(1.0)
+    for start in range(0, num_edges, chunk):
+        n = min(chunk, num_edges - start)
+        z, _ = _monomial_block(vectors, start, n, lmax, normalize, z_buffer, norm_buffer)
+        torch.mm(z.t(), values, out=out[start:start + n])                      # [c, M]
+    return out
+
+
+def _backward_polynomial(grad_sh: Tensor, vectors: Tensor, lmax: int, normalize: bool,
+                         gradients: Tensor) -> Tensor:
+    """Eq. (3) backward, dL/du_k = sum_a' P_a'(u) (G (D_k A)^T)_a', and the normalization's
+    Jacobian, eagerly in blocks (first order)."""
+    num_edges, num_lower = vectors.shape[0], gradients.shape[0] // 3
+    grad_vectors = vectors.new_empty(num_edges, 3)                              # [E, 3]
+    chunk = min(_chunk_size(lmax), max(num_edges, 1))
+    z_buffer, norm_buffer = vectors.new_empty(max(num_lower, 4), chunk), vectors.new_empty(chunk)
+    h_buffer = vectors.new_empty(gradients.shape[0] * chunk)
+    z_buffer[0].fill_(1.0)
+    for start in range(0, num_edges, chunk):
+        n = min(chunk, num_edges - start)
+        z, inv_norm = _monomial_block(vectors, start, n, lmax - 1, normalize, z_buffer, norm_buffer)
+        h = h_buffer[:gradients.shape[0] * n].view(3, num_lower, n)            # [3, K', c]
+        torch.mm(gradients, grad_sh[start:start + n].t(), out=h.view(-1, n))
+        grad_u = h.mul_(z[None, :num_lower]).sum(1)                             # [3, c]
+        if normalize:  # (g - (g.u) u) / |r|; g / eps where the norm is clamped
+            u_t = z[1:4]
+            radial = (grad_u * u_t).sum(0).masked_fill_(inv_norm >= 0.9999 / _EPS, 0.0)  # [c]
+            grad_u = grad_u.sub_(radial * u_t).mul_(inv_norm)                   # [3, c]
+        grad_vectors[start:start + n].copy_(grad_u.t())
+    return grad_vectors
+
+
 class _SphericalHarmonicsFn(torch.autograd.Function):
     """Y(r / |r|) by Eq. (1); its backward by Eq. (2) and the normalization's Jacobian, itself
     differentiable (double backward)."""
@@ -293,6 +398,8 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
         if torch.compiler.is_compiling() or vectors.device.type != "cpu":
             u = _normalize(vectors) if normalize else vectors                   # [E, 3]
             return _forward_reference(u, lmax, y0, matrices[:lmax])
+        if 0 < lmax <= _POLYNOMIAL_LMAX:
+            return _forward_polynomial(vectors, lmax, normalize, matrices[2 * lmax])
         return _forward_chunked(vectors, lmax, normalize, y0, matrices[:lmax])
 
     @staticmethod
@@ -303,8 +410,9 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_sh: Tensor):
-        vectors, sh, *backward_t = ctx.saved_tensors
+        vectors, sh, *matrices = ctx.saved_tensors
         lmax, normalize = ctx.lmax, ctx.normalize
+        backward_t = matrices[:lmax]
         if lmax == 0:
             grad_vectors = torch.zeros_like(vectors)
         elif (torch.is_grad_enabled()  # create_graph=True
@@ -312,14 +420,19 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
             grad_vectors = _backward_reference(grad_sh, sh, lmax, backward_t)  # [E, 3]
             if normalize:
                 grad_vectors = _normalize_backward(vectors, grad_vectors)
+        elif lmax <= _POLYNOMIAL_LMAX:
+            grad_vectors = _backward_polynomial(grad_sh, vectors, lmax, normalize, matrices[-1])
         else:
             grad_vectors = _backward_chunked(grad_sh, sh, vectors, lmax, normalize, backward_t)
-        return (grad_vectors, None, None, None) + (None,) * (2 * lmax)
+        return (grad_vectors, None, None, None) + (None,) * (2 * lmax + 2)
 
 
 def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]) -> Tensor:
-    batch_shape = vectors.shape[:-1]
-    sh = _SphericalHarmonicsFn.apply(vectors.reshape(-1, 3), lmax, normalize, *tensors)  # [E, M]
+    batch_shape, flat = vectors.shape[:-1], vectors.reshape(-1, 3)
+    if torch.is_grad_enabled() and flat.requires_grad:
+        sh = _SphericalHarmonicsFn.apply(flat, lmax, normalize, *tensors)         # [E, M]
+    else:  # no graph to record: skip the autograd.Function's own cost (~40 us a call)
+        sh = _SphericalHarmonicsFn.forward(flat, lmax, normalize, *tensors)       # [E, M]
     return sh.reshape(batch_shape + (sh.shape[-1],))
 
 
@@ -408,7 +521,7 @@ class SphericalHarmonics(nn.Module):
 
     def forward(self, vectors: Tensor) -> Tensor:
         if vectors.dtype == self.coefficients_0.dtype:  # static under torch.compile
-            tensors = [getattr(self, f"coefficients_{n}") for n in range(2 * self.lmax + 1)]
+            tensors = [getattr(self, f"coefficients_{n}") for n in range(2 * self.lmax + 3)]
         else:
             tensors = _coefficient_tensors(self.lmax, self.normalization, vectors.dtype,
                                            vectors.device)
