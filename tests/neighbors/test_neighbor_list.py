@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from molnets.neighbors import neighbor_list
-from molnets.neighbors._geometry import reduce_cell
+from molnets.neighbors._geometry import reduce_cell, validate
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 CELL_KINDS = ("triclinic", "skewed", "small")
@@ -244,6 +244,7 @@ def x3(n=4):
         (dict(cell=torch.eye(2, dtype=torch.float64), pbc=True), "cell must have shape"),
         (dict(cell=torch.eye(3, dtype=torch.float64), pbc=[True, True]), "pbc must have shape"),
         (dict(batch=torch.zeros(3, dtype=torch.long)), "batch must have shape"),
+        (dict(batch=torch.tensor([0, -1, 0, 0])), "negative"),
         (dict(batch=torch.tensor([0, 0, 1, 1]), cell=torch.eye(3, dtype=torch.float64) * 9, pbc=True), "batch refers"),
         (dict(positions=torch.tensor([[0.0, 0, 0], [0, 0, 1e-9]], dtype=torch.float64)), "on top of each other"),
         (dict(positions=torch.tensor([[0.0, 0, 0], [2.0, 0, 0]], dtype=torch.float64),
@@ -256,5 +257,17 @@ def x3(n=4):
 def test_bad_input_raises_value_error(kwargs, message, default_backend):
     args = dict(positions=x3(), cutoff=3.0, cell=None, pbc=None, batch=None, backend=default_backend)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=message):
-        neighbor_list(**args)
+    for _ in range(2):  # the cell checks remember their answers; errors must come every time
+        with pytest.raises(ValueError, match=message):
+            neighbor_list(**args)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, on the sum
+def test_huge_finite_positions_are_not_taken_for_inf():
+    """The finite check sums the positions; a sum that overflows is no NaN/inf in the input."""
+    positions = torch.tensor([[1e308, 0.0, 0.0], [1e308, 5.0, 0.0]], dtype=torch.float64)
+    system = validate(positions, 3.0, None, None, None)
+    assert system.positions is positions
+    positions[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"atoms \[1\]"):
+        validate(positions, 3.0, None, None, None)

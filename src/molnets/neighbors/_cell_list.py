@@ -51,7 +51,7 @@ def cell_list_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
     Shapes:
         positions [N, 3], cell [B, 3, 3], pbc [B, 3], batch [N]  ->  [E], [E], [E, 3], [E]
     """
-    positions, cell, pbc, batch = system
+    positions, cell, pbc, batch, _ = system
     device, dtype = positions.device, positions.dtype
     num_atoms, num_graphs = positions.shape[0], cell.shape[0]
     if num_atoms == 0:

@@ -23,7 +23,7 @@ def cluster_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tensor
             'backend="cluster" needs torch-cluster: pip install --no-build-isolation "molnets[cluster]"'
         ) from error
 
-    positions, cell, pbc, batch = system
+    positions, cell, pbc, batch, _ = system
     if bool(pbc.any()):
         raise ValueError('backend="cluster" has no periodic images: use it only for non-periodic systems')
     num_atoms = positions.shape[0]

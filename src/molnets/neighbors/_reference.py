@@ -19,7 +19,7 @@ def reference_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
 
     Returns receivers [E], senders [E], shifts [E, 3] (long), distances [E].
     """
-    positions, original_cell, pbc, batch = system
+    positions, original_cell, pbc, batch, _ = system
     # Search in a reduced basis of the same lattice (short vectors, so few images), then map the
     # shifts back: S @ reduced = (S @ transform) @ cell.
     cell, transform = reduce_cell(original_cell, pbc)                  # [B, 3, 3] x2

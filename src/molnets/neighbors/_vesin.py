@@ -8,8 +8,9 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from vesin import NeighborList
 
-from ._geometry import System, host_cell, reduce_cell, reducible
+from ._geometry import CPU, System, reduce_cell
 
 
 _LOCAL = threading.local()
@@ -25,8 +26,6 @@ def _calculator(cutoff: float):
     every array handed out of :func:`vesin_neighbor_list` is a copy. The cost is that the buffers
     of the largest list computed stay allocated.
     """
-    from vesin import NeighborList
-
     cache: Dict[float, NeighborList] = _LOCAL.__dict__.setdefault("calculators", {})
     calculator = cache.get(cutoff)
     if calculator is None:
@@ -37,22 +36,24 @@ def _calculator(cutoff: float):
 
 
 def vesin_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """vesin's full list with "ijSd"; structures of a batch are computed one after the other.
+    """vesin's full list with "PSd"; structures of a batch are computed one after the other.
 
     Returns receivers [E], senders [E], shifts [E, 3] (long), distances [E].
     """
-    positions, cell, pbc, batch = system
+    positions, _, _, batch, host = system
     device = positions.device
-    boxes, periodic = host_cell(cell, pbc)                                # [B, 3, 3], [B, 3]
+    boxes, periodic, transforms = host.cell, host.pbc, None                       # [B, 3, 3], [B, 3]
     # vesin's search box grows with the skew of the cell: give it a reduced basis of the same
-    # lattice and map the shifts back (S @ reduced = (S @ transform) @ cell). The common,
-    # already reduced cell is recognised by one numpy test and skips the reduction.
-    transforms = None
-    if reducible(boxes, periodic):
+    # lattice and map the shifts back (S @ reduced = (S @ transform) @ cell). validate() has
+    # already found out whether the (common) cell is reduced.
+    if not host.reduced:
         reduced, transform = reduce_cell(torch.from_numpy(boxes), torch.from_numpy(periodic))
         boxes, transforms = reduced.numpy(), transform.numpy()
     calculator = _calculator(cutoff)
-    points = positions.detach().to("cpu", torch.float64).numpy()          # [N, 3]
+    if host.positions is not None and host.positions.dtype == np.float64:
+        points = host.positions                                                   # [N, 3]
+    else:
+        points = positions.detach().to(CPU, torch.float64).numpy()                # [N, 3]
     if boxes.shape[0] == 1:
         groups = [None]
     else:
@@ -68,20 +69,17 @@ def vesin_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tensor, 
         # exactly once below, straight into its final dtype (uint64 -> int64, int32 -> int64).
         # vesin returns d already as a fresh array (its float conversion copies); it is copied
         # only if it is not.
-        i, j, S, d = calculator.compute(x, boxes[g], periodic[g], quantities="ijSd", copy=False)
-        S = S.astype(np.int64) if transforms is None else S.astype(np.int64) @ transforms[g]
-        if atoms is None:
-            i, j = i.astype(np.int64), j.astype(np.int64)
-        else:
-            i, j = atoms[i], atoms[j]
+        pairs, S, d = calculator.compute(x, boxes[g], periodic[g], quantities="PSd", copy=False)
+        ij = pairs.T.astype(np.int64, order="C")                                  # [2, e] one pass
+        i, j = ij if atoms is None else atoms[ij]                                 # [e] x2, contiguous
+        S = S.astype(np.int64) if transforms is None else S.astype(np.int64) @ transforms[g]  # [e, 3]
         parts.append((i, j, S, d if d.flags.owndata else d.copy()))
     if not parts:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty, empty.reshape(0, 3), positions.new_zeros(0)
-    i, j, S, d = parts[0] if len(parts) == 1 else (np.concatenate(p) for p in zip(*parts))
-    return (
-        torch.from_numpy(i).to(device),
-        torch.from_numpy(j).to(device),
-        torch.from_numpy(S).to(device),
-        torch.from_numpy(d).to(device, positions.dtype),
-    )
+    arrays = parts[0] if len(parts) == 1 else (np.concatenate(p) for p in zip(*parts))
+    outputs = tuple(torch.from_numpy(a) for a in arrays)
+    if device == CPU and positions.dtype == torch.float64:  # the common case: no more copies
+        return outputs
+    receivers, senders, shifts, distances = outputs
+    return receivers.to(device), senders.to(device), shifts.to(device), distances.to(device, positions.dtype)
