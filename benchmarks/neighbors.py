@@ -1,20 +1,27 @@
 """Neighbor lists: every molnets backend against vesin, matscipy and ASE, in one run.
 
 Rattled periodic fcc Cu supercells (256, 2048, 16384 atoms) and a batch of 64 small molecules
-(ASE's g2 set, non-periodic), 5 Å cutoff, float64 positions on the CPU. Prints the median time of
-each and its ratio to vesin as a markdown table, and the fitted exponent of time vs N of the
-torch cell list.
+(ASE's g2 set, non-periodic), 5 Å cutoff, float64 positions on the CPU. Prints the time of each
+and its ratio to vesin as a markdown table, and the fitted exponent of time vs N of the torch
+cell list.
 
-    python benchmarks/neighbors.py [--repeats 7] [--threads 2]
+How it times: each contender is timed in tight alternation with vesin alone (contender, vesin,
+contender, vesin, ...), so that both see the same load and the same caches (no other backend
+runs in between), for at least ``--repeats`` pairs and at least ``--seconds`` per contender.
+Times are the minimum over the repeats (the least disturbed run, on a shared machine); a ratio
+is the contender's minimum over vesin's minimum within the same alternation. vesin is asked for
+"ijSd": the pairs, shifts and distances, the quantities molnets' vesin backend needs (the
+distances feed the check for overlapping atoms).
+
+    python benchmarks/neighbors.py [--repeats 10] [--seconds 1.0] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
@@ -44,17 +51,25 @@ def molecules(count: int = 64):
     return structures
 
 
-def median_times(runs: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Median wall time of each run; the runs take turns, so that load drifts hit all alike."""
-    for fn in runs.values():
-        fn()  # warm-up
-    times: Dict[str, list] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def paired_times(runs: Dict[str, Callable[[], object]], repeats: int, seconds: float) -> Dict[str, Tuple[float, float]]:
+    """(minimum time, ratio to vesin) of each run, timed in alternation with ``runs["vesin"]``."""
+    baseline = runs["vesin"]
+    results, all_baseline_times = {}, []
+    for name, fn in runs.items():
+        if fn is baseline:
+            continue
+        fn(), baseline()  # warm-up
+        times, baseline_times = [], []
+        start = time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - start < seconds:
+            for run, out in ((fn, times), (baseline, baseline_times)):
+                tick = time.perf_counter()
+                run()
+                out.append(time.perf_counter() - tick)
+        results[name] = (min(times), min(times) / min(baseline_times))
+        all_baseline_times += baseline_times
+    results["vesin"] = (min(all_baseline_times), 1.0)
+    return results
 
 
 def case_inputs(structures):
@@ -77,7 +92,7 @@ def contenders(structures) -> Dict[str, Callable[[], object]]:
         runs["molnets reference"] = lambda: neighbor_list(positions, CUTOFF, cells, pbc, batch, backend="reference")
     if not pbc.any():
         runs["molnets cluster"] = lambda: neighbor_list(positions, CUTOFF, cells, pbc, batch, backend="cluster")
-    runs["vesin"] = lambda: [vesin_list.compute(a.positions, a.cell[:], bool(a.pbc.any()), quantities="ijS") for a in structures]
+    runs["vesin"] = lambda: [vesin_list.compute(a.positions, a.cell[:], a.pbc, quantities="ijSd") for a in structures]
     runs["matscipy"] = lambda: [matscipy_neighbour_list("ijS", a, CUTOFF) for a in structures]
     if len(positions) <= 2048:
         runs["ase"] = lambda: [ase_neighbor_list("ijS", a, CUTOFF) for a in structures]
@@ -86,33 +101,32 @@ def contenders(structures) -> Dict[str, Callable[[], object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=10, help="pairs of runs per contender, at least")
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per contender, at least")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     cases = {f"Cu fcc {n}": copper(n) for n in (256, 2048, 16384)}
     cases["64 molecules (g2)"] = molecules(64)
-    results: Dict[str, Dict[str, float]] = {}
+    results: Dict[str, Dict[str, Tuple[float, float]]] = {}
     for case, structures in cases.items():
-        repeats = args.repeats if len(structures[0]) < 10000 else max(3, args.repeats // 2)
-        results[case] = median_times(contenders(structures), repeats)
+        results[case] = paired_times(contenders(structures), args.repeats, args.seconds)
 
     names = sorted({n for r in results.values() for n in r}, key=lambda n: (not n.startswith("molnets"), n))
-    print(f"Neighbor lists, {CUTOFF} Å cutoff, float64, CPU, {args.threads} threads: median ms (ratio to vesin)\n")
+    print(f"Neighbor lists, {CUTOFF} Å cutoff, float64, CPU, {args.threads} threads: "
+          "best ms (ratio to vesin, timed in alternation with it)\n")
     print("| system | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for case, times in results.items():
-        cells = [
-            f"{times[n] * 1e3:.2f} ({times[n] / times['vesin']:.2f}x)" if n in times else "-" for n in names
-        ]
+        cells = [f"{times[n][0] * 1e3:.2f} ({times[n][1]:.2f}x)" if n in times else "-" for n in names]
         print(f"| {case} | " + " | ".join(cells) + " |")
 
     sizes = np.array([len(cases[c][0]) for c in cases if c.startswith("Cu")], dtype=float)
-    torch_times = np.array([results[c]["molnets torch"] for c in cases if c.startswith("Cu")])
+    torch_times = np.array([results[c]["molnets torch"][0] for c in cases if c.startswith("Cu")])
     slope = np.polyfit(np.log(sizes), np.log(torch_times), 1)[0]
     print(f"\ntorch cell list: time ~ N^{slope:.2f} (fit over N = {sizes.astype(int).tolist()})")
-    molecules_case = {n: t for n, t in results["64 molecules (g2)"].items() if n.startswith("molnets") and "auto" not in n}
+    molecules_case = {n: t for n, (t, _) in results["64 molecules (g2)"].items() if n.startswith("molnets") and "auto" not in n}
     print(f"64 molecules: fastest molnets backend {min(molecules_case, key=molecules_case.get)}; "
           f"auto picks {_resolve('auto', validate(*case_inputs(cases['64 molecules (g2)'])))}")
 

@@ -102,7 +102,7 @@ _MANY_STRUCTURES = 32
 
 def _resolve(backend: str, system: System) -> str:
     if backend == "auto":
-        if system.positions.device.type != "cpu":
+        if not system.positions.is_cpu:
             return "torch"
         num_graphs = system.cell.shape[0]
         small = system.positions.shape[0] <= _SMALL_STRUCTURE * num_graphs

@@ -86,9 +86,9 @@ def validate(
             raise ValueError("batch contains negative structure indices")
         num_graphs_in_batch = high + 1
 
-    pbc_t = _as_pbc(pbc, positions.device)
+    pbc_np = _host_pbc(pbc)                                                   # [3] or [B, 3]
     if cell is None:
-        if bool(pbc_t.any()):
+        if pbc_np.any():
             raise ValueError("pbc is set but no cell was given: periodic boundaries need a cell")
         cell = positions.new_zeros((num_graphs_in_batch, 3, 3))
     else:
@@ -104,20 +104,25 @@ def validate(
         raise ValueError(
             f"batch refers to structure {num_graphs_in_batch - 1} but only {num_graphs} cell(s) were given"
         )
-    if pbc_t.shape == (3,):
-        pbc_t = pbc_t.expand(num_graphs, 3)
-    if pbc_t.shape != (num_graphs, 3):
-        raise ValueError(f"pbc must have shape [3] or [B, 3] = [{num_graphs}, 3], got {tuple(pbc_t.shape)}")
+    if pbc_np.shape == (3,):
+        pbc_np = np.broadcast_to(pbc_np, (num_graphs, 3))
+    if pbc_np.shape != (num_graphs, 3):
+        raise ValueError(f"pbc must have shape [3] or [B, 3] = [{num_graphs}, 3], got {pbc_np.shape}")
+    pbc_np = pbc_np.copy()  # [B, 3] contiguous and writable (torch wants it), not the caller's memory
+    pbc_t = torch.from_numpy(pbc_np)                                          # [B, 3]
     # The per-structure checks run in numpy on a host copy of the (tiny) cell and pbc: a handful
     # of numpy calls cost less than the ~15 small torch ops they replace, on every device.
-    cell_np, pbc_np = host_cell(cell, pbc_t)
+    cell_np = host_cell(cell)                                                 # [B, 3, 3]
     reduced = check_lattice(cell_np, pbc_np)
-    return System(positions, cell, pbc_t.contiguous(), batch, Host(view, cell_np, pbc_np, reduced))
+    if not positions.is_cpu:
+        pbc_t = pbc_t.to(positions.device)
+    return System(positions, cell, pbc_t, batch, Host(view, cell_np, pbc_np, reduced))
 
 
-def host_cell(cell: Tensor, pbc: Tensor) -> Tuple[np.ndarray, np.ndarray]:
-    """float64 numpy copies of cell [B, 3, 3] and pbc [B, 3] (no copy for a float64 CPU cell)."""
-    return cell.detach().to(CPU, torch.float64).numpy(), pbc.cpu().numpy()
+def host_cell(cell: Tensor) -> np.ndarray:
+    """float64 numpy copy of cell [B, 3, 3] (a view of a float64 CPU cell)."""
+    view = numpy_view(cell)
+    return view if view is not None and view.dtype == np.float64 else cell.detach().to(CPU, torch.float64).numpy()
 
 
 def numpy_view(values: Tensor) -> Optional[np.ndarray]:
@@ -164,17 +169,16 @@ def _check_lattice_bytes(cell_bytes: bytes, pbc_bytes: bytes) -> bool:
     return not reducible(cell, pbc)
 
 
-def _as_pbc(pbc: PbcLike, device: torch.device) -> Tensor:
-    if pbc is None:
-        return torch.zeros(3, dtype=torch.bool, device=device)
-    if isinstance(pbc, bool):
-        return torch.full((3,), pbc, dtype=torch.bool, device=device)
-    pbc_t = torch.as_tensor(pbc, device=device)
-    if pbc_t.dtype != torch.bool:
-        raise ValueError(f"pbc must be booleans, got {pbc_t.dtype}")
-    if pbc_t.dim() not in (1, 2) or pbc_t.shape[-1] != 3:
-        raise ValueError(f"pbc must have shape [3] or [B, 3], got {tuple(pbc_t.shape)}")
-    return pbc_t
+def _host_pbc(pbc: PbcLike) -> np.ndarray:
+    """pbc as a numpy bool array of shape [3] or [B, 3] (shape checked against B later)."""
+    if pbc is None or isinstance(pbc, bool):
+        return np.full(3, bool(pbc))
+    pbc_np = pbc.cpu().numpy() if isinstance(pbc, Tensor) else np.asarray(pbc)
+    if pbc_np.dtype != np.bool_:
+        raise ValueError(f"pbc must be booleans, got {pbc_np.dtype}")
+    if pbc_np.ndim not in (1, 2) or pbc_np.shape[-1] != 3:
+        raise ValueError(f"pbc must have shape [3] or [B, 3], got {pbc_np.shape}")
+    return pbc_np
 
 
 def _check_periodic_vectors(cell: np.ndarray, pbc: np.ndarray) -> None:
@@ -306,7 +310,7 @@ def reduce_cell(cell: Tensor, pbc: Tensor, max_iterations: int = 200) -> Tuple[T
     """
     num_graphs = cell.shape[0]
     transform = torch.eye(3, dtype=torch.long, device=cell.device).repeat(num_graphs, 1, 1)
-    if not reducible(*host_cell(cell, pbc)):  # the common case, decided with one host sync
+    if not reducible(host_cell(cell), pbc.cpu().numpy()):  # the common case, decided with one host sync
         return cell, transform
     reduced = cell.clone()                                                    # [B, 3, 3]
     for _ in range(max_iterations):
