@@ -184,3 +184,22 @@ def test_compiles_without_graph_breaks(name):
     assert (y - y_ref).abs().max() <= 1e-13
     for a, b in zip(torch.autograd.grad(y.square().sum(), args), torch.autograd.grad(y_ref.square().sum(), args)):
         assert (a - b).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_fused_kernel_over_several_edge_chunks_equals_e3nn(monkeypatch, create_graph):
+    # chunks of 2 edges over 7 (the last one ragged); create_graph=True takes the differentiable
+    # per-path backward, False the chunked one
+    from molnets.layers import _tensor_product_kernel
+
+    ours, ref = _uvu_pair("mace_like")
+    assert ours.fused
+    monkeypatch.setattr(_tensor_product_kernel, "CHUNK_NUMEL", 2 * max(g.mul * g.num_cols for g in ours._kernel_groups))
+    x1, x2, w = _inputs(ours, num_edges=7, seed=3)
+    out, out_ref = ours(x1, x2, w), ref(x1, x2, w)
+    assert (out - out_ref).abs().max() <= 1e-12
+    grad = torch.randn_like(out_ref)
+    ours_grads = torch.autograd.grad(out, (x1, x2, w), grad, create_graph=create_graph)
+    for a, b in zip(ours_grads, torch.autograd.grad(out_ref, (x1, x2, w), grad)):
+        assert a.requires_grad == create_graph
+        assert (a - b).abs().max() <= 1e-12
