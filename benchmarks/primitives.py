@@ -1,6 +1,6 @@
 """Primitive benchmark: molnets' equivariant primitives against e3nn 0.6 and torch_scatter, one run.
 
-    python benchmarks/primitives.py [--quick] [--threads 2] [--repeats 5]
+    python benchmarks/primitives.py [--quick] [--threads 2] [--repeats 5] [--only sh,tp,scatter]
 
 Rows (best wall time of one call over alternated repeats after a warm-up, CPU):
 - spherical harmonics, lmax 3 and 6, 1e3..1e6 random vectors (normalized, "component"):
@@ -210,14 +210,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes only (about a minute)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", default="sh,tp,scatter",
+                        help="comma-separated sections to run: sh (spherical harmonics), tp, scatter")
     parser.add_argument("--scatter-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.scatter_worker:
         scatter_worker(args)
         return
     torch.set_num_threads(args.threads)
+    sections = {"sh": spherical_harmonics_rows, "tp": tensor_product_rows, "scatter": scatter_rows}
+    chosen = args.only.split(",")
+    unknown = sorted(set(chosen) - set(sections))
+    if unknown:
+        parser.error(f"--only: unknown sections {unknown}, choose from {sorted(sections)}")
     rows = []
-    for section in (spherical_harmonics_rows, tensor_product_rows, scatter_rows):
+    for section in (sections[name] for name in sections if name in chosen):
         start = time.perf_counter()
         rows += section(args)
         print(f"{section.__name__}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
