@@ -241,7 +241,7 @@ class ProductBasis(nn.Module):
         self.num_couplings = plan.num_couplings
         # float64 masters: .double() after a float32 build keeps the exact coefficients
         for nu in range(1, self.correlation):
-            register_constant(self, f"U{nu}", plan.U[nu - 1])  # [T, O, K]
+            register_constant(self, f"U{nu}", plan.U[nu - 1].permute(2, 0, 1).contiguous())  # [K, T, O]
             if nu > 1:
                 register_constant(self, f"last{nu}", plan.last[nu - 2])  # [M, T] one-hot
                 prefix = plan.prefix[nu - 2]  # [M, T] one-hot at ν = 2, else [T] long
@@ -249,8 +249,9 @@ class ProductBasis(nn.Module):
                     register_constant(self, f"prefix{nu}", prefix)
                 else:
                     self.register_buffer(f"prefix{nu}", prefix)
-        register_constant(self, "U_top_low", plan.U_top_low)  # [n_low, d_low, O, K]
-        register_constant(self, "U_top_last", plan.U_top_last)  # [T, d_last, O, K]
+        # coupling index first: folding the weights in is one plain matmul (see _terms_every_species)
+        register_constant(self, "U_top_low", plan.U_top_low.permute(3, 0, 1, 2).contiguous())  # [K, n_low, d_low, O]
+        register_constant(self, "U_top_last", plan.U_top_last.permute(3, 0, 1, 2).contiguous())  # [K, T, d_last, O]
         self.weights = nn.ParameterList(
             torch.randn(self.num_species, K, C) / math.sqrt(max(K, 1)) for K in self.num_couplings
         )
@@ -277,6 +278,19 @@ class ProductBasis(nn.Module):
         N = B.shape[0]
         return torch.cat([B[:, :, start:stop].reshape(N, -1) for start, stop in self.out_slices], dim=1)
 
+    def _fold(self, U: Tensor, nu: int) -> Tensor:
+        """W^{(ν)} folded into U [K, T, (d,) O] for every species: [C, T, (d) S O],
+
+            (W U)[c, t, (d,) s, o] = Σ_k W[s, k, c] U[k, t, (d,) o],
+
+        one plain matmul and one permutation (a view when S = 1). The einsum it replaces wrote
+        a five-index permuted copy, the largest fixed cost of a call on small molecules."""
+        W = self.weights[nu - 1]  # [S, K, C]
+        S, K, C = W.shape
+        T, D, O = U.shape[1], math.prod(U.shape[2:-1]), U.shape[-1]  # D = d (top degree) or 1
+        WU = W.transpose(1, 2).reshape(S * C, K) @ U.reshape(K, T * D * O)  # [S C, T D O]
+        return WU.reshape(S, C, T, D, O).permute(1, 2, 3, 0, 4).reshape(C, T, D * S * O)
+
     def _terms_every_species(self, A: Tensor) -> List[Tensor]:
         """The ν-terms for every species at once (W folded into U first): each [C, N, S O]."""
         N, C, S, O = A.shape[0], self.num_channels, self.num_species, self.num_components_out
@@ -289,18 +303,13 @@ class ProductBasis(nn.Module):
             elif nu > 2:
                 prefix, last = getattr(self, f"prefix{nu}"), getattr(self, f"last{nu}")
                 monomials = monomials.gather(2, prefix.expand(C, N, -1)) * (x @ last)  # [C, N, T]
-            U = getattr(self, f"U{nu}")  # [T, O, K]
-            UW = torch.einsum("tok,skc->ctso", U, self.weights[nu - 1])  # [C, T, S, O]
-            out.append(torch.bmm(monomials, UW.reshape(C, U.shape[0], S * O)))  # [C, N, S O]
+            out.append(torch.bmm(monomials, self._fold(getattr(self, f"U{nu}"), nu)))  # [C, N, S O]
         if self.correlation == 1:
             monomials = x.new_ones(C, N, 1)  # the empty prefix
-        n_low, d_low = self.U_top_low.shape[:2]
-        n_last, d_last = self.U_top_last.shape[:2]
-        UW_low = torch.einsum("pdok,skc->cpdso", self.U_top_low, self.weights[-1])  # [C, n_low, d_low, S, O]
-        UW_last = torch.einsum("pdok,skc->cpdso", self.U_top_last, self.weights[-1])  # [C, T, d_last, S, O]
-        UW_low, UW_last = UW_low.reshape(C, n_low, d_low * S * O), UW_last.reshape(C, n_last, d_last * S * O)
+        n_low = self.U_top_low.shape[1]
         H = torch.cat(
-            [torch.bmm(monomials[:, :, :n_low], UW_low), torch.bmm(monomials, UW_last)], dim=2
+            [torch.bmm(monomials[:, :, :n_low], self._fold(self.U_top_low, self.correlation)),
+             torch.bmm(monomials, self._fold(self.U_top_last, self.correlation))], dim=2
         ).reshape(C, N, x.shape[2], S * O)  # [C, N, M, S O]: the polynomial divided by A_d
         out.append((H * x.unsqueeze(3)).sum(2))  # [C, N, S O]
         return out
