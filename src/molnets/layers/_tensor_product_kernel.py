@@ -65,7 +65,7 @@ def _block(x: Tensor, start: int, mul: int, dim: int) -> Tensor:
 
 
 def _chunk_size(groups: Sequence[KernelGroup]) -> int:
-    return max(1, CHUNK_NUMEL // max(g.mul * g.num_cols for g in groups))
+    return max(1, CHUNK_NUMEL // max((g.mul * g.num_cols for g in groups), default=1))
 
 
 def _forward_chunked(x1: Tensor, t_all: Tensor, weight: Tensor, groups: Sequence[KernelGroup],
@@ -73,7 +73,7 @@ def _forward_chunked(x1: Tensor, t_all: Tensor, weight: Tensor, groups: Sequence
     """Eager forward into ``out`` [E, dim_out], chunk after chunk of edges (module docstring)."""
     num_edges = x1.shape[0]
     chunk = _chunk_size(groups)
-    buffer = x1.new_empty(min(chunk, num_edges) * max(g.mul * g.num_cols for g in groups))
+    buffer = x1.new_empty(min(chunk, num_edges) * max((g.mul * g.num_cols for g in groups), default=0))
     for start in range(0, num_edges, chunk):
         end = min(start + chunk, num_edges)
         for g in groups:
@@ -82,7 +82,8 @@ def _forward_chunked(x1: Tensor, t_all: Tensor, weight: Tensor, groups: Sequence
             torch.bmm(h, t, out=y)
             for p in g.paths:
                 w = weight[start:end, p.w_start:p.w_start + g.mul].unsqueeze(-1)                   # [n, C, 1]
-                torch.mul(y[:, :, p.col:p.col + p.dim_out], w, out=_block(out[start:end], p.out_start, g.mul, p.dim_out))
+                out_p = _block(out[start:end], p.out_start, g.mul, p.dim_out)                     # [n, C, k]
+                torch.mul(y[:, :, p.col:p.col + p.dim_out], w, out=out_p)
     return out
 
 
@@ -98,9 +99,10 @@ def _backward_chunked(grad_out: Tensor, x1: Tensor, t_all: Tensor, weight: Tenso
     grad_x1, grad_t, grad_w = torch.zeros_like(x1), torch.empty_like(t_all), torch.zeros_like(weight)
     chunk = _chunk_size(groups)
     n0 = min(chunk, num_edges)
-    width = max(g.mul * g.num_cols for g in groups)
+    width = max((g.mul * g.num_cols for g in groups), default=0)
     big = [x1.new_empty(n0 * width) for _ in range(3)]                 # G, W (then W G), y (then G y)
-    small = x1.new_empty(n0 * max(max(g.mul * g.dim1, g.dim1 * g.num_cols, g.mul * len(g.paths)) for g in groups))
+    small = x1.new_empty(n0 * max((max(g.mul * g.dim1, g.dim1 * g.num_cols, g.mul * len(g.paths)) for g in groups),
+                                  default=0))
     # [K, P] indicator of the columns of each path: spreads weights over columns, sums columns per path
     indicators = []
     for g in groups:
