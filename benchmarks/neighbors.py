@@ -7,11 +7,13 @@ cell list.
 
 How it times: each contender is timed in tight alternation with vesin alone (contender, vesin,
 contender, vesin, ...), so that both see the same load and the same caches (no other backend
-runs in between), for at least ``--repeats`` pairs and at least ``--seconds`` per contender.
-Times are the minimum over the repeats (the least disturbed run, on a shared machine); a ratio
-is the contender's minimum over vesin's minimum within the same alternation. vesin is asked for
-"ijSd": the pairs, shifts and distances, the quantities molnets' vesin backend needs (the
-distances feed the check for overlapping atoms).
+runs in between), for at least ``--repeats`` pairs and at least ``--seconds`` per contender,
+spread over 5 rounds that cycle through the contenders (a burst of load from other processes
+then cannot spoil all runs of one contender). Times are the minimum over the repeats (the least
+disturbed run, on a shared machine); a ratio is the contender's minimum over vesin's minimum in
+the same pairs. vesin is asked for "ijSd": the pairs, shifts and distances, the quantities
+molnets' vesin backend needs (the distances feed the check for overlapping atoms), on
+``--threads`` threads, like molnets (which gives vesin torch's thread count).
 
     python benchmarks/neighbors.py [--repeats 10] [--seconds 1.0] [--threads 2]
 """
@@ -51,24 +53,30 @@ def molecules(count: int = 64):
     return structures
 
 
-def paired_times(runs: Dict[str, Callable[[], object]], repeats: int, seconds: float) -> Dict[str, Tuple[float, float]]:
-    """(minimum time, ratio to vesin) of each run, timed in alternation with ``runs["vesin"]``."""
+def paired_times(
+    runs: Dict[str, Callable[[], object]], repeats: int, seconds: float, rounds: int = 5
+) -> Dict[str, Tuple[float, float]]:
+    """(minimum time, ratio to vesin) of each run, timed in alternation with ``runs["vesin"]``.
+
+    The time of each contender is spread over ``rounds`` rounds that cycle through all of them,
+    so that a burst of load from other processes cannot spoil one contender's every run.
+    """
     baseline = runs["vesin"]
-    results, all_baseline_times = {}, []
-    for name, fn in runs.items():
-        if fn is baseline:
-            continue
-        fn(), baseline()  # warm-up
-        times, baseline_times = [], []
-        start = time.perf_counter()
-        while len(times) < repeats or time.perf_counter() - start < seconds:
-            for run, out in ((fn, times), (baseline, baseline_times)):
-                tick = time.perf_counter()
-                run()
-                out.append(time.perf_counter() - tick)
-        results[name] = (min(times), min(times) / min(baseline_times))
-        all_baseline_times += baseline_times
-    results["vesin"] = (min(all_baseline_times), 1.0)
+    contenders = {name: fn for name, fn in runs.items() if fn is not baseline}
+    times = {name: ([], []) for name in contenders}  # (contender's times, vesin's in the same pairs)
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start, count = time.perf_counter(), 0
+            while count < math.ceil(repeats / rounds) or time.perf_counter() - start < seconds / rounds:
+                for run, out in zip((fn, baseline), times[name]):
+                    tick = time.perf_counter()
+                    run()
+                    out.append(time.perf_counter() - tick)
+                count += 1
+    results = {name: (min(own), min(own) / min(paired)) for name, (own, paired) in times.items()}
+    results["vesin"] = (min(t for _, paired in times.values() for t in paired), 1.0)
     return results
 
 
@@ -83,7 +91,7 @@ def case_inputs(structures):
 
 def contenders(structures) -> Dict[str, Callable[[], object]]:
     positions, _, cells, pbc, batch = case_inputs(structures)
-    vesin_list = NeighborList(cutoff=CUTOFF, full_list=True)
+    vesin_list = NeighborList(cutoff=CUTOFF, full_list=True, n_threads=torch.get_num_threads())
     runs = {
         f"molnets {backend}": (lambda backend=backend: neighbor_list(positions, CUTOFF, cells, pbc, batch, backend=backend))
         for backend in ("auto", "torch", "vesin")

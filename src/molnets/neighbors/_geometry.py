@@ -62,7 +62,7 @@ def validate(
     view = numpy_view(positions)
     # A NaN or inf anywhere makes the sum so: one reduction (an overflow of huge finite values
     # also does, which the exact look-up below tells apart).
-    if not math.isfinite(view.sum() if view is not None else positions.sum()):
+    if not math.isfinite(np.add.reduce(view, axis=None) if view is not None else positions.sum()):
         bad = (~torch.isfinite(positions).all(dim=1)).nonzero().flatten()[:5].tolist()
         if bad:
             raise ValueError(f"positions contain NaN or infinite values (atoms {bad})")
@@ -72,7 +72,7 @@ def validate(
 
     num_atoms = positions.shape[0]
     if batch is None:
-        batch = torch.zeros(num_atoms, dtype=torch.long, device=positions.device)
+        batch = positions.new_zeros(num_atoms, dtype=torch.long)
         num_graphs_in_batch = 1
     elif batch.shape != (num_atoms,):
         raise ValueError(f"batch must have shape [N] = [{num_atoms}], got {tuple(batch.shape)}")
@@ -104,11 +104,13 @@ def validate(
         raise ValueError(
             f"batch refers to structure {num_graphs_in_batch - 1} but only {num_graphs} cell(s) were given"
         )
+    # A new contiguous, writable [B, 3] array (torch wants it), never the caller's memory.
     if pbc_np.shape == (3,):
-        pbc_np = np.broadcast_to(pbc_np, (num_graphs, 3))
-    if pbc_np.shape != (num_graphs, 3):
+        pbc_np = pbc_np[None].repeat(num_graphs, axis=0)                      # [B, 3]
+    elif pbc_np.shape == (num_graphs, 3):
+        pbc_np = pbc_np.copy()                                                # [B, 3]
+    else:
         raise ValueError(f"pbc must have shape [3] or [B, 3] = [{num_graphs}, 3], got {pbc_np.shape}")
-    pbc_np = pbc_np.copy()  # [B, 3] contiguous and writable (torch wants it), not the caller's memory
     pbc_t = torch.from_numpy(pbc_np)                                          # [B, 3]
     # The per-structure checks run in numpy on a host copy of the (tiny) cell and pbc: a handful
     # of numpy calls cost less than the ~15 small torch ops they replace, on every device.
@@ -128,8 +130,9 @@ def host_cell(cell: Tensor) -> np.ndarray:
 def numpy_view(values: Tensor) -> Optional[np.ndarray]:
     """A numpy view (no copy) of a float32/float64 CPU tensor, else None.
 
-    The checks reduce over such views: on the CPU a numpy reduction costs a few microseconds,
-    a torch one several times more (dispatch), which adds up to a tenth of a small neighbor list.
+    The checks reduce over such views with the ufuncs' own ``reduce`` (not even numpy's Python
+    wrappers): on the CPU that costs a few microseconds, a torch reduction several times more
+    (dispatch), which adds up to a tenth of a small neighbor list.
     """
     if not values.is_cpu or values.dtype not in (torch.float32, torch.float64):
         return None
@@ -172,7 +175,7 @@ def _check_lattice_bytes(cell_bytes: bytes, pbc_bytes: bytes) -> bool:
 def _host_pbc(pbc: PbcLike) -> np.ndarray:
     """pbc as a numpy bool array of shape [3] or [B, 3] (shape checked against B later)."""
     if pbc is None or isinstance(pbc, bool):
-        return np.full(3, bool(pbc))
+        return np.array([bool(pbc)] * 3)
     pbc_np = pbc.cpu().numpy() if isinstance(pbc, Tensor) else np.asarray(pbc)
     if pbc_np.dtype != np.bool_:
         raise ValueError(f"pbc must be booleans, got {pbc_np.dtype}")
@@ -255,7 +258,7 @@ def check_no_overlap(
         return
     # One reduction (a single pass, one host sync); the offending pair is looked up only on failure.
     view = numpy_view(distances)
-    closest = view.min() if view is not None else distances.min()
+    closest = np.minimum.reduce(view) if view is not None else distances.min()
     if bool(closest < MIN_PAIR_DISTANCE):
         e = int((distances < MIN_PAIR_DISTANCE).nonzero()[0, 0])
         raise ValueError(

@@ -25,6 +25,10 @@ def _calculator(cutoff: float):
     ``copy=False`` views of these buffers are valid only until the same calculator's next call;
     every array handed out of :func:`vesin_neighbor_list` is a copy. The cost is that the buffers
     of the largest list computed stay allocated.
+
+    vesin (from 0.6) runs on as many threads as torch (``torch.set_num_threads``), like the rest
+    of molnets' CPU work; by default it would take every core, and after a call its idle worker
+    threads compete for the cores with the caller's own next steps.
     """
     cache: Dict[float, NeighborList] = _LOCAL.__dict__.setdefault("calculators", {})
     calculator = cache.get(cutoff)
@@ -32,6 +36,7 @@ def _calculator(cutoff: float):
         if len(cache) >= _MAX_CALCULATORS:
             cache.clear()
         calculator = cache[cutoff] = NeighborList(cutoff=cutoff, full_list=True)
+    calculator.n_threads = torch.get_num_threads()  # read at each compute; unused before vesin 0.6
     return calculator
 
 
