@@ -27,8 +27,7 @@ def _calculator(cutoff: float):
     of the largest list computed stay allocated.
 
     vesin (from 0.6) runs on as many threads as torch (``torch.set_num_threads``), like the rest
-    of molnets' CPU work; by default it would take every core, and after a call its idle worker
-    threads compete for the cores with the caller's own next steps.
+    of molnets' CPU work, instead of taking every core whatever the caller asked for.
     """
     cache: Dict[float, NeighborList] = _LOCAL.__dict__.setdefault("calculators", {})
     calculator = cache.get(cutoff)
