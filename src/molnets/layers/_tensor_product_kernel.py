@@ -32,8 +32,9 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-# edges per chunk: about this many numbers in the largest [chunk, C, K] buffer (1 MiB in float32),
-# small enough to stay in cache between the matmul that writes it and the products that read it
+# edges per chunk: about this many numbers per thread in the largest [chunk, C, K] buffer (1 MiB
+# in float32), small enough to stay in cache between the matmul that writes it and the products
+# that read it, large enough that each thread's share of an operation outweighs the per-call cost
 CHUNK_NUMEL = 1 << 18
 
 
@@ -65,7 +66,8 @@ def _block(x: Tensor, start: int, mul: int, dim: int) -> Tensor:
 
 
 def _chunk_size(groups: Sequence[KernelGroup]) -> int:
-    return max(1, CHUNK_NUMEL // max((g.mul * g.num_cols for g in groups), default=1))
+    numel = CHUNK_NUMEL * torch.get_num_threads()
+    return max(1, numel // max((g.mul * g.num_cols for g in groups), default=1))
 
 
 def _forward_chunked(x1: Tensor, t_all: Tensor, weight: Tensor, groups: Sequence[KernelGroup],
