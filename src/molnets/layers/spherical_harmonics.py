@@ -260,18 +260,27 @@ def _backward_reference(grad_sh: Tensor, sh: Tensor, lmax: int,
 
 def _unit_block(vectors: Tensor, start: int, n: int, normalize: bool, u_buffer: Tensor,
                 norm_buffer: Tensor) -> Tuple[Tensor, Tensor]:
-    """Edges start..start+n of the (normalized) vectors, component-major [3, n], and their
-    inverse clamped norms 1 / max(|r|, eps) [n] (in cache: cheaper than normalizing the
-    [E, 3] layout). Not linalg.vector_norm(dim=0), two orders of magnitude slower here, nor
-    sqrt, which with 2 OpenMP threads stalls for milliseconds on a busy CPU (rsqrt does not)."""
-    v_t = vectors[start:start + n].t()                                         # [3, c], strided
-    inv_norm = norm_buffer[:n]                                                  # [c]
-    if not normalize:
-        return v_t, inv_norm
-    u_t = u_buffer[:, :n]                                                       # [3, c]
-    torch.sum(torch.mul(v_t, v_t, out=u_t), dim=0, out=inv_norm)
-    torch.rsqrt(inv_norm.clamp_min_(_EPS * _EPS), out=inv_norm)
-    return torch.mul(v_t, inv_norm, out=u_t), inv_norm
+    """Edges start..start+n of the (normalized) vectors, component-major [3, n] in u_buffer,
+    and their inverse clamped norms 1 / max(|r|, eps) [n] (in cache: cheaper than normalizing
+    the [E, 3] layout). The transposition is a matmul with the identity, several times faster
+    than a strided copy; the norm is not linalg.vector_norm(dim=0), two orders of magnitude
+    slower here, nor sqrt, which with 2 OpenMP threads stalls for milliseconds on a busy CPU
+    (rsqrt does not)."""
+    u_t, inv_norm = u_buffer[:, :n], norm_buffer[:n]                            # [3, c], [c]
+    eye = torch.eye(3, dtype=vectors.dtype, device=vectors.device)
+    torch.mm(eye, vectors[start:start + n].t(), out=u_t)
+    if normalize:
+        torch.sum(u_t * u_t, dim=0, out=inv_norm)
+        torch.rsqrt(inv_norm.clamp_min_(_EPS * _EPS), out=inv_norm)
+        u_t.mul_(inv_norm)
+    return u_t, inv_norm
+
+
+def _to_edge_major(values: Tensor, out: Tensor) -> Tensor:
+    """out [c, k] = values [k, c] transposed, by a matmul with the identity (a strided copy_
+    is several times slower)."""
+    eye = torch.eye(values.shape[0], dtype=values.dtype, device=values.device)
+    return torch.mm(values.t(), eye, out=out)
 
 
 def _forward_chunked(vectors: Tensor, lmax: int, normalize: bool, y0: Tensor,
@@ -320,7 +329,7 @@ def _backward_chunked(grad_sh: Tensor, sh: Tensor, vectors: Tensor, lmax: int, n
             u_t, inv_norm = _unit_block(vectors, start, n, True, u_buffer, norm_buffer)
             radial = (grad_u * u_t).sum(0).masked_fill_(inv_norm >= 0.9999 / _EPS, 0.0)  # [c], clamped
             grad_u = grad_u.sub_(radial * u_t).mul_(inv_norm)                   # [3, c]
-        grad_vectors[start:start + n].copy_(grad_u.t())
+        _to_edge_major(grad_u, grad_vectors[start:start + n])
     return grad_vectors
 
 
@@ -344,9 +353,7 @@ def _monomial_block(vectors: Tensor, start: int, n: int, lmax: int, normalize: b
     """The monomials of degree <= lmax of edges start..start+n, [K, n] (row 0 = 1 is written by
     the caller, once), and the inverse clamped norms [n]."""
     z = z_buffer[:, :n]                                                         # [K, c]
-    u_t, inv_norm = _unit_block(vectors, start, n, normalize, z[1:4], norm_buffer)  # [3, c], [c]
-    if not normalize:
-        z[1:4].copy_(u_t)
+    _, inv_norm = _unit_block(vectors, start, n, normalize, z[1:4], norm_buffer)  # rows 1..3: u
     _fill_monomials(z, lmax)
     return z, inv_norm
 
@@ -385,16 +392,18 @@ def _backward_polynomial(grad_sh: Tensor, vectors: Tensor, lmax: int, normalize:
             u_t = z[1:4]
             radial = (grad_u * u_t).sum(0).masked_fill_(inv_norm >= 0.9999 / _EPS, 0.0)  # [c]
             grad_u = grad_u.sub_(radial * u_t).mul_(inv_norm)                   # [3, c]
-        grad_vectors[start:start + n].copy_(grad_u.t())
+        _to_edge_major(grad_u, grad_vectors[start:start + n])
     return grad_vectors
 
 
 class _SphericalHarmonicsFn(torch.autograd.Function):
-    """Y(r / |r|) by Eq. (1); its backward by Eq. (2) and the normalization's Jacobian, itself
-    differentiable (double backward)."""
+    """Y(r / |r|) by Eq. (1) or (3); its backward by Eq. (2) or (3) and the normalization's
+    Jacobian, itself differentiable (double backward). The coefficient tensors are constants:
+    they come in as one tuple (not autograd inputs) and are kept on ctx, not saved."""
 
     @staticmethod
-    def forward(vectors: Tensor, lmax: int, normalize: bool, y0: Tensor, *matrices: Tensor) -> Tensor:
+    def forward(vectors: Tensor, lmax: int, normalize: bool, tensors: Tuple[Tensor, ...]) -> Tensor:
+        y0, matrices = tensors[0], tensors[1:]
         if torch.compiler.is_compiling() or vectors.device.type != "cpu":
             u = _normalize(vectors) if normalize else vectors                   # [E, 3]
             return _forward_reference(u, lmax, y0, matrices[:lmax])
@@ -404,15 +413,14 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        vectors, lmax, normalize = inputs[:3]
-        ctx.lmax, ctx.normalize = lmax, normalize
-        ctx.save_for_backward(vectors, output, *inputs[4 + lmax:])
+        vectors, ctx.lmax, ctx.normalize, ctx.tensors = inputs
+        ctx.save_for_backward(vectors, output)
 
     @staticmethod
     def backward(ctx, grad_sh: Tensor):
-        vectors, sh, *matrices = ctx.saved_tensors
-        lmax, normalize = ctx.lmax, ctx.normalize
-        backward_t = matrices[:lmax]
+        vectors, sh = ctx.saved_tensors
+        lmax, normalize, matrices = ctx.lmax, ctx.normalize, ctx.tensors[1:]
+        backward_t = matrices[lmax:2 * lmax]
         if lmax == 0:
             grad_vectors = torch.zeros_like(vectors)
         elif (torch.is_grad_enabled()  # create_graph=True
@@ -424,15 +432,15 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
             grad_vectors = _backward_polynomial(grad_sh, vectors, lmax, normalize, matrices[-1])
         else:
             grad_vectors = _backward_chunked(grad_sh, sh, vectors, lmax, normalize, backward_t)
-        return (grad_vectors, None, None, None) + (None,) * (2 * lmax + 2)
+        return grad_vectors, None, None, None
 
 
 def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]) -> Tensor:
     batch_shape, flat = vectors.shape[:-1], vectors.reshape(-1, 3)
     if torch.is_grad_enabled() and flat.requires_grad:
-        sh = _SphericalHarmonicsFn.apply(flat, lmax, normalize, *tensors)         # [E, M]
+        sh = _SphericalHarmonicsFn.apply(flat, lmax, normalize, tuple(tensors))   # [E, M]
     else:  # no graph to record: skip the autograd.Function's own cost (~40 us a call)
-        sh = _SphericalHarmonicsFn.forward(flat, lmax, normalize, *tensors)       # [E, M]
+        sh = _SphericalHarmonicsFn.forward(flat, lmax, normalize, tuple(tensors))  # [E, M]
     return sh.reshape(batch_shape + (sh.shape[-1],))
 
 
