@@ -241,7 +241,8 @@ class ProductBasis(nn.Module):
         self.num_couplings = plan.num_couplings
         # float64 masters: .double() after a float32 build keeps the exact coefficients
         for nu in range(1, self.correlation):
-            register_constant(self, f"U{nu}", plan.U[nu - 1].permute(2, 0, 1).contiguous())  # [K, T, O]
+            register_constant(self, f"U{nu}", plan.U[nu - 1].permute(2, 0, 1).contiguous(),
+                              persistent=False)  # [K, T, O]
             if nu > 1:
                 register_constant(self, f"last{nu}", plan.last[nu - 2])  # [M, T] one-hot
                 prefix = plan.prefix[nu - 2]  # [M, T] one-hot at ν = 2, else [T] long
@@ -249,15 +250,25 @@ class ProductBasis(nn.Module):
                     register_constant(self, f"prefix{nu}", prefix)
                 else:
                     self.register_buffer(f"prefix{nu}", prefix)
-        # coupling index first: folding the weights in is one plain matmul (see _terms_every_species)
-        register_constant(self, "U_top_low", plan.U_top_low.permute(3, 0, 1, 2).contiguous())  # [K, n_low, d_low, O]
-        register_constant(self, "U_top_last", plan.U_top_last.permute(3, 0, 1, 2).contiguous())  # [K, T, d_last, O]
+        # coupling index first: folding the weights in is one plain matmul (see _fold). The U are
+        # exact functions of the irreps and ν_max, rebuilt here, so they are not saved.
+        register_constant(self, "U_top_low", plan.U_top_low.permute(3, 0, 1, 2).contiguous(),
+                          persistent=False)  # [K, n_low, d_low, O]
+        register_constant(self, "U_top_last", plan.U_top_last.permute(3, 0, 1, 2).contiguous(),
+                          persistent=False)  # [K, T, d_last, O]
         self.weights = nn.ParameterList(
             torch.randn(self.num_species, K, C) / math.sqrt(max(K, 1)) for K in self.num_couplings
         )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
         return restore_constants(super()._apply(fn, recurse))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # Files saved before molnets stopped saving the U (in another layout, [T, ..., K]): the
+        # U built from the config are exact, so the saved copies are dropped, not loaded.
+        for name in [f"U{nu}" for nu in range(1, self.correlation)] + ["U_top_low", "U_top_last"]:
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def coupling(self, correlation: int) -> Tensor:
         """The dense U^{(ν)} [O, M, ..., M, K] (float64, O = irreps_out.dim // C), for tests and reading."""

@@ -113,3 +113,26 @@ def test_pair_atomic_basis_equals_the_reference():
     ref_grads = torch.autograd.grad((ref * ref.detach()).sum(), [h, edge_sh])
     for g, g_ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_loads_files_that_saved_the_coupling_tensors(tmp_path):
+    """Files of molnets <= 0.1 kept the product basis' U in the state dict (layout [T, ..., K]);
+    they load, and the model computes the same energies as the one that was saved."""
+    from molnets.models.base import load_model, save_model
+
+    torch.manual_seed(0)
+    model = MACE(MACEConfig(**SMALL, correlation=3, num_layers=2))
+    path = tmp_path / "model.pt"
+    save_model(model, path)
+    data = torch.load(path, weights_only=True)
+    assert not any(key.rsplit(".", 1)[-1].startswith("U") for key in data["state_dict"])
+    for name, module in model.named_modules():  # what an older file held for every ProductBasis
+        if hasattr(module, "U_top_last"):
+            old_layout = {"U_top_low": (1, 2, 3, 0), "U_top_last": (1, 2, 3, 0), "U1": (1, 2, 0), "U2": (1, 2, 0)}
+            for key, order in old_layout.items():
+                if hasattr(module, key):
+                    data["state_dict"][f"{name}.{key}"] = getattr(module, key).permute(order).contiguous()
+    torch.save(data, path)
+    loaded = load_model(path)
+    graph = random_graph(num_atoms=6, cutoff=3.5, species=SPECIES, seed=3, dtype=torch.float32)
+    torch.testing.assert_close(loaded(graph), model(graph), rtol=0, atol=0)
