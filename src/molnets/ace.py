@@ -21,7 +21,7 @@ the block flat, [N, ProductBasis.irreps_out.dim], in e3nn's layout, ready for an
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from e3nn import o3
@@ -240,9 +240,9 @@ class ProductBasis(nn.Module):
         plan = contraction_plan(self.irreps_A, self.irreps_B, self.correlation)
         self.num_couplings = plan.num_couplings
         # float64 masters: .double() after a float32 build keeps the exact coefficients
+        self._coupling_shapes: Dict[str, Tuple[int, int, int]] = {}
         for nu in range(1, self.correlation):
-            register_constant(self, f"U{nu}", plan.U[nu - 1].permute(2, 0, 1).contiguous(),
-                              persistent=False)  # [K, T, O]
+            self._register_coupling(f"U{nu}", plan.U[nu - 1].unsqueeze(1))  # [T, 1, O, K]
             if nu > 1:
                 register_constant(self, f"last{nu}", plan.last[nu - 2])  # [M, T] one-hot
                 prefix = plan.prefix[nu - 2]  # [M, T] one-hot at ν = 2, else [T] long
@@ -250,15 +250,27 @@ class ProductBasis(nn.Module):
                     register_constant(self, f"prefix{nu}", prefix)
                 else:
                     self.register_buffer(f"prefix{nu}", prefix)
-        # coupling index first: folding the weights in is one plain matmul (see _fold). The U are
-        # exact functions of the irreps and ν_max, rebuilt here, so they are not saved.
-        register_constant(self, "U_top_low", plan.U_top_low.permute(3, 0, 1, 2).contiguous(),
-                          persistent=False)  # [K, n_low, d_low, O]
-        register_constant(self, "U_top_last", plan.U_top_last.permute(3, 0, 1, 2).contiguous(),
-                          persistent=False)  # [K, T, d_last, O]
+        self._register_coupling("U_top_low", plan.U_top_low)  # [n_low, d_low, O, K]
+        self._register_coupling("U_top_last", plan.U_top_last)  # [T, d_last, O, K]
         self.weights = nn.ParameterList(
             torch.randn(self.num_species, K, C) / math.sqrt(max(K, 1)) for K in self.num_couplings
         )
+
+    def _register_coupling(self, name: str, U: Tensor) -> None:
+        """Keep U [T, D, O, K] (float64) for ``_fold`` in compressed form: its nonzero columns
+        ``{name}_values`` [K, nnz] (coupling index first: folding the weights in is one plain
+        matmul) and where each (column, species) lands in the folded [T, D, S, O] layout,
+        ``{name}_offsets`` [nnz S]. U is exact and sparse (about 8% of the (t, d, o) columns
+        of the top degree are nonzero for 0e+1o+2e+3o -> 0e+1o); it is rebuilt from the
+        config, never saved."""
+        T, D, O, K = U.shape
+        dense = U.permute(3, 0, 1, 2).reshape(K, T * D * O)  # [K, T D O]
+        columns = torch.nonzero(dense.abs().sum(0) > 0).flatten()  # [nnz], column = (t D + d) O + o
+        S = self.num_species
+        offsets = (columns // O)[:, None] * (S * O) + torch.arange(S)[None, :] * O + (columns % O)[:, None]
+        register_constant(self, f"{name}_values", dense[:, columns].contiguous(), persistent=False)  # [K, nnz]
+        self.register_buffer(f"{name}_offsets", offsets.flatten(), persistent=False)  # [nnz S]
+        self._coupling_shapes[name] = (T, D, O)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
         return restore_constants(super()._apply(fn, recurse))
@@ -289,18 +301,21 @@ class ProductBasis(nn.Module):
         N = B.shape[0]
         return torch.cat([B[:, :, start:stop].reshape(N, -1) for start, stop in self.out_slices], dim=1)
 
-    def _fold(self, U: Tensor, nu: int) -> Tensor:
-        """W^{(ν)} folded into U [K, T, (d,) O] for every species: [C, T, (d) S O],
+    def _fold(self, name: str, nu: int) -> Tensor:
+        """W^{(ν)} folded into the coupling ``name`` (U [T, D, O, K]) for every species,
 
-            (W U)[c, t, (d,) s, o] = Σ_k W[s, k, c] U[k, t, (d,) o],
+            (W U)[c, t, d, s, o] = Σ_k W[s, k, c] U[t, d, o, k]         ->  [C, T, D S O],
 
-        one plain matmul and one permutation (a view when S = 1). The einsum it replaces wrote
-        a five-index permuted copy, the largest fixed cost of a call on small molecules."""
+        on U's nonzero columns only (one small matmul), laid into a zero [C, T, D, S, O] by one
+        index_copy: a fixed cost per call that no longer dominates on small molecules."""
         W = self.weights[nu - 1]  # [S, K, C]
         S, K, C = W.shape
-        T, D, O = U.shape[1], math.prod(U.shape[2:-1]), U.shape[-1]  # D = d (top degree) or 1
-        WU = W.transpose(1, 2).reshape(S * C, K) @ U.reshape(K, T * D * O)  # [S C, T D O]
-        return WU.reshape(S, C, T, D, O).permute(1, 2, 3, 0, 4).reshape(C, T, D * S * O)
+        T, D, O = self._coupling_shapes[name]
+        values = getattr(self, f"{name}_values")  # [K, nnz]
+        folded = W.transpose(1, 2).reshape(S * C, K) @ values  # [S C, nnz]
+        folded = folded.view(S, C, -1).permute(1, 2, 0).reshape(C, -1)  # [C, nnz S], (column, s)
+        out = folded.new_zeros(C, T * D * S * O)  # [C, T D S O]
+        return out.index_copy_(1, getattr(self, f"{name}_offsets"), folded).view(C, T, D * S * O)
 
     def _terms_every_species(self, A: Tensor) -> List[Tensor]:
         """The ν-terms for every species at once (W folded into U first): each [C, N, S O]."""
@@ -314,13 +329,13 @@ class ProductBasis(nn.Module):
             elif nu > 2:
                 prefix, last = getattr(self, f"prefix{nu}"), getattr(self, f"last{nu}")
                 monomials = monomials.gather(2, prefix.expand(C, N, -1)) * (x @ last)  # [C, N, T]
-            out.append(torch.bmm(monomials, self._fold(getattr(self, f"U{nu}"), nu)))  # [C, N, S O]
+            out.append(torch.bmm(monomials, self._fold(f"U{nu}", nu)))  # [C, N, S O]
         if self.correlation == 1:
             monomials = x.new_ones(C, N, 1)  # the empty prefix
-        n_low = self.U_top_low.shape[1]
+        n_low = self._coupling_shapes["U_top_low"][0]
         H = torch.cat(
-            [torch.bmm(monomials[:, :, :n_low], self._fold(self.U_top_low, self.correlation)),
-             torch.bmm(monomials, self._fold(self.U_top_last, self.correlation))], dim=2
+            [torch.bmm(monomials[:, :, :n_low], self._fold("U_top_low", self.correlation)),
+             torch.bmm(monomials, self._fold("U_top_last", self.correlation))], dim=2
         ).reshape(C, N, x.shape[2], S * O)  # [C, N, M, S O]: the polynomial divided by A_d
         out.append((H * x.unsqueeze(3)).sum(2))  # [C, N, S O]
         return out
