@@ -1,6 +1,7 @@
 """Model benchmark: energy + forces of molnets' models and their peers, side by side, one run.
 
     python benchmarks/models.py [--repeats 10] [--threads 2] [--device cpu] [--quick] [--compile]
+                                [--families MACE-style ...] [--no-scaling]
 
 Every measurement runs in a fresh subprocess (``--worker IMPL SPEC.json``) of the interpreter
 that has the implementation (the main venv for molnets and PyG; a peer's venv for its
@@ -411,6 +412,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="small systems only (a smoke run)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
     parser.add_argument("--families", nargs="+", default=None, help="e.g. SchNet-style (default: all)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling-with-N table")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -442,6 +444,8 @@ def main(argv=None) -> None:
                         row += f" {fast['median_ms']:.2f} |"
                     print(row, flush=True)
 
+        if args.no_scaling:
+            return
         print("\n# scaling with N: rattled fcc Cu, float32, energy + forces per call; "
               "~42 neighbors per atom at 5 Å; memory = peak extra memory of the call\n")
         print("| model | atoms | peer (ms) | peer (MB) | molnets (ms) | molnets (MB) | molnets µs/atom |")
