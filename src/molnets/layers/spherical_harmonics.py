@@ -1,4 +1,4 @@
-"""Real spherical harmonics Y_l^m in e3nn's convention: a Cartesian recursion in l, or their exact polynomials.
+"""Real spherical harmonics Y_l^m in e3nn's convention: by a recursion in l, or as exact polynomials.
 
 Every Y_l is a homogeneous harmonic polynomial of degree l in (x, y, z), and the degree-l
 part of the product Y_{l-1}(r) r is proportional to Y_l(r) (the l-component of the coupling
