@@ -313,7 +313,7 @@ class ProductBasis(nn.Module):
         T, D, O = self._coupling_shapes[name]
         values = getattr(self, f"{name}_values")  # [K, nnz]
         folded = W.transpose(1, 2).reshape(S * C, K) @ values  # [S C, nnz]
-        folded = folded.view(S, C, -1).permute(1, 2, 0).reshape(C, -1)  # [C, nnz S], (column, s)
+        folded = folded.view(S, C, values.shape[1]).permute(1, 2, 0).reshape(C, S * values.shape[1])  # [C, nnz S]
         out = folded.new_zeros(C, T * D * S * O)  # [C, T D S O]
         return out.index_copy_(1, getattr(self, f"{name}_offsets"), folded).view(C, T, D * S * O)
 
