@@ -116,7 +116,7 @@ def test_pair_atomic_basis_equals_the_reference():
 
 
 def test_loads_files_that_saved_the_coupling_tensors(tmp_path):
-    """Files of molnets <= 0.1 kept the product basis' U in the state dict (layout [T, ..., K]);
+    """Files saved by earlier 0.1.0 builds kept the product basis' U in the state dict ([T, ..., K]);
     they load, and the model computes the same energies as the one that was saved."""
     from molnets.models.base import load_model, save_model
 
