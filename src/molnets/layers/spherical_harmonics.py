@@ -276,6 +276,13 @@ def _unit_block(vectors: Tensor, start: int, n: int, normalize: bool, u_buffer: 
     return u_t, inv_norm
 
 
+def _unit_jacobian_block(grad_u: Tensor, u_t: Tensor, inv_norm: Tensor) -> Tensor:
+    """In place, the vector-Jacobian product of u = r / max(|r|, eps) on a component-major
+    block: (g - (g.u) u) / |r|, or g / eps where the norm is clamped. [3, c] -> [3, c]"""
+    radial = (grad_u * u_t).sum(0).masked_fill_(inv_norm >= 0.9999 / _EPS, 0.0)  # [c]
+    return grad_u.sub_(radial * u_t).mul_(inv_norm)
+
+
 def _to_edge_major(values: Tensor, out: Tensor) -> Tensor:
     """out [c, k] = values [k, c] transposed, by a matmul with the identity (a strided copy_
     is several times slower)."""
@@ -325,10 +332,9 @@ def _backward_chunked(grad_sh: Tensor, sh: Tensor, vectors: Tensor, lmax: int, n
         for l, b in enumerate(backward_t, start=1):
             torch.mm(b, grad_t[l * l:(l + 1) ** 2], out=weighted[3 * (l - 1) ** 2:3 * l * l])
         grad_u = weighted.view(num_lower, 3, n).mul_(y_t[:, None, :]).sum(0)   # [3, c]
-        if normalize:  # (g - (g.u) u) / |r|; g / eps where the norm is clamped
+        if normalize:
             u_t, inv_norm = _unit_block(vectors, start, n, True, u_buffer, norm_buffer)
-            radial = (grad_u * u_t).sum(0).masked_fill_(inv_norm >= 0.9999 / _EPS, 0.0)  # [c], clamped
-            grad_u = grad_u.sub_(radial * u_t).mul_(inv_norm)                   # [3, c]
+            grad_u = _unit_jacobian_block(grad_u, u_t, inv_norm)                # [3, c]
         _to_edge_major(grad_u, grad_vectors[start:start + n])
     return grad_vectors
 
@@ -388,10 +394,8 @@ def _backward_polynomial(grad_sh: Tensor, vectors: Tensor, lmax: int, normalize:
         h = h_buffer[:gradients.shape[0] * n].view(3, num_lower, n)            # [3, K', c]
         torch.mm(gradients, grad_sh[start:start + n].t(), out=h.view(-1, n))
         grad_u = h.mul_(z[None, :num_lower]).sum(1)                             # [3, c]
-        if normalize:  # (g - (g.u) u) / |r|; g / eps where the norm is clamped
-            u_t = z[1:4]
-            radial = (grad_u * u_t).sum(0).masked_fill_(inv_norm >= 0.9999 / _EPS, 0.0)  # [c]
-            grad_u = grad_u.sub_(radial * u_t).mul_(inv_norm)                   # [3, c]
+        if normalize:
+            grad_u = _unit_jacobian_block(grad_u, z[1:4], inv_norm)             # [3, c]
         _to_edge_major(grad_u, grad_vectors[start:start + n])
     return grad_vectors
 
