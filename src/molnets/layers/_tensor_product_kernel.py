@@ -65,13 +65,18 @@ def _block(x: Tensor, start: int, mul: int, dim: int) -> Tensor:
     return x[:, start:start + mul * dim].view(x.shape[0], mul, dim)                               # [E, C, k]
 
 
+def _widest(groups: Sequence[KernelGroup]) -> int:
+    """C K of the widest group: the numbers per edge of the largest [chunk, C, K] buffer."""
+    return max((g.mul * g.num_cols for g in groups), default=0)
+
+
 def _chunk_size(groups: Sequence[KernelGroup], x: Tensor) -> int:
     """Edges per chunk on the CPU; on other devices all edges at once (a GPU wants few large
     kernels, not cache-sized blocks)."""
     if x.device.type != "cpu":
         return max(1, x.shape[0])
     numel = CHUNK_NUMEL * torch.get_num_threads()
-    return max(1, numel // max((g.mul * g.num_cols for g in groups), default=1))
+    return max(1, numel // max(_widest(groups), 1))
 
 
 def _forward_chunked(x1: Tensor, t_all: Tensor, weight: Tensor, groups: Sequence[KernelGroup],
@@ -79,7 +84,7 @@ def _forward_chunked(x1: Tensor, t_all: Tensor, weight: Tensor, groups: Sequence
     """Eager forward into ``out`` [E, dim_out], chunk after chunk of edges (module docstring)."""
     num_edges = x1.shape[0]
     chunk = _chunk_size(groups, x1)
-    buffer = x1.new_empty(min(chunk, num_edges) * max((g.mul * g.num_cols for g in groups), default=0))
+    buffer = x1.new_empty(min(chunk, num_edges) * _widest(groups))
     for start in range(0, num_edges, chunk):
         end = min(start + chunk, num_edges)
         for g in groups:
@@ -105,8 +110,7 @@ def _backward_chunked(grad_out: Tensor, x1: Tensor, t_all: Tensor, weight: Tenso
     grad_x1, grad_t, grad_w = torch.zeros_like(x1), torch.empty_like(t_all), torch.zeros_like(weight)
     chunk = _chunk_size(groups, x1)
     n0 = min(chunk, num_edges)
-    width = max((g.mul * g.num_cols for g in groups), default=0)
-    big = [x1.new_empty(n0 * width) for _ in range(3)]                 # G, W (then W G), y (then G y)
+    big = [x1.new_empty(n0 * _widest(groups)) for _ in range(3)]                 # G, W (then W G), y (then G y)
     small = x1.new_empty(n0 * max((max(g.mul * g.dim1, g.dim1 * g.num_cols, g.mul * len(g.paths)) for g in groups),
                                   default=0))
     # [K, P] indicator of the columns of each path: spreads weights over columns, sums columns per path
