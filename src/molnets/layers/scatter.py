@@ -1,14 +1,20 @@
 """The one scatter of molnets: native ``index_add`` with an explicit output size.
 
 torch-scatter is not needed: ``Tensor.index_add`` is a fused kernel on CPU and CUDA, is
-differentiable twice, and compiles under ``torch.compile(fullgraph=True)``.
+differentiable twice, and compiles under ``torch.compile(fullgraph=True)``. ``scatter_outer``
+is the same sum for messages that are outer products (built chunk by chunk on the CPU, never
+at full size); ``pairs.pair_convolution`` is its sibling for messages that gather node features.
 """
 
 from __future__ import annotations
 
+from typing import Optional, Sequence, Tuple
+
 from torch import Tensor
 
-__all__ = ["scatter_sum", "scatter_mean"]
+from ._message_kernels import ScatterOuter, kernel_applies, spread_over_rows
+
+__all__ = ["scatter_sum", "scatter_mean", "scatter_outer"]
 
 
 def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
@@ -42,3 +48,41 @@ def scatter_mean(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     count = scatter_sum(src.new_ones(index.shape), index, dim_size)         # [dim_size]
     count = count.clamp(min=1).reshape((dim_size,) + (1,) * (src.dim() - 1))
     return total / count
+
+
+def scatter_outer(u: Tensor, weights: Tensor, index: Tensor, dim_size: int,
+                  parts: Optional[Sequence[Tuple[int, int]]] = None) -> Tensor:
+    """Sum outer products per bucket: out[index[e], n, c] += u[e, n] weights[e, part(n), c].
+
+    A geometric factor per edge (n numbers, e.g. the components of r̂ r̂ᵀ) times channel
+    weights per edge and part: the TensorNet embedding (Simeon & De Fabritiis 2023, Eq. 4). The
+    rows n are split into K parts (rows a..b-1 of part k) with their own weights.
+
+    On the CPU in eager mode a fused kernel (``_message_kernels``) computes the same numbers
+    without the per-edge products [E, n, C] in memory (differentiable twice). Under
+    ``torch.compile`` and on other devices this reference runs:
+    ``scatter_sum(u[:, :, None] * weights[:, part], index, dim_size)``.
+
+    Args:
+        u: [E, n]. weights: [E, K, C]. index: bucket of each edge [E]. dim_size: N (from a shape).
+        parts: K slices (a, b) of the n rows, contiguous and covering them; default one part.
+
+    Shapes:
+        u [E, n], weights [E, K, C], index [E]  ->  [dim_size, n, C]
+
+    >>> import torch
+    >>> u, w = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[[1.0]], [[10.0]]])
+    >>> scatter_outer(u, w, torch.tensor([1, 1]), dim_size=2).flatten()
+    tensor([ 0.,  0., 31., 42.])
+    """
+    parts = tuple(parts) if parts is not None else ((0, u.shape[1]),)
+    if kernel_applies(u):
+        return ScatterOuter.apply(u, weights, index, dim_size, parts)
+    return _scatter_outer_reference(u, weights, index, dim_size, parts)
+
+
+def _scatter_outer_reference(u: Tensor, weights: Tensor, index: Tensor, dim_size: int,
+                             parts: Sequence[Tuple[int, int]]) -> Tensor:
+    """``scatter_outer`` in differentiable torch operations: the oracle of the kernel."""
+    w = spread_over_rows(weights, parts)                                            # [E, n or 1, C]
+    return scatter_sum(u[:, :, None] * w, index, dim_size)                          # [N, n, C]

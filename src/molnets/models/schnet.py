@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from ..graph import AtomicGraph, edge_vectors, half_edge_graph
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP
+from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, GaussianBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
-from ..layers.scatter import scatter_sum
 from .base import DesignSpace, count_parameters
 
 __all__ = ["SchNetConfig", "SchNet", "CFConvInteraction"]
@@ -96,10 +96,7 @@ class CFConvInteraction(nn.Module):
     ) -> Tensor:
         filters = self.filter(edge_radial) * edge_envelope[:, None]                 # [P, C]
         x = self.linear_in(node_feats)                                             # [N, C]
-        num_atoms = node_feats.shape[0]
-        # index_select, not x[pair_j]: its backward is an index_add, not an accumulating index_put.
-        messages = scatter_sum(x.index_select(0, pair_j) * filters, pair_i, dim_size=num_atoms)  # [N, C]
-        messages = messages + scatter_sum(x.index_select(0, pair_i) * filters, pair_j, dim_size=num_atoms)
+        messages = pair_convolution(filters[:, None], x[:, None], pair_i, pair_j)[:, 0]  # [N, C]
         return self.update(messages)                                               # [N, C]
 
 

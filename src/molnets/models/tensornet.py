@@ -40,6 +40,7 @@ from ..layers.cartesian import (
     ComponentBasis,
     PART_SLICES,
     compose,
+    expand_parts,
     from_components,
     part_norms,
     skew,
@@ -49,9 +50,10 @@ from ..layers.cartesian import (
 )
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP
+from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
-from ..layers.scatter import scatter_sum
+from ..layers.scatter import scatter_outer
 from .base import DesignSpace, count_parameters
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
@@ -84,18 +86,6 @@ class TensorNetConfig:
         for name in ("num_channels", "num_layers", "num_rbf"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def _pair_sum(weights_i: Tensor, weights_j: Tensor, feats_i: Tensor, feats_j: Tensor, pair_i: Tensor,
-              pair_j: Tensor, num_atoms: int) -> Tensor:
-    """Messages of each pair {i, j} sent both ways: out_i += w_i f_i, out_j += w_j f_j.
-
-    Shapes:
-        weights_i, weights_j [P, 1 or n, C], feats_i, feats_j [P, n, 1 or C], pair_i [P],
-        pair_j [P]  ->  [N, n, C]
-    """
-    to_i = scatter_sum(weights_i * feats_i, pair_i, dim_size=num_atoms)                # [N, n, C]
-    return to_i + scatter_sum(weights_j * feats_j, pair_j, dim_size=num_atoms)          # [N, n, C]
 
 
 class TensorEmbedding(nn.Module):
@@ -134,21 +124,19 @@ class TensorEmbedding(nn.Module):
         C, num_atoms = self.num_channels, species.shape[0]
         z = self.species_embedding(species)                                              # [N, C]
         z_receiver, z_sender = self.pair_receiver(z), self.pair_sender(z)                # [N, C]
-        f = self.radial(edge_rbf) * edge_envelope[:, None]                               # [P, 3C]
+        f = (self.radial(edge_rbf) * edge_envelope[:, None]).unflatten(-1, (3, C))       # [P, 3, C]
         ones = torch.ones_like(edge_unit[:, 0])                                          # [P]
         basis = self.basis(edge_unit)                                                    # [9, 3, 3]
         geometry = to_components(compose(ones, skew(edge_unit), traceless_outer(edge_unit)), basis)  # [P, 9]
         z_ij = z_receiver.index_select(0, pair_i) + z_sender.index_select(0, pair_j)     # [P, C]
         z_ji = z_receiver.index_select(0, pair_j) + z_sender.index_select(0, pair_i)     # [P, C]
-        parts = []
-        for f_part, (start, stop), parity in zip(f.unflatten(-1, (3, C)).unbind(1), PART_SLICES, (1, -1, 1)):
-            g = geometry[:, start:stop, None]                                            # [P, n, 1]
-            # r̂_ji = -r̂_ij: the axial part of the message to j changes sign.
-            parts.append(_pair_sum((f_part * z_ij)[:, None], (parity * f_part * z_ji)[:, None], g, g,
-                                   pair_i, pair_j, num_atoms))                           # [N, n, C]
+        # r̂_ji = -r̂_ij: the axial part of the message to j changes sign.
+        parity = f.new_tensor([1.0, -1.0, 1.0])[:, None]                                 # [3, 1]
+        X = (scatter_outer(geometry, f * z_ij[:, None], pair_i, num_atoms, PART_SLICES)
+             + scatter_outer(geometry, f * parity * z_ji[:, None], pair_j, num_atoms, PART_SLICES))  # [N, 9, C]
         self_scalar = self.radial(self_rbf)[:, :C] * (z_receiver + z_sender)             # [N, C]
         eye = torch.eye(3, dtype=f.dtype, device=f.device)
-        X = from_components(torch.cat(parts, 1).transpose(1, 2), basis) + self_scalar[..., None, None] * eye  # [N, C, 3, 3]
+        X = from_components(X.transpose(1, 2), basis) + self_scalar[..., None, None] * eye  # [N, C, 3, 3]
         gates = F.silu(self.gates(self.norm(tensor_norm(X))))                           # [N, 3C]
         return self.linear(X, gates.unflatten(-1, (3, C)).transpose(1, 2))              # [N, C, 3, 3]
 
@@ -182,23 +170,16 @@ class TensorInteraction(nn.Module):
 
     def forward(self, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor,
                 self_rbf: Tensor) -> Tensor:
-        C, num_atoms = self.num_channels, X.shape[0]
-        f = F.silu(self.radial(edge_rbf)) * edge_envelope[:, None]                       # [P, 3C]
-        f_self = F.silu(self.radial(self_rbf))                                           # [1, 3C], φ(0) = 1
+        C = self.num_channels
+        f = (F.silu(self.radial(edge_rbf)) * edge_envelope[:, None]).unflatten(-1, (3, C))  # [P, 3, C]
+        f_self = F.silu(self.radial(self_rbf)).unflatten(-1, (3, C))                     # [1, 3, C], φ(0) = 1
         X = X / (tensor_norm(X) + 1)[..., None, None]                                    # [N, C, 3, 3]
         Y = self.linear_in(X)                                                            # [N, C, 3, 3]
         basis = self.basis(X)                                                            # [9, 3, 3]
-        y = to_components(Y, basis).transpose(1, 2)                                      # [N, 9, C]
-        parts = []
-        for f_part, f_self, (start, stop) in zip(f.unflatten(-1, (3, C)).unbind(1),
-                                                 f_self.unflatten(-1, (3, C)).unbind(1), PART_SLICES):
-            # A contiguous per-part copy (per atom, cheap): the gathers' backward then adds
-            # straight into it, with no [P, 9, C] zero-fill or concatenation.
-            y_part = y[:, start:stop].contiguous()                                       # [N, n, C]
-            w = f_part[:, None]                                                          # [P, 1, C]
-            parts.append(_pair_sum(w, w, y_part.index_select(0, pair_j), y_part.index_select(0, pair_i),
-                                   pair_i, pair_j, num_atoms) + f_self[:, None] * y_part)  # [N, n, C]
-        M = from_components(torch.cat(parts, 1).transpose(1, 2), basis)                  # [N, C, 3, 3]
+        y = to_components(Y, basis).transpose(1, 2).contiguous()                         # [N, 9, C]
+        self_weights = expand_parts(f_self[0].T).T                                       # [9, C]
+        M = pair_convolution(f, y, pair_i, pair_j, PART_SLICES) + self_weights * y       # [N, 9, C]
+        M = from_components(M.transpose(1, 2), basis)                                    # [N, C, 3, 3]
         M = M @ Y + Y @ M                                                                # [N, C, 3, 3]
         M = M / (tensor_norm(M) + 1)[..., None, None]                                    # [N, C, 3, 3]
         dX = self.linear_out(M)                                                          # [N, C, 3, 3]

@@ -1,0 +1,212 @@
+"""Fused forward/backward of the two message scatters on the CPU (private kernels).
+
+Each computes the same numbers as its reference (``pairs.pair_convolution``,
+``scatter.scatter_outer``) without materializing the per-edge messages [E, n, C], the largest
+tensors of SchNet- and TensorNet-style models on crystals, whose writing and reading at full
+size was most of their time: edges are processed in cache-sized chunks, each message block
+built in one small reused buffer and added into the output.
+
+Pair convolution, w_p spread over the rows of its part:
+
+    out[i_p] += w_p ∘ x[j_p],   out[j_p] += w_p ∘ x[i_p].
+
+Linear in x with a symmetric pattern (each pair sends the same weights both ways), so with the
+output gradient g
+
+    dx = pair_convolution(w, g),   dw_p[k] = Σ_{rows n of part k} g[i_p, n] x[j_p, n] + g[j_p, n] x[i_p, n].
+
+Scatter of outer products, out[r_e, n, c] += u_e[n] w_e[part(n), c], with G_e = g[r_e]:
+
+    du_e[n] = Σ_c G_e[n, c] w_e[part(n), c],   dw_e[k] = Σ_{rows n of part k} u_e[n] G_e[n].
+
+Without a graph of the backward, the gradients are computed chunk by chunk in one pass. With
+one (create_graph, double backward) they are differentiable formulas (dx of the convolution is
+the convolution again).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+# numbers per thread in the largest [chunk, n, C] buffer (1 MiB in float32): stays in cache
+# between the gather that writes it and the product and index_add that read it
+CHUNK_NUMEL = 1 << 18
+
+
+def kernel_applies(x: Tensor) -> bool:
+    """Eager on the CPU: the chunked kernels. Compiled (the compiler fuses the references
+    itself) or on other devices (which want few large kernels): the references."""
+    return not torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
+def spread_over_rows(weights: Tensor, parts: Sequence[Tuple[int, int]]) -> Tensor:
+    """weights[:, part(n)] for every row n: [E, K, C] -> [E, n, C] (a view for one part)."""
+    if len(parts) == 1:
+        return weights                                                              # [E, 1, C]
+    return weights[:, [k for k, (a, b) in enumerate(parts) for _ in range(a, b)]]   # [E, n, C]
+
+
+def _chunk_size(x: Tensor) -> int:
+    """Edges per chunk for messages shaped like x [*, n, C]."""
+    row = x.shape[1] * x.shape[2]
+    return max(1, CHUNK_NUMEL * torch.get_num_threads() // max(row, 1))
+
+
+def _scale_parts(buffer: Tensor, weights: Tensor, parts: Sequence[Tuple[int, int]]) -> None:
+    """buffer[:, a:b] *= weights[:, k] for part k = (a, b), in place. [p, n, C], [p, K, C]"""
+    for k, (start, stop) in enumerate(parts):
+        buffer[:, start:stop].mul_(weights[:, k:k + 1])
+
+
+def forward_chunked(weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
+                    parts: Sequence[Tuple[int, int]]) -> Tensor:
+    """The convolution chunk by chunk of pairs (module docstring). -> [N, n, C]"""
+    num_pairs = pair_i.shape[0]
+    out = torch.zeros_like(x)                                                        # [N, n, C]
+    chunk = _chunk_size(x)
+    buffer = x.new_empty((min(chunk, num_pairs),) + x.shape[1:])                     # [p, n, C]
+    for start in range(0, num_pairs, chunk):
+        stop = min(start + chunk, num_pairs)
+        i, j, w = pair_i[start:stop], pair_j[start:stop], weights[start:stop]
+        messages = buffer[:stop - start]                                             # [p, n, C]
+        for source, target in ((j, i), (i, j)):
+            torch.index_select(x, 0, source, out=messages)
+            _scale_parts(messages, w, parts)
+            out.index_add_(0, target, messages)
+    return out
+
+
+def backward_chunked(grad_out: Tensor, weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
+                     parts: Sequence[Tuple[int, int]], need_weights: bool, need_x: bool
+                     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(dweights, dx) in one pass over chunks of pairs, no graph (module docstring)."""
+    num_pairs = pair_i.shape[0]
+    grad_w = torch.empty_like(weights) if need_weights else None                    # [P, K, C]
+    grad_x = torch.zeros_like(x) if need_x else None                                # [N, n, C]
+    chunk = _chunk_size(x)
+    shape = (min(chunk, num_pairs),) + x.shape[1:]
+    g_i, g_j, x_i, x_j = (x.new_empty(shape) for _ in range(4))                     # [p, n, C]
+    for start in range(0, num_pairs, chunk):
+        stop, p = min(start + chunk, num_pairs), min(start + chunk, num_pairs) - start
+        i, j, w = pair_i[start:stop], pair_j[start:stop], weights[start:stop]
+        gi, gj = torch.index_select(grad_out, 0, i, out=g_i[:p]), torch.index_select(grad_out, 0, j, out=g_j[:p])
+        if grad_w is not None:
+            xi, xj = torch.index_select(x, 0, i, out=x_i[:p]), torch.index_select(x, 0, j, out=x_j[:p])
+            products = xj.mul_(gi).addcmul_(gj, xi)                                  # [p, n, C]
+            for k, (a, b) in enumerate(parts):
+                torch.sum(products[:, a:b], dim=1, out=grad_w[start:stop, k])
+        if grad_x is not None:
+            _scale_parts(gj, w, parts)
+            grad_x.index_add_(0, i, gj)
+            _scale_parts(gi, w, parts)
+            grad_x.index_add_(0, j, gi)
+    return grad_w, grad_x
+
+
+def weight_gradient(grad_out: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
+                    parts: Sequence[Tuple[int, int]]) -> Tensor:
+    """dw of the module docstring in differentiable operations. -> [P, K, C]"""
+    products = (grad_out.index_select(0, pair_i) * x.index_select(0, pair_j)
+                + grad_out.index_select(0, pair_j) * x.index_select(0, pair_i))     # [P, n, C]
+    return torch.stack([products[:, a:b].sum(1) for a, b in parts], dim=1)          # [P, K, C]
+
+
+class PairConvolution(torch.autograd.Function):
+    """``pairs.pair_convolution`` with the chunked forward and backward of the module docstring."""
+
+    @staticmethod
+    def forward(weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
+                parts: Sequence[Tuple[int, int]]) -> Tensor:
+        return forward_chunked(weights, x, pair_i, pair_j, parts)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        weights, x, pair_i, pair_j, parts = inputs
+        ctx.save_for_backward(weights, x, pair_i, pair_j)
+        ctx.parts = parts
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        weights, x, pair_i, pair_j = ctx.saved_tensors
+        need_weights, need_x = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # a graph of the backward is wanted
+            grad_w = weight_gradient(grad_out, x, pair_i, pair_j, ctx.parts) if need_weights else None
+            grad_x = PairConvolution.apply(weights, grad_out, pair_i, pair_j, ctx.parts) if need_x else None
+        else:
+            grad_w, grad_x = backward_chunked(grad_out.contiguous(), weights, x, pair_i, pair_j, ctx.parts,
+                                              need_weights, need_x)
+        return grad_w, grad_x, None, None, None
+
+
+def scatter_outer_chunked(u: Tensor, weights: Tensor, index: Tensor, dim_size: int,
+                          parts: Sequence[Tuple[int, int]]) -> Tensor:
+    """out[r_e] += u_e ⊗ w_e part by part, chunk by chunk of edges (module docstring). -> [N, n, C]"""
+    num_edges, n, C = u.shape[0], u.shape[1], weights.shape[2]
+    out = u.new_zeros(dim_size, n, C)                                               # [N, n, C]
+    chunk = _chunk_size(out)
+    buffer = u.new_empty(min(chunk, num_edges), n, C)                               # [p, n, C]
+    for start in range(0, num_edges, chunk):
+        stop = min(start + chunk, num_edges)
+        messages, u_c, w_c = buffer[:stop - start], u[start:stop], weights[start:stop]
+        for k, (a, b) in enumerate(parts):
+            torch.mul(u_c[:, a:b, None], w_c[:, k:k + 1], out=messages[:, a:b])
+        out.index_add_(0, index[start:stop], messages)
+    return out
+
+
+def _outer_grads(G: Tensor, u: Tensor, weights: Tensor, parts: Sequence[Tuple[int, int]], need_u: bool,
+                 need_weights: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(du, dweights) from the gathered output gradient G [E, n, C] (module docstring)."""
+    grad_u = torch.cat([(G[:, a:b] * weights[:, k:k + 1]).sum(-1)
+                        for k, (a, b) in enumerate(parts)], dim=1) if need_u else None       # [E, n]
+    grad_w = torch.stack([(G[:, a:b] * u[:, a:b, None]).sum(1)
+                          for a, b in parts], dim=1) if need_weights else None               # [E, K, C]
+    return grad_u, grad_w
+
+
+def scatter_outer_backward(grad_out: Tensor, u: Tensor, weights: Tensor, index: Tensor,
+                           parts: Sequence[Tuple[int, int]], need_u: bool, need_weights: bool,
+                           chunked: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(du, dweights) of the module docstring: chunk by chunk without a graph, else differentiable."""
+    if not chunked:
+        return _outer_grads(grad_out.index_select(0, index), u, weights, parts, need_u, need_weights)
+    num_edges = u.shape[0]
+    grad_u = torch.empty_like(u) if need_u else None                                 # [E, n]
+    grad_w = torch.empty_like(weights) if need_weights else None                     # [E, K, C]
+    chunk = _chunk_size(grad_out)
+    buffer = grad_out.new_empty((min(chunk, num_edges),) + grad_out.shape[1:])       # [p, n, C]
+    for start in range(0, num_edges, chunk):
+        stop = min(start + chunk, num_edges)
+        G = torch.index_select(grad_out, 0, index[start:stop], out=buffer[:stop - start])  # [p, n, C]
+        du, dw = _outer_grads(G, u[start:stop], weights[start:stop], parts, need_u, need_weights)
+        if grad_u is not None:
+            grad_u[start:stop] = du
+        if grad_w is not None:
+            grad_w[start:stop] = dw
+    return grad_u, grad_w
+
+
+class ScatterOuter(torch.autograd.Function):
+    """``scatter.scatter_outer`` with the chunked forward and backward of the module docstring."""
+
+    @staticmethod
+    def forward(u: Tensor, weights: Tensor, index: Tensor, dim_size: int,
+                parts: Sequence[Tuple[int, int]]) -> Tensor:
+        return scatter_outer_chunked(u, weights, index, dim_size, parts)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        u, weights, index, _, parts = inputs
+        ctx.save_for_backward(u, weights, index)
+        ctx.parts = parts
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        u, weights, index = ctx.saved_tensors
+        need_u, need_weights = ctx.needs_input_grad[:2]
+        grad_u, grad_w = scatter_outer_backward(grad_out.contiguous(), u, weights, index, ctx.parts,
+                                                need_u, need_weights, chunked=not torch.is_grad_enabled())
+        return grad_u, grad_w, None, None, None

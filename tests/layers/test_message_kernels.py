@@ -1,0 +1,113 @@
+"""The fused message scatters (pair_convolution, scatter_outer) against loops and their references.
+
+The CPU kernels work in chunks of edges; a tiny chunk size makes every test cross several chunk
+boundaries and end on a partial chunk.
+"""
+
+import pytest
+import torch
+
+from molnets.layers import _message_kernels
+from molnets.layers.pairs import _pair_convolution_reference, pair_convolution
+from molnets.layers.scatter import _scatter_outer_reference, scatter_outer
+
+TENSORNET_PARTS = ((0, 1), (1, 4), (4, 9))
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 50)  # a few pairs per chunk
+
+
+def _inputs(num_atoms, num_pairs, rows, parts, channels, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_atoms, rows, channels, generator=g, dtype=torch.float64)
+    w = torch.randn(num_pairs, len(parts), channels, generator=g, dtype=torch.float64)
+    i = torch.randint(0, num_atoms, (num_pairs,), generator=g)
+    j = torch.randint(0, num_atoms, (num_pairs,), generator=g)
+    return w, x, i, j
+
+
+def _part_of_rows(parts):
+    return [k for k, (a, b) in enumerate(parts) for _ in range(a, b)]
+
+
+@pytest.mark.parametrize("rows, parts", [(1, ((0, 1),)), (9, TENSORNET_PARTS), (4, ((0, 4),))])
+def test_pair_convolution_equals_a_loop_over_pairs(rows, parts):
+    w, x, i, j = _inputs(7, 23, rows, parts, 5)
+    expected = torch.zeros_like(x)
+    part = _part_of_rows(parts)
+    for p in range(i.shape[0]):
+        for n in range(rows):
+            expected[i[p], n] += w[p, part[n]] * x[j[p], n]
+            expected[j[p], n] += w[p, part[n]] * x[i[p], n]
+    assert torch.allclose(pair_convolution(w, x, i, j, parts), expected, atol=1e-13, rtol=0)
+
+
+def test_pair_convolution_kernel_equals_reference_with_gradients():
+    w, x, i, j = _inputs(11, 57, 9, TENSORNET_PARTS, 6)
+    w.requires_grad_(), x.requires_grad_()
+    out = pair_convolution(w, x, i, j, TENSORNET_PARTS)
+    assert type(out.grad_fn).__name__ == "PairConvolutionBackward"  # the kernel ran
+    ref = _pair_convolution_reference(w, x, i, j, TENSORNET_PARTS)
+    assert torch.allclose(out, ref, atol=1e-13, rtol=0)
+    v = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (w, x), v), torch.autograd.grad(ref, (w, x), v)):
+        assert torch.allclose(a, b, atol=1e-13, rtol=0)
+
+
+def test_pair_convolution_twice_differentiable():
+    w, x, i, j = _inputs(5, 13, 9, TENSORNET_PARTS, 2)
+    w.requires_grad_(), x.requires_grad_()
+    f = lambda w, x: pair_convolution(w, x, i, j, TENSORNET_PARTS)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (w, x))
+    assert torch.autograd.gradgradcheck(f, (w, x))
+
+
+def test_pair_convolution_float32_and_no_pairs():
+    w, x, i, j = _inputs(6, 40, 9, TENSORNET_PARTS, 8)
+    out = pair_convolution(w.float(), x.float(), i, j, TENSORNET_PARTS)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), _pair_convolution_reference(w, x, i, j, TENSORNET_PARTS), atol=1e-5)
+    empty = pair_convolution(w[:0].requires_grad_(), x.requires_grad_(), i[:0], j[:0], TENSORNET_PARTS)
+    assert torch.equal(empty, torch.zeros_like(x))
+    (grad_x,) = torch.autograd.grad(empty.sum(), x)
+    assert torch.equal(grad_x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("rows, parts", [(1, ((0, 1),)), (9, TENSORNET_PARTS), (3, ((0, 3),))])
+def test_scatter_outer_equals_a_loop_over_edges(rows, parts):
+    w, _, index, _ = _inputs(7, 31, rows, parts, 4)
+    u = torch.randn(31, rows, dtype=torch.float64)
+    expected = torch.zeros(7, rows, 4, dtype=torch.float64)
+    part = _part_of_rows(parts)
+    for e in range(31):
+        for n in range(rows):
+            expected[index[e], n] += u[e, n] * w[e, part[n]]
+    assert torch.allclose(scatter_outer(u, w, index, 7, parts), expected, atol=1e-13, rtol=0)
+
+
+def test_scatter_outer_kernel_equals_reference_with_gradients():
+    w, _, index, _ = _inputs(9, 45, 9, TENSORNET_PARTS, 5)
+    u = torch.randn(45, 9, dtype=torch.float64, requires_grad=True)
+    w.requires_grad_()
+    out = scatter_outer(u, w, index, 9, TENSORNET_PARTS)
+    assert type(out.grad_fn).__name__ == "ScatterOuterBackward"
+    ref = _scatter_outer_reference(u, w, index, 9, TENSORNET_PARTS)
+    assert torch.allclose(out, ref, atol=1e-13, rtol=0)
+    v = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (u, w), v), torch.autograd.grad(ref, (u, w), v)):
+        assert torch.allclose(a, b, atol=1e-13, rtol=0)
+    f = lambda u, w: scatter_outer(u, w, index[:12], 9, TENSORNET_PARTS)  # noqa: E731
+    small = (u[:12].detach().requires_grad_(), w[:12].detach().requires_grad_())
+    assert torch.autograd.gradcheck(f, small)
+    assert torch.autograd.gradgradcheck(f, small)
+
+
+def test_scatter_outer_no_edges():
+    u = torch.zeros(0, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(0, 3, 4, dtype=torch.float64, requires_grad=True)
+    out = scatter_outer(u, w, torch.zeros(0, dtype=torch.long), 3, TENSORNET_PARTS)
+    assert torch.equal(out, torch.zeros(3, 9, 4, dtype=torch.float64))
+    grad_u, grad_w = torch.autograd.grad(out.sum(), (u, w))
+    assert grad_u.shape == u.shape and grad_w.shape == w.shape
