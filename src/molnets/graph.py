@@ -164,9 +164,11 @@ def edge_vectors(graph: AtomicGraph) -> Tensor:
     Shapes:
         graph with N atoms, E edges  ->  [E, 3], Å
     """
-    cell = graph.cell[graph.batch[graph.receivers]]                                  # [E, 3, 3]
+    # index_select, not x[idx]: cheaper, and its backward is an index_add, not an accumulating index_put
+    cell = graph.cell.index_select(0, graph.batch.index_select(0, graph.receivers))  # [E, 3, 3]
     offset = torch.einsum("ex,exy->ey", graph.shifts.to(cell.dtype), cell)          # [E, 3]
-    return graph.positions[graph.senders] - graph.positions[graph.receivers] + offset  # [E, 3]
+    positions = graph.positions
+    return positions.index_select(0, graph.senders) - positions.index_select(0, graph.receivers) + offset  # [E, 3]
 
 
 def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
@@ -182,7 +184,8 @@ def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
     """
     pairs = half_edges(graph.receivers, graph.senders, graph.shifts, graph.num_atoms)  # [P]
     return graph._replace(
-        receivers=graph.receivers[pairs], senders=graph.senders[pairs], shifts=graph.shifts[pairs]
+        receivers=graph.receivers.index_select(0, pairs), senders=graph.senders.index_select(0, pairs),
+        shifts=graph.shifts.index_select(0, pairs),
     )
 
 

@@ -111,3 +111,12 @@ def test_scatter_outer_no_edges():
     assert torch.equal(out, torch.zeros(3, 9, 4, dtype=torch.float64))
     grad_u, grad_w = torch.autograd.grad(out.sum(), (u, w))
     assert grad_u.shape == u.shape and grad_w.shape == w.shape
+
+
+def test_messages_that_fit_one_chunk_take_the_reference(monkeypatch):
+    monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 1 << 18)
+    w, x, i, j = _inputs(7, 23, 9, TENSORNET_PARTS, 5)
+    out = pair_convolution(w, x.requires_grad_(), i, j, TENSORNET_PARTS)
+    assert type(out.grad_fn).__name__ == "AddBackward0"  # the reference's last operation
+    out = scatter_outer(torch.randn(23, 9, dtype=torch.float64, requires_grad=True), w, i, 7, TENSORNET_PARTS)
+    assert type(out.grad_fn).__name__ == "IndexAddBackward0"

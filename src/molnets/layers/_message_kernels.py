@@ -36,10 +36,14 @@ from torch import Tensor
 CHUNK_NUMEL = 1 << 18
 
 
-def kernel_applies(x: Tensor) -> bool:
-    """Eager on the CPU: the chunked kernels. Compiled (the compiler fuses the references
-    itself) or on other devices (which want few large kernels): the references."""
-    return not torch.compiler.is_compiling() and x.device.type == "cpu"
+def kernel_applies(num_edges: int, message_numel: int, like: Tensor) -> bool:
+    """Whether the chunked kernels run for num_edges messages of n C numbers each: eager on
+    the CPU with more than one chunk of messages. Otherwise the references: compiled (the
+    compiler fuses them itself), on other devices (which want few large kernels), or when the
+    messages fit in one chunk anyway (a small molecule: the kernel's Python costs more there).
+    The choice depends on shapes only."""
+    return (not torch.compiler.is_compiling() and like.device.type == "cpu"
+            and num_edges > _chunk_size(message_numel))
 
 
 def spread_over_rows(weights: Tensor, parts: Sequence[Tuple[int, int]]) -> Tensor:
@@ -49,10 +53,9 @@ def spread_over_rows(weights: Tensor, parts: Sequence[Tuple[int, int]]) -> Tenso
     return weights[:, [k for k, (a, b) in enumerate(parts) for _ in range(a, b)]]   # [E, n, C]
 
 
-def _chunk_size(x: Tensor) -> int:
-    """Edges per chunk for messages shaped like x [*, n, C]."""
-    row = x.shape[1] * x.shape[2]
-    return max(1, CHUNK_NUMEL * torch.get_num_threads() // max(row, 1))
+def _chunk_size(message_numel: int) -> int:
+    """Edges per chunk for messages of n C numbers each."""
+    return max(1, CHUNK_NUMEL * torch.get_num_threads() // max(message_numel, 1))
 
 
 def _scale_parts(buffer: Tensor, weights: Tensor, parts: Sequence[Tuple[int, int]]) -> None:
@@ -66,7 +69,7 @@ def forward_chunked(weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
     """The convolution chunk by chunk of pairs (module docstring). -> [N, n, C]"""
     num_pairs = pair_i.shape[0]
     out = torch.zeros_like(x)                                                        # [N, n, C]
-    chunk = _chunk_size(x)
+    chunk = _chunk_size(x.shape[1] * x.shape[2])
     buffer = x.new_empty((min(chunk, num_pairs),) + x.shape[1:])                     # [p, n, C]
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
@@ -86,7 +89,7 @@ def backward_chunked(grad_out: Tensor, weights: Tensor, x: Tensor, pair_i: Tenso
     num_pairs = pair_i.shape[0]
     grad_w = torch.empty_like(weights) if need_weights else None                    # [P, K, C]
     grad_x = torch.zeros_like(x) if need_x else None                                # [N, n, C]
-    chunk = _chunk_size(x)
+    chunk = _chunk_size(x.shape[1] * x.shape[2])
     shape = (min(chunk, num_pairs),) + x.shape[1:]
     g_i, g_j, x_i, x_j = (x.new_empty(shape) for _ in range(4))                     # [p, n, C]
     for start in range(0, num_pairs, chunk):
@@ -146,7 +149,7 @@ def scatter_outer_chunked(u: Tensor, weights: Tensor, index: Tensor, dim_size: i
     """out[r_e] += u_e ⊗ w_e part by part, chunk by chunk of edges (module docstring). -> [N, n, C]"""
     num_edges, n, C = u.shape[0], u.shape[1], weights.shape[2]
     out = u.new_zeros(dim_size, n, C)                                               # [N, n, C]
-    chunk = _chunk_size(out)
+    chunk = _chunk_size(n * C)
     buffer = u.new_empty(min(chunk, num_edges), n, C)                               # [p, n, C]
     for start in range(0, num_edges, chunk):
         stop = min(start + chunk, num_edges)
@@ -176,7 +179,7 @@ def scatter_outer_backward(grad_out: Tensor, u: Tensor, weights: Tensor, index: 
     num_edges = u.shape[0]
     grad_u = torch.empty_like(u) if need_u else None                                 # [E, n]
     grad_w = torch.empty_like(weights) if need_weights else None                     # [E, K, C]
-    chunk = _chunk_size(grad_out)
+    chunk = _chunk_size(grad_out.shape[1] * grad_out.shape[2])
     buffer = grad_out.new_empty((min(chunk, num_edges),) + grad_out.shape[1:])       # [p, n, C]
     for start in range(0, num_edges, chunk):
         stop = min(start + chunk, num_edges)

@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .._constants import register_constant, restore_constants
+
 __all__ = [
     "decompose",
     "compose",
@@ -157,11 +159,11 @@ def component_basis(dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
 
 
 class ComponentBasis(nn.Module):
-    """``component_basis`` as a module, exact in the dtype of its input.
+    """``component_basis`` as a module, exact in the dtype of the model.
 
-    The basis is stored as integers and square roots of integers (B_k = M_k / √n_k), not as
-    floats: a float buffer made in float32 and cast to float64 with the model would carry
-    float32 rounding and break float64 equivariance at the 1e-8 level.
+    The basis is a constant buffer (``molnets._constants``): computed in float64 and rebuilt
+    from that master copy whenever the module is cast, so a model built in float32 and cast to
+    float64 carries no float32 rounding (which would break float64 equivariance at 1e-8).
 
     Shapes:
         like (any tensor)  ->  [9, 3, 3] in like's dtype and device
@@ -169,14 +171,13 @@ class ComponentBasis(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        norms = torch.tensor([3, 2, 2, 2, 2, 2, 2, 2, 6])                          # [9], n_k
-        numerators = component_basis(torch.float64) * norms.double().sqrt()[:, None, None]
-        self.register_buffer("numerators", numerators.round().long(), persistent=False)  # [9, 3, 3]
-        self.register_buffer("norms", norms, persistent=False)                     # [9]
+        register_constant(self, "basis", component_basis(torch.float64), persistent=False)  # [9, 3, 3]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        return restore_constants(super()._apply(fn, recurse))
 
     def forward(self, like: Tensor) -> Tensor:
-        scale = self.norms.to(like.dtype).rsqrt()                                   # [9]
-        return self.numerators.to(like.dtype) * scale[:, None, None]                # [9, 3, 3]
+        return self.basis.to(like.dtype)                                            # [9, 3, 3], no copy in the model's dtype
 
 
 def to_components(X: Tensor, basis: Optional[Tensor] = None) -> Tensor:
@@ -263,11 +264,12 @@ class TensorLinear(nn.Module):
         bound = 1 / math.sqrt(self.in_dim)  # nn.Linear's default scale
         self.weight = nn.Parameter(torch.empty(3, self.out_dim, self.in_dim).uniform_(-bound, bound))  # [3, D, C]
         self.basis = ComponentBasis()
+        self.register_buffer("part_of_component", torch.tensor(PART_OF_COMPONENT), persistent=False)  # [9]
 
     def forward(self, X: Tensor, part_scales: Optional[Tensor] = None) -> Tensor:
         basis = self.basis(X)                                                  # [9, 3, 3]
         c = to_components(X, basis).permute(2, 0, 1)                           # [9, N, C]
-        weight = self.weight[list(PART_OF_COMPONENT)].transpose(1, 2)          # [9, C, D]
+        weight = self.weight.index_select(0, self.part_of_component).transpose(1, 2)  # [9, C, D]
         out = torch.bmm(c, weight).permute(1, 2, 0)                            # [N, D, 9]
         if part_scales is not None:
             out = out * expand_parts(part_scales)                              # [N, D, 9]

@@ -55,7 +55,7 @@ class SpeciesIndex(nn.Module):
         return len(self.species)
 
     def forward(self, atomic_numbers: Tensor) -> Tensor:
-        index = self.table[atomic_numbers.clamp(0, MAX_ATOMIC_NUMBER)]  # [N]
+        index = self.table.index_select(0, atomic_numbers.clamp(0, MAX_ATOMIC_NUMBER))  # [N]
         if not torch.compiler.is_compiling():
             # Eager only: one host sync, so that an unknown element is an error, not a
             # silent read of row -1.
@@ -93,7 +93,7 @@ class SpeciesEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.randn(self.num_species, self.num_channels))  # [S, C]
 
     def forward(self, species: Tensor) -> Tensor:
-        return self.weight[species]  # [N, C]
+        return self.weight.index_select(0, species)  # [N, C]
 
     def extra_repr(self) -> str:
         return f"num_species={self.num_species}, num_channels={self.num_channels}"

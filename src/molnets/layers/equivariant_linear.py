@@ -101,5 +101,5 @@ class ComponentLinear(nn.Module):
         self.weight = nn.Parameter(torch.randn(len(self.irreps), C, C) / math.sqrt(C))  # [L, C, D]
 
     def forward(self, x: Tensor) -> Tensor:
-        W = self.weight[self.block_of_m]  # [M, C, D]
+        W = self.weight.index_select(0, self.block_of_m)  # [M, C, D]
         return torch.bmm(x.permute(2, 0, 1), W).permute(1, 2, 0)  # [N, D, M]

@@ -41,7 +41,7 @@ def half_edges(receivers: Tensor, senders: Tensor, shifts: Tensor, num_atoms: in
     atom_key = lo * num_atoms + hi                                                     # [E]
     # Lexicographic sort on (atom_key, shift_key) as two stable sorts: no int64 overflow.
     by_shift = torch.sort(shift_key, stable=True).indices                             # [E]
-    order = by_shift[torch.sort(atom_key[by_shift], stable=True).indices]             # [E]
+    order = by_shift.index_select(0, torch.sort(atom_key.index_select(0, by_shift), stable=True).indices)  # [E]
     if not torch.compiler.is_compiling():
         first, second = order[0 : num_edges - 1 : 2], order[1::2]
         paired = (atom_key[first] == atom_key[second]) & (shift_key[first] == shift_key[second])
@@ -88,7 +88,7 @@ def pair_convolution(weights: Tensor, node_feats: Tensor, pair_i: Tensor, pair_j
     tensor([ 20., 410., 200.])
     """
     parts = tuple(parts) if parts is not None else ((0, node_feats.shape[1]),)
-    if kernel_applies(node_feats):
+    if kernel_applies(pair_i.shape[0], node_feats.shape[1] * node_feats.shape[2], node_feats):
         return PairConvolution.apply(weights, node_feats, pair_i, pair_j, parts)
     return _pair_convolution_reference(weights, node_feats, pair_i, pair_j, parts)
 

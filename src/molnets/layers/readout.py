@@ -102,7 +102,7 @@ class AtomicReferenceEnergies(nn.Module):
                 self.energies[self.species.index(int(z))] = float(e)
 
     def forward(self, species: Tensor) -> Tensor:
-        return self.energies[species]  # [N]
+        return self.energies.index_select(0, species)  # [N]
 
     def extra_repr(self) -> str:
         return f"species={self.species}"

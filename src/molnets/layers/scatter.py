@@ -76,7 +76,7 @@ def scatter_outer(u: Tensor, weights: Tensor, index: Tensor, dim_size: int,
     tensor([ 0.,  0., 31., 42.])
     """
     parts = tuple(parts) if parts is not None else ((0, u.shape[1]),)
-    if kernel_applies(u):
+    if kernel_applies(u.shape[0], u.shape[1] * weights.shape[2], u):
         return ScatterOuter.apply(u, weights, index, dim_size, parts)
     return _scatter_outer_reference(u, weights, index, dim_size, parts)
 
