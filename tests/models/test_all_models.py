@@ -42,3 +42,36 @@ def test_model_suite(name, check):
         check(_model(name), backend="eager")
     else:
         check(_model(name))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fused_message_kernels_equal_plain_operations(name, monkeypatch):
+    """The chunked CPU kernels (layers/_message_kernels.py) only run on systems larger than one
+    chunk of messages; with tiny chunks they run here, and energy, forces, stress and the
+    gradient of a force loss (double backward) must equal those of the plain operations."""
+    from molnets.layers import _message_kernels
+    from molnets.models import Potential
+
+    graph = testing.random_graph(12, cutoff=CUTOFF, periodic=True, seed=3)
+    calls = []
+    for kernel in ("forward_chunked", "scatter_outer_chunked", "atomic_basis_chunked"):
+        original = getattr(_message_kernels, kernel)
+        monkeypatch.setattr(_message_kernels, kernel,
+                            lambda *args, _original=original, **kwargs: calls.append(1) or _original(*args, **kwargs))
+    results = []
+    for chunk_numel in (1 << 30, 8):  # everything in one chunk (plain operations), then tiny chunks
+        monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", chunk_numel)
+        potential = Potential(_model(name).double(), compute_stress=True).train()
+        out = potential(graph)
+        loss = out["energy"].square().sum() + out["forces"].square().sum() + out["stress"].square().sum()
+        params = [p for p in potential.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results.append((out, grads))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert calls  # the kernels ran (with the tiny chunks only)
+    for key in ("energy", "forces", "stress"):
+        assert torch.allclose(fused[key], plain[key], atol=1e-10, rtol=1e-10), key
+    for a, b in zip(fused_grads, plain_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)

@@ -26,7 +26,7 @@ the convolution again).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -213,3 +213,137 @@ class ScatterOuter(torch.autograd.Function):
         grad_u, grad_w = scatter_outer_backward(grad_out.contiguous(), u, weights, index, ctx.parts,
                                                 need_u, need_weights, chunked=not torch.is_grad_enabled())
         return grad_u, grad_w, None, None, None
+
+
+# ---------------------------------------------------------------- ACE atomic basis messages
+
+
+def atomic_basis_messages(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
+                          radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> Tensor:
+    """Σ_{e: receivers[e] = i} K_e X_e, X_e = [R_b(pair of e) ∘ W h_b(senders[e])]_b, the reference.
+
+    Edges e and e + P are the two directions of pair e (``PairAtomicBasis``); per input irrep b
+    the radial weights R_b [P, n_b, C] of its n_b paths multiply its node features
+    Wh_b [N, 2 l_b + 1, C] of the sender, giving rows (path, m) of X.
+
+    Shapes:
+        K [E, M, rows], senders [E], receivers [E], radial R_b [P, n_b, C],
+        node_feats Wh_b [N, d_b, C] (rows = Σ_b n_b d_b)  ->  [N, M, C]
+    """
+    num_pairs = K.shape[0] // 2
+    messages, row = None, 0
+    for R_b, Wh in zip(radial, node_feats):
+        n_b, (dim, C) = R_b.shape[1], Wh.shape[1:]
+        Wh_j = Wh.index_select(0, senders).reshape(2, num_pairs, 1, dim, C)            # [2, P, 1, d_b, C]
+        # explicit expand: the backward then reduces over the outermost axis (halves) first
+        R_e = R_b.unsqueeze(2).expand(num_pairs, n_b, dim, C)                          # [P, n_b, d_b, C]
+        X = (R_e * Wh_j).reshape(2 * num_pairs, n_b * dim, C)                          # [E, n_b d_b, C]
+        K_b = K[:, :, row:row + n_b * dim]                                             # [E, M, n_b d_b]
+        messages = torch.bmm(K_b, X) if messages is None else torch.baddbmm(messages, K_b, X)  # [E, M, C]
+        row += n_b * dim
+    out = messages.new_zeros((num_atoms,) + messages.shape[1:])                        # [N, M, C]
+    return out.index_add(0, receivers, messages)
+
+
+def _fill_rows(X: Tensor, radial: Sequence[Tensor], node_feats: Sequence[Tensor], senders: Tensor,
+               start: int, stop: int) -> None:
+    """X[p, (b, path, m), c] = R_b[start + p, path, c] Wh_b[senders[p], m, c], in place. X [p, rows, C]"""
+    row, p = 0, stop - start
+    for R_b, Wh in zip(radial, node_feats):
+        n_b, (dim, C) = R_b.shape[1], Wh.shape[1:]
+        Wh_j = Wh.index_select(0, senders)                                             # [p, d_b, C]
+        torch.mul(R_b[start:stop, :, None], Wh_j[:, None], out=X[:, row:row + n_b * dim].view(p, n_b, dim, C))
+        row += n_b * dim
+
+
+def _atomic_basis_chunks(K: Tensor, radial: Sequence[Tensor], node_feats: Sequence[Tensor]):
+    """(chunk, buffer size) for the chunked atomic basis: pairs per chunk, numbers per buffer."""
+    rows, M, C = K.shape[2], K.shape[1], node_feats[0].shape[2]
+    chunk = _chunk_size(max(rows, M) * C)
+    return chunk, min(chunk, K.shape[0] // 2) * max(rows, M) * C
+
+
+def atomic_basis_chunked(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
+                         radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> Tensor:
+    """``atomic_basis_messages`` chunk by chunk of pairs, X and the messages in reused buffers."""
+    num_pairs, (M, rows), C = K.shape[0] // 2, K.shape[1:], node_feats[0].shape[2]
+    out = K.new_zeros(num_atoms, M, C)                                                 # [N, M, C]
+    chunk, numel = _atomic_basis_chunks(K, radial, node_feats)
+    X_buffer, message_buffer = K.new_empty(numel), K.new_empty(numel)
+    for start in range(0, num_pairs, chunk):
+        stop = min(start + chunk, num_pairs)
+        p = stop - start
+        X, messages = X_buffer[:p * rows * C].view(p, rows, C), message_buffer[:p * M * C].view(p, M, C)
+        for half in (0, num_pairs):
+            _fill_rows(X, radial, node_feats, senders[half + start:half + stop], start, stop)
+            torch.bmm(K[half + start:half + stop], X, out=messages)
+            out.index_add_(0, receivers[half + start:half + stop], messages)
+    return out
+
+
+def atomic_basis_backward_chunked(grad_out: Tensor, K: Tensor, senders: Tensor, receivers: Tensor,
+                                  radial: Sequence[Tensor], node_feats: Sequence[Tensor],
+                                  needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+    """(dK, dR_0, dWh_0, dR_1, ...) without a graph. With G = g[receivers] per edge:
+
+        dK_e = G_e X_eᵀ,   dX_e = K_eᵀ G_e,   dR_b = Σ_m dX_b Wh_j (both directions),   dWh_b[j] += Σ_path dX_b R_b.
+    """
+    num_pairs, (M, rows), C = K.shape[0] // 2, K.shape[1:], node_feats[0].shape[2]
+    grad_K = torch.empty_like(K) if needs[0] else None                                # [E, M, rows]
+    grad_R = [torch.zeros_like(R_b) if need else None for R_b, need in zip(radial, needs[1::2])]
+    grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2::2])]
+    chunk, numel = _atomic_basis_chunks(K, radial, node_feats)
+    X_buffer, G_buffer, dX_buffer = K.new_empty(numel), K.new_empty(numel), K.new_empty(numel)
+    for start in range(0, num_pairs, chunk):
+        stop = min(start + chunk, num_pairs)
+        p = stop - start
+        X, dX = X_buffer[:p * rows * C].view(p, rows, C), dX_buffer[:p * rows * C].view(p, rows, C)
+        for half in (0, num_pairs):
+            edges = slice(half + start, half + stop)
+            G = torch.index_select(grad_out, 0, receivers[edges], out=G_buffer[:p * M * C].view(p, M, C))  # [p, M, C]
+            if grad_K is not None:
+                _fill_rows(X, radial, node_feats, senders[edges], start, stop)
+                torch.bmm(G, X.transpose(1, 2), out=grad_K[edges])
+            torch.bmm(K[edges].transpose(1, 2), G, out=dX)                             # [p, rows, C]
+            row = 0
+            for b, (R_b, Wh) in enumerate(zip(radial, node_feats)):
+                n_b, dim = R_b.shape[1], Wh.shape[1]
+                dX_b = dX[:, row:row + n_b * dim].view(p, n_b, dim, C)                 # [p, n_b, d_b, C]
+                if grad_R[b] is not None:
+                    Wh_j = Wh.index_select(0, senders[edges])                          # [p, d_b, C]
+                    grad_R[b][start:stop] += (dX_b * Wh_j[:, None]).sum(2)
+                if grad_Wh[b] is not None:
+                    grad_Wh[b].index_add_(0, senders[edges], (dX_b * R_b[start:stop, :, None]).sum(1))
+                row += n_b * dim
+    grads: List[Optional[Tensor]] = [grad_K]
+    for dR, dWh in zip(grad_R, grad_Wh):
+        grads += [dR, dWh]
+    return tuple(grads)
+
+
+class AtomicBasisMessages(torch.autograd.Function):
+    """``atomic_basis_messages`` chunked (eager CPU). Inputs after num_atoms: R_0, Wh_0, R_1, Wh_1, ..."""
+
+    @staticmethod
+    def forward(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int, *tensors: Tensor) -> Tensor:
+        return atomic_basis_chunked(K, senders, receivers, num_atoms, tensors[0::2], tensors[1::2])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        K, senders, receivers, num_atoms, *tensors = inputs
+        ctx.save_for_backward(K, senders, receivers, *tensors)
+        ctx.num_atoms = num_atoms
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        K, senders, receivers, *tensors = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[4:])
+        if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiate the reference
+            inputs = [t for t, need in zip([K] + tensors, needs) if need]
+            out = atomic_basis_messages(K, senders, receivers, ctx.num_atoms, tensors[0::2], tensors[1::2])
+            found = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
+            grads = [next(found) if need else None for need in needs]
+        else:
+            grads = list(atomic_basis_backward_chunked(grad_out.contiguous(), K, senders, receivers,
+                                                       tensors[0::2], tensors[1::2], needs))
+        return (grads[0], None, None, None, *grads[1:])

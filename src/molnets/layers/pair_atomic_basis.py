@@ -13,6 +13,9 @@ which it wraps), computed with less work:
   (Σ_paths (2 l2 + 1) numbers per channel, 22 for 0e+1o features and lmax 3), then one batched
   product with K_{(path, m2), l3 m3} = Σ_{m1} C Y_{l1}^{m1} (computed without channels) sums all
   paths into A: no [E, C, Q] intermediate, no gathers, no dense path-summing product.
+- On the CPU in eager mode, X, the per-edge messages and their gradients are built chunk by chunk
+  of pairs in reused buffers (``_message_kernels.AtomicBasisMessages``, tested equal to
+  ``atomic_basis_messages``): no [E, M, C] tensor in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import Tensor, nn
 from molnets._ace_coupling import irreps_slices
 from molnets._constants import float64_constant, register_constant, restore_constants
 from molnets.ace import AtomicBasis
-from molnets.layers.scatter import scatter_sum
+from molnets.layers._message_kernels import AtomicBasisMessages, atomic_basis_messages, kernel_applies
 
 __all__ = ["PairAtomicBasis"]
 
@@ -87,17 +90,14 @@ class PairAtomicBasis(nn.Module):
         basis = self.basis
         N, P, C = h.shape[0], edge_radial.shape[0], basis.num_channels
         R = basis.radial_weights(edge_radial).reshape(P, C, basis.num_paths).transpose(1, 2)  # [P, paths, C]
-        K = torch.einsum("ea,arm->emr", edge_sh, self.coupling)  # [E, M, rows]: C · Y, no channels
-        messages, row = None, 0
+        K = torch.einsum("ea,arm->emr", edge_sh, self.coupling).contiguous()  # [E, M, rows]: C · Y, no channels
+        radial, node_feats = [], []
         for b, ((start, stop, mul, dim), W) in enumerate(zip(basis.in_slices, basis.channel_weights)):
-            Wh = torch.einsum("nub,uc->nbc", h[:, start:stop].reshape(N, mul, dim), W)  # [N, 2 l2 + 1, C]
-            Wh_j = Wh.index_select(0, senders).reshape(2, P, 1, dim, C)  # [2, P, 1, 2 l2 + 1, C]
-            R_b = torch.matmul(getattr(self, f"select{b}"), R)  # [P, n_b, C]: the paths from this irrep
-            # explicit expand: the backward then reduces over the outermost axis (halves) first
-            R_b = R_b.unsqueeze(2).expand(P, R_b.shape[1], dim, C)  # [P, n_b, 2 l2 + 1, C]
-            X = (R_b * Wh_j).reshape(2 * P, R_b.shape[1] * dim, C)  # [E, n_b (2 l2 + 1), C]
-            K_b = K[:, :, row : row + X.shape[1]]  # [E, M, n_b (2 l2 + 1)]
-            messages = torch.bmm(K_b, X) if messages is None else torch.baddbmm(messages, K_b, X)  # [E, M, C]
-            row += X.shape[1]
-        A = scatter_sum(messages, receivers, dim_size=N)  # [N, M, C]
+            node_feats.append(torch.einsum("nub,uc->nbc", h[:, start:stop].reshape(N, mul, dim), W))  # [N, 2 l2 + 1, C]
+            radial.append(torch.matmul(getattr(self, f"select{b}"), R))  # [P, n_b, C]: the paths from this irrep
+        if kernel_applies(P, max(K.shape[1], K.shape[2]) * C, h):
+            tensors = [t for pair in zip(radial, node_feats) for t in pair]
+            A = AtomicBasisMessages.apply(K, senders, receivers, N, *tensors)  # [N, M, C]
+        else:
+            A = atomic_basis_messages(K, senders, receivers, N, radial, node_feats)  # [N, M, C]
         return A.transpose(1, 2) * basis.inv_avg_num_neighbors  # [N, C, M]
