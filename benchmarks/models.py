@@ -1,7 +1,7 @@
 """Model benchmark: energy + forces of molnets' models and their peers, side by side, one run.
 
     python benchmarks/models.py [--repeats 10] [--threads 2] [--device cpu] [--quick] [--compile]
-                                [--families MACE-style ...] [--no-scaling]
+                                [--families MACE-style ...] [--no-scaling | --scaling-only]
 
 Every measurement runs in a fresh subprocess (``--worker IMPL SPEC.json``) of the interpreter
 that has the implementation (the main venv for molnets and PyG; a peer's venv for its
@@ -357,13 +357,17 @@ class Family:
     ours: str         # impl name in IMPLS
     peer: str         # impl name in IMPLS
     same_weights: bool  # whether the peer is given molnets' weights (energies then must agree)
+    # largest scaling system each side runs (more would not fit in this machine's 24 GB)
+    peer_max_atoms: int = 16384
+    ours_max_atoms: int = 16384
 
 
 FAMILIES: List[Family] = [
     Family("SchNet-style", "PyG SchNet", "molnets-schnet", "pyg-schnet", same_weights=True),
-    Family("MACE-style", "mace-torch MACE", "molnets-mace", "mace-torch", same_weights=False),
+    Family("MACE-style", "mace-torch MACE", "molnets-mace", "mace-torch", same_weights=False,
+           peer_max_atoms=2048, ours_max_atoms=6912),
     Family("TensorNet-style", "torchmd-net TensorNet", "molnets-tensornet", "torchmdnet-tensornet",
-           same_weights=True),
+           same_weights=True, peer_max_atoms=6912),
 ]
 
 
@@ -413,6 +417,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
     parser.add_argument("--families", nargs="+", default=None, help="e.g. SchNet-style (default: all)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling-with-N table")
+    parser.add_argument("--scaling-only", action="store_true", help="only the scaling-with-N table")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -425,7 +430,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
     families = [f for f in FAMILIES if args.families is None or f.model in args.families]
     with tempfile.TemporaryDirectory() as tmp:
-        for family in families:
+        for family in families if not args.scaling_only else []:
             for dtype in args.dtype:
                 weights = _weights(tmp, dtype, family) if family.same_weights else None
                 for name, atoms in systems(args.quick).items():
@@ -453,10 +458,12 @@ def main(argv=None) -> None:
         for family in families:
             weights = _weights(tmp, "float32", family) if family.same_weights else None
             for n, atoms in scaling_systems(args.quick).items():
-                peer = run_impl(family.peer, atoms, args, "float32", weights)
+                if n > family.ours_max_atoms:
+                    continue
+                peer = run_impl(family.peer, atoms, args, "float32", weights) if n <= family.peer_max_atoms else None
                 ours = run_impl(family.ours, atoms, args, "float32", weights)
-                print(f"| {family.model} | {n} | {peer['median_ms']:.1f} | {peer['peak_mb']:.0f} | "
-                      f"{ours['median_ms']:.1f} | {ours['peak_mb']:.0f} | "
+                peer_cells = f"{peer['median_ms']:.1f} | {peer['peak_mb']:.0f}" if peer else "- | -"
+                print(f"| {family.model} | {n} | {peer_cells} | {ours['median_ms']:.1f} | {ours['peak_mb']:.0f} | "
                       f"{1e3 * ours['median_ms'] / n:.1f} |", flush=True)
 
 

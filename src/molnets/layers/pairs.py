@@ -70,8 +70,9 @@ def pair_convolution(weights: Tensor, node_feats: Tensor, pair_i: Tensor, pair_j
 
     On the CPU in eager mode a fused kernel (``_message_kernels``) computes the same
     numbers without the per-pair messages [P, n, C] in memory, and its backward too (differentiable
-    twice). Under ``torch.compile`` and on other devices this reference runs:
-    ``scatter_sum(w[j-side] * x[j], i) + scatter_sum(w * x[i], j)``.
+    twice), when the messages exceed one chunk (``_message_kernels.kernel_applies``; shapes
+    only). Otherwise, and under ``torch.compile`` and on other devices, the plain operations run:
+    ``scatter_sum(w * x[j], i) + scatter_sum(w * x[i], j)``, w spread over the rows of its part.
 
     Args:
         weights: filters w [P, K, C], one per pair and part.

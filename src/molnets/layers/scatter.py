@@ -59,8 +59,8 @@ def scatter_outer(u: Tensor, weights: Tensor, index: Tensor, dim_size: int,
     rows n are split into K parts (rows a..b-1 of part k) with their own weights.
 
     On the CPU in eager mode a fused kernel (``_message_kernels``) computes the same numbers
-    without the per-edge products [E, n, C] in memory (differentiable twice). Under
-    ``torch.compile`` and on other devices this reference runs:
+    without the per-edge products [E, n, C] in memory (differentiable twice), when they exceed one
+    chunk (shapes only). Otherwise, and under ``torch.compile`` and on other devices, this runs:
     ``scatter_sum(u[:, :, None] * weights[:, part], index, dim_size)``.
 
     Args:

@@ -16,8 +16,9 @@ are invariant scalars of one distance each: body order 2.
 
 Pair symmetry: the filter depends on |r_ij| only and a neighbor list holds both (i, j) and
 (j, i), so the filter network runs on one edge of each pair (half of the edges) and the pair
-sends its message both ways. This halves the dominant cost (two dense layers per edge) and
-changes no number beyond float rounding order.
+sends its message both ways (``layers.pair_convolution``, a fused kernel on large systems on
+the CPU). This halves the dominant cost (two dense layers per edge) and changes no number
+beyond float rounding order.
 """
 
 from __future__ import annotations

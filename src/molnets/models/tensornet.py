@@ -20,8 +20,9 @@ maps and the norms all commute with transposition, so the energy is O(3)-invaria
 Speed (the same numbers, computed with less work): the radial MLPs depend on |r_ij| only, so
 they run on one edge of each pair {i, j} and the pair sends its message both ways (half the
 dense-layer work, the dominant cost); messages are formed in 9 irreducible components per
-channel (``[E, C, 9]``), never as three ``[E, C, 3, 3]`` tensors; the pair embedding
-W [z_i, z_j] is split into per-atom products.
+channel, never as three ``[E, C, 3, 3]`` tensors, and summed by ``layers.pair_convolution``
+and ``layers.scatter_outer`` (on large systems, fused CPU kernels that never hold the
+per-pair messages in memory); the pair embedding W [z_i, z_j] is split into per-atom products.
 """
 
 from __future__ import annotations
