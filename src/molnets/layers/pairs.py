@@ -66,7 +66,7 @@ def pair_convolution(weights: Tensor, node_feats: Tensor, pair_i: Tensor, pair_j
     the interaction of SchNet (Schütt et al. 2018, Eq. 5: x_j ∘ W(r_ij)) and of TensorNet
     (Simeon & De Fabritiis 2023, Eq. 8: f_I I_j + f_A A_j + f_S S_j) on one edge per pair. The
     rows n of x are split into K parts (rows a..b-1 of part k, e.g. the components of I, A and S)
-    and each part is scaled by its own filter w_ij[k] [C].
+    and each part is scaled by its own filter w_ij[k] (C numbers).
 
     On the CPU in eager mode a fused kernel (``_message_kernels``) computes the same
     numbers without the per-pair messages [P, n, C] in memory, and its backward too (differentiable
