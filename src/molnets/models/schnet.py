@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from ..graph import AtomicGraph, edge_vectors, half_edge_graph
