@@ -1,10 +1,11 @@
-"""Fused forward/backward of the two message scatters on the CPU (private kernels).
+"""Fused forward/backward of the three message scatters on the CPU (private kernels).
 
 Each computes the same numbers as its reference (``pairs.pair_convolution``,
-``scatter.scatter_outer``) without materializing the per-edge messages [E, n, C], the largest
-tensors of SchNet- and TensorNet-style models on crystals, whose writing and reading at full
-size was most of their time: edges are processed in cache-sized chunks, each message block
-built in one small reused buffer and added into the output.
+``scatter.scatter_outer``, ``atomic_basis_messages`` below) without materializing the per-edge
+messages [E, n, C], the largest tensors of the SchNet-, TensorNet- and MACE-style models on
+crystals, whose writing and reading at full size was most of their time: edges are processed in
+cache-sized chunks, each message block built in one small reused buffer and added into the
+output.
 
 Pair convolution, w_p spread over the rows of its part:
 
@@ -93,7 +94,8 @@ def backward_chunked(grad_out: Tensor, weights: Tensor, x: Tensor, pair_i: Tenso
     shape = (min(chunk, num_pairs),) + x.shape[1:]
     g_i, g_j, x_i, x_j = (x.new_empty(shape) for _ in range(4))                     # [p, n, C]
     for start in range(0, num_pairs, chunk):
-        stop, p = min(start + chunk, num_pairs), min(start + chunk, num_pairs) - start
+        stop = min(start + chunk, num_pairs)
+        p = stop - start
         i, j, w = pair_i[start:stop], pair_j[start:stop], weights[start:stop]
         gi, gj = torch.index_select(grad_out, 0, i, out=g_i[:p]), torch.index_select(grad_out, 0, j, out=g_j[:p])
         if grad_w is not None:
@@ -256,11 +258,25 @@ def _fill_rows(X: Tensor, radial: Sequence[Tensor], node_feats: Sequence[Tensor]
         row += n_b * dim
 
 
-def _atomic_basis_chunks(K: Tensor, radial: Sequence[Tensor], node_feats: Sequence[Tensor]):
+def _atomic_basis_message_numel(K: Tensor, node_feats: Sequence[Tensor]) -> int:
+    """Numbers per edge of the largest per-edge block (X [rows, C] or the message [M, C])."""
+    return max(K.shape[1], K.shape[2]) * node_feats[0].shape[2]
+
+
+def _atomic_basis_chunks(K: Tensor, node_feats: Sequence[Tensor]) -> Tuple[int, int]:
     """(chunk, buffer size) for the chunked atomic basis: pairs per chunk, numbers per buffer."""
-    rows, M, C = K.shape[2], K.shape[1], node_feats[0].shape[2]
-    chunk = _chunk_size(max(rows, M) * C)
-    return chunk, min(chunk, K.shape[0] // 2) * max(rows, M) * C
+    numel = _atomic_basis_message_numel(K, node_feats)
+    chunk = _chunk_size(numel)
+    return chunk, min(chunk, K.shape[0] // 2) * numel
+
+
+def atomic_basis(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
+                 radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> Tensor:
+    """``atomic_basis_messages``, by the chunked kernel where ``kernel_applies``. -> [N, M, C]"""
+    if kernel_applies(K.shape[0] // 2, _atomic_basis_message_numel(K, node_feats), K):
+        tensors = [t for pair in zip(radial, node_feats) for t in pair]
+        return AtomicBasisMessages.apply(K, senders, receivers, num_atoms, *tensors)
+    return atomic_basis_messages(K, senders, receivers, num_atoms, radial, node_feats)
 
 
 def atomic_basis_chunked(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
@@ -268,7 +284,7 @@ def atomic_basis_chunked(K: Tensor, senders: Tensor, receivers: Tensor, num_atom
     """``atomic_basis_messages`` chunk by chunk of pairs, X and the messages in reused buffers."""
     num_pairs, (M, rows), C = K.shape[0] // 2, K.shape[1:], node_feats[0].shape[2]
     out = K.new_zeros(num_atoms, M, C)                                                 # [N, M, C]
-    chunk, numel = _atomic_basis_chunks(K, radial, node_feats)
+    chunk, numel = _atomic_basis_chunks(K, node_feats)
     X_buffer, message_buffer = K.new_empty(numel), K.new_empty(numel)
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
@@ -292,7 +308,7 @@ def atomic_basis_backward_chunked(grad_out: Tensor, K: Tensor, senders: Tensor, 
     grad_K = torch.empty_like(K) if needs[0] else None                                # [E, M, rows]
     grad_R = [torch.zeros_like(R_b) if need else None for R_b, need in zip(radial, needs[1::2])]
     grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2::2])]
-    chunk, numel = _atomic_basis_chunks(K, radial, node_feats)
+    chunk, numel = _atomic_basis_chunks(K, node_feats)
     X_buffer, G_buffer, dX_buffer = K.new_empty(numel), K.new_empty(numel), K.new_empty(numel)
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from molnets._ace_coupling import irreps_slices
 from molnets._constants import float64_constant, register_constant, restore_constants
 from molnets.ace import AtomicBasis
-from molnets.layers._message_kernels import AtomicBasisMessages, atomic_basis_messages, kernel_applies
+from molnets.layers._message_kernels import atomic_basis
 
 __all__ = ["PairAtomicBasis"]
 
@@ -95,9 +95,5 @@ class PairAtomicBasis(nn.Module):
         for b, ((start, stop, mul, dim), W) in enumerate(zip(basis.in_slices, basis.channel_weights)):
             node_feats.append(torch.einsum("nub,uc->nbc", h[:, start:stop].reshape(N, mul, dim), W))  # [N, 2 l2 + 1, C]
             radial.append(torch.matmul(getattr(self, f"select{b}"), R))  # [P, n_b, C]: the paths from this irrep
-        if kernel_applies(P, max(K.shape[1], K.shape[2]) * C, h):
-            tensors = [t for pair in zip(radial, node_feats) for t in pair]
-            A = AtomicBasisMessages.apply(K, senders, receivers, N, *tensors)  # [N, M, C]
-        else:
-            A = atomic_basis_messages(K, senders, receivers, N, radial, node_feats)  # [N, M, C]
+        A = atomic_basis(K, senders, receivers, N, radial, node_feats)  # [N, M, C]
         return A.transpose(1, 2) * basis.inv_avg_num_neighbors  # [N, C, M]
