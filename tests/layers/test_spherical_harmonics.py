@@ -105,12 +105,15 @@ def test_gradcheck_and_gradgradcheck(normalize, normalization):
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_blocked_kernels_equal_reference(monkeypatch, normalize):
-    """The cache-blocked eager paths (several blocks, a ragged last one): the polynomial kernel
-    (Eq. 3, lmax <= 4) and the recursion kernel (above) against e3nn and the plain ops."""
+    """The cache-blocked eager paths (several blocks, a ragged last one): the polynomial kernels
+    (Eq. 3, normalize=True, lmax <= 6 forward, <= 4 backward) and the recursion kernels (the
+    rest) against e3nn and the plain ops."""
     monkeypatch.setattr(sh_module, "_chunk_size", lambda lmax: 4)
-    v = make_vectors().requires_grad_(True)
-    assert sh_module._POLYNOMIAL_LMAX == 4  # the loop below covers both kernels
-    for lmax in (0, 1, 2, 3, 4, 5, 7):
+    v = make_vectors()
+    short = torch.tensor([[3e-13, -5e-13, 8e-13], [0.0, 0.0, 0.0]], dtype=torch.float64)  # |r| < eps
+    v = torch.cat([v[:9], short, v[9:]]).requires_grad_(True)  # u = r / eps is not on the sphere
+    assert (sh_module._POLYNOMIAL_BACKWARD_LMAX, sh_module._POLYNOMIAL_LMAX) == (4, 6)  # covered below
+    for lmax in (0, 1, 2, 3, 4, 5, 6, 7):
         y = spherical_harmonics(v, lmax, normalize=normalize, normalization="integral")
         e3nn_y = reference(v, lmax, normalize, "integral")
         torch.testing.assert_close(y, e3nn_y, rtol=1e-12, atol=1e-12)
@@ -141,8 +144,8 @@ def test_leading_dimensions():
     torch.testing.assert_close(got.reshape(-1, 9), spherical_harmonics(v.reshape(-1, 3), 2))
 
 
-def test_no_nan_derivatives_on_axes_and_at_zero():
-    lmax = 8
+@pytest.mark.parametrize("lmax", [3, 8])  # the polynomial kernel and the recursion kernel
+def test_no_nan_derivatives_on_axes_and_at_zero(lmax):
     eye = torch.eye(3, dtype=torch.float64)
     v = torch.cat([eye, -eye, 1e-30 * eye, torch.zeros(1, 3, dtype=torch.float64)]).requires_grad_(True)
     y = spherical_harmonics(v, lmax)
