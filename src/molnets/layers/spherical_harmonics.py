@@ -399,12 +399,12 @@ def _short_vectors(inv_norm: Tensor) -> Optional[Tensor]:
 
 
 def _forward_polynomial(vectors: Tensor, lmax: int, values: Tensor, y0: Tensor,
-                        forward_t: Sequence[Tensor]) -> Tuple[Tensor, Tensor, bool]:
+                        forward_t: Sequence[Tensor], keep_unit: bool) -> Tuple[Tensor, Tensor, bool]:
     """Eq. (3), Y = P(u) A on the sphere monomials of the unit vectors u = r / |r|, eagerly, in
     cache-sized blocks of edges. The rare vectors shorter than eps (u = r / eps, not on the
     sphere) get Eq. (1) instead. Returns Y [E, M], the unit vectors and inverse clamped norms
-    [4, E] (u_x, u_y, u_z, 1 / max(|r|, eps), kept for the backward) and whether any vector was
-    shorter than eps."""
+    [4, E] (u_x, u_y, u_z, 1 / max(|r|, eps), kept for the backward; the u rows are written only
+    if ``keep_unit``) and whether any vector was shorter than eps."""
     num_edges = vectors.shape[0]
     out = vectors.new_empty(num_edges, values.shape[1])                         # [E, M]
     unit = vectors.new_empty(4, num_edges)                                      # [4, E]
@@ -416,7 +416,8 @@ def _forward_polynomial(vectors: Tensor, lmax: int, values: Tensor, y0: Tensor,
         n = min(chunk, num_edges - start)
         z = z_buffer[:, :n]                                                     # [M, n]
         _, inv_norm = _unit_block(vectors, start, n, True, z[1:4], unit[3, start:start + n])
-        unit[:3, start:start + n].copy_(z[1:4])
+        if keep_unit:
+            unit[:3, start:start + n].copy_(z[1:4])
         _fill_sphere_monomials(z, lmax)
         torch.mm(z.t(), values, out=out[start:start + n])                      # [n, M]
         short = _short_vectors(inv_norm)
@@ -457,17 +458,18 @@ def _backward_polynomial(grad_sh: Tensor, sh: Tensor, unit: Tensor, any_short: b
     return grad_vectors
 
 
-def _sh_forward(vectors: Tensor, lmax: int, normalize: bool,
-                tensors: Tuple[Tensor, ...]) -> Tuple[Tensor, Optional[Tensor], bool]:
+def _sh_forward(vectors: Tensor, lmax: int, normalize: bool, tensors: Tuple[Tensor, ...],
+                for_backward: bool = True) -> Tuple[Tensor, Optional[Tensor], bool]:
     """Y(r / |r|) [E, M] by Eq. (3) (blocked, lmax <= 6, normalize), Eq. (1) blocked, or Eq. (1)
     in plain differentiable ops (under torch.compile and off the CPU); with Eq. (3) also the
-    unit vectors for its backward and whether any vector was shorter than eps."""
+    unit vectors for its backward (if ``for_backward``) and whether any vector was shorter than
+    eps."""
     y0, matrices = tensors[0], tensors[1:]
     if torch.compiler.is_compiling() or vectors.device.type != "cpu":
         u = _normalize(vectors) if normalize else vectors                       # [E, 3]
         return _forward_reference(u, lmax, y0, matrices[:lmax]), None, True
     if normalize and 0 < lmax <= _POLYNOMIAL_LMAX:
-        return _forward_polynomial(vectors, lmax, matrices[2 * lmax], y0, matrices[:lmax])
+        return _forward_polynomial(vectors, lmax, matrices[2 * lmax], y0, matrices[:lmax], for_backward)
     return _forward_chunked(vectors, lmax, normalize, y0, matrices[:lmax]), None, True
 
 
@@ -509,7 +511,7 @@ def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]
     if torch.is_grad_enabled() and flat.requires_grad:
         sh = _SphericalHarmonicsFn.apply(flat, lmax, normalize, tuple(tensors))   # [E, M]
     else:  # no graph to record: skip the autograd.Function's own cost
-        sh = _sh_forward(flat, lmax, normalize, tuple(tensors))[0]                 # [E, M]
+        sh = _sh_forward(flat, lmax, normalize, tuple(tensors), for_backward=False)[0]  # [E, M]
     return sh if vectors.dim() == 2 else sh.reshape(vectors.shape[:-1] + (sh.shape[-1],))
 
 
