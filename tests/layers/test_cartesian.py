@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from molnets.layers.cartesian import (
+    DirectionComponents,
     TensorLinear,
     component_basis,
     compose,
@@ -134,3 +135,18 @@ def test_tensor_linear_matches_paper_and_is_equivariant(X, det):
     Q = orthogonal(seed=6, det=det)
     torch.testing.assert_close(layer(rotate(Q, X), scales), rotate(Q, layer(X, scales)))
     torch.testing.assert_close(layer(X.transpose(-2, -1)), layer(X).transpose(-2, -1))
+
+
+def test_direction_components_equal_the_composed_tensor():
+    """The one-matmul components of δ + skew(r̂) + (r̂r̂ᵀ - |r̂|²δ/3), built in float32 and cast to
+    float64 (the constants stay exact), against composing the three parts and projecting."""
+    u = torch.randn(7, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+    u = u / u.norm(dim=-1, keepdim=True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        layer = DirectionComponents().to(DTYPE)
+    finally:
+        torch.set_default_dtype(previous)
+    expected = to_components(compose(torch.ones(7, dtype=DTYPE), skew(u), traceless_outer(u)))
+    torch.testing.assert_close(layer(u), expected, rtol=0, atol=1e-15)

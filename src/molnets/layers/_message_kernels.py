@@ -48,10 +48,14 @@ def kernel_applies(num_edges: int, message_numel: int, like: Tensor) -> bool:
 
 
 def spread_over_rows(weights: Tensor, parts: Sequence[Tuple[int, int]]) -> Tensor:
-    """weights[:, part(n)] for every row n: [E, K, C] -> [E, n, C] (a view for one part)."""
+    """weights[:, part(n)] for every row n: [E, K, C] -> [E, n, C] (a view for one part). An
+    index_select, whose backward is an index_add (indexing with a list would accumulate with
+    index_put, several times slower)."""
     if len(parts) == 1:
         return weights                                                              # [E, 1, C]
-    return weights[:, [k for k, (a, b) in enumerate(parts) for _ in range(a, b)]]   # [E, n, C]
+    part_of_row = torch.tensor([k for k, (a, b) in enumerate(parts) for _ in range(a, b)],
+                               device=weights.device)                               # [n]
+    return weights.index_select(1, part_of_row)                                     # [E, n, C]
 
 
 def _chunk_size(message_numel: int) -> int:

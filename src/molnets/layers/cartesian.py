@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .._constants import register_constant, restore_constants
 
@@ -44,6 +45,7 @@ __all__ = [
     "expand_parts",
     "transpose_components",
     "part_norms",
+    "DirectionComponents",
     "TensorLinear",
 ]
 
@@ -241,6 +243,37 @@ def part_norms(c: Tensor) -> Tensor:
     )                                                                           # [*, 3]
 
 
+class DirectionComponents(nn.Module):
+    """Components of the edge tensor δ + skew(r̂) + (r̂ r̂ᵀ - |r̂|² δ / 3) of a direction r̂
+    (the three parts of TensorNet's embedding, paper Eq. 4), in one matrix product:
+
+        c = c(δ) + Σ_a r̂_a c(skew(e_a)) + Σ_ab r̂_a r̂_b c(E_ab - δ_ab δ / 3)
+
+    (c(.) = ``to_components``; every term is linear in 1, r̂ and r̂ r̂ᵀ). Equal to
+    ``to_components(compose(1, skew(r̂), traceless_outer(r̂)))`` with a few operations instead of
+    some twenty; the coefficients are an exact constant buffer.
+
+    Shapes:
+        unit [P, 3]  ->  [P, 9]
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        eye = torch.eye(3, dtype=torch.float64)
+        basis = component_basis(torch.float64)
+        outer_terms = eye[:, None, :, None] * eye[None, :, None, :] - eye[:, :, None, None] * eye / 3  # [3, 3, 3, 3]
+        rows = torch.cat([skew(eye), outer_terms.flatten(0, 1)])                       # [12, 3, 3]
+        register_constant(self, "coefficients", to_components(rows, basis), persistent=False)  # [12, 9]
+        register_constant(self, "constant", to_components(eye, basis), persistent=False)       # [9]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        return restore_constants(super()._apply(fn, recurse))
+
+    def forward(self, unit: Tensor) -> Tensor:
+        outer = (unit[:, :, None] * unit[:, None, :]).flatten(1)                       # [P, 9]
+        return torch.addmm(self.constant, torch.cat((unit, outer), dim=1), self.coefficients)  # [P, 9]
+
+
 class TensorLinear(nn.Module):
     """Channel mixing of each irreducible part with its own weights (paper Eq. 7):
 
@@ -264,13 +297,13 @@ class TensorLinear(nn.Module):
         bound = 1 / math.sqrt(self.in_dim)  # nn.Linear's default scale
         self.weight = nn.Parameter(torch.empty(3, self.out_dim, self.in_dim).uniform_(-bound, bound))  # [3, D, C]
         self.basis = ComponentBasis()
-        self.register_buffer("part_of_component", torch.tensor(PART_OF_COMPONENT), persistent=False)  # [9]
 
     def forward(self, X: Tensor, part_scales: Optional[Tensor] = None) -> Tensor:
         basis = self.basis(X)                                                  # [9, 3, 3]
-        c = to_components(X, basis).permute(2, 0, 1)                           # [9, N, C]
-        weight = self.weight.index_select(0, self.part_of_component).transpose(1, 2)  # [9, C, D]
-        out = torch.bmm(c, weight).permute(1, 2, 0)                            # [N, D, 9]
+        c = to_components(X, basis).permute(2, 0, 1).contiguous()              # [9, N, C]
+        # one matrix product per part on its rows of c (no per-component copy of the weights)
+        out = torch.cat([F.linear(c[a:b], w) for (a, b), w in zip(PART_SLICES, self.weight.unbind(0))])
+        out = out.permute(1, 2, 0)                                             # [N, D, 9]
         if part_scales is not None:
             out = out * expand_parts(part_scales)                              # [N, D, 9]
         return from_components(out, basis)                                     # [N, D, 3, 3]

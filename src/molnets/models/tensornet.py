@@ -39,15 +39,13 @@ from ..graph import AtomicGraph, edge_vectors, half_edge_graph
 from ..layers.cartesian import (
     TensorLinear,
     ComponentBasis,
+    DirectionComponents,
     PART_SLICES,
-    compose,
     expand_parts,
     from_components,
     part_norms,
-    skew,
     tensor_norm,
     to_components,
-    traceless_outer,
 )
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP
@@ -119,6 +117,7 @@ class TensorEmbedding(nn.Module):
         self.gates = MLP([C, 2 * C, 3 * C])
         self.linear = TensorLinear(C, C)
         self.basis = ComponentBasis()
+        self.direction = DirectionComponents()
         # sign of each part (I, A, S) under r̂ -> -r̂: the antisymmetric part is axial
         self.register_buffer("part_parity", torch.tensor([[1.0], [-1.0], [1.0]]), persistent=False)  # [3, 1]
 
@@ -128,9 +127,7 @@ class TensorEmbedding(nn.Module):
         z = self.species_embedding(species)                                              # [N, C]
         z_receiver, z_sender = self.pair_receiver(z), self.pair_sender(z)                # [N, C]
         f = (self.radial(edge_rbf) * edge_envelope[:, None]).unflatten(-1, (3, C))       # [P, 3, C]
-        ones = torch.ones_like(edge_unit[:, 0])                                          # [P]
-        basis = self.basis(edge_unit)                                                    # [9, 3, 3]
-        geometry = to_components(compose(ones, skew(edge_unit), traceless_outer(edge_unit)), basis)  # [P, 9]
+        geometry = self.direction(edge_unit)                                             # [P, 9]
         z_ij = z_receiver.index_select(0, pair_i) + z_sender.index_select(0, pair_j)     # [P, C]
         z_ji = z_receiver.index_select(0, pair_j) + z_sender.index_select(0, pair_i)     # [P, C]
         # r̂_ji = -r̂_ij: the axial part of the message to j changes sign.
@@ -138,7 +135,7 @@ class TensorEmbedding(nn.Module):
              + scatter_outer(geometry, f * self.part_parity * z_ji[:, None], pair_j, num_atoms, PART_SLICES))  # [N, 9, C]
         self_scalar = self.radial(self_rbf)[:, :C] * (z_receiver + z_sender)             # [N, C]
         eye = torch.eye(3, dtype=f.dtype, device=f.device)
-        X = from_components(X.transpose(1, 2), basis) + self_scalar[..., None, None] * eye  # [N, C, 3, 3]
+        X = from_components(X.transpose(1, 2), self.basis(X)) + self_scalar[..., None, None] * eye  # [N, C, 3, 3]
         gates = F.silu(self.gates(self.norm(tensor_norm(X))))                           # [N, 3C]
         return self.linear(X, gates.unflatten(-1, (3, C)).transpose(1, 2))              # [N, C, 3, 3]
 
