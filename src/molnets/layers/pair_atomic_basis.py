@@ -64,12 +64,12 @@ class PairAtomicBasis(nn.Module):
                         paths.append((b, col, col + ir3.dim, o0, o1))
                         col += ir3.dim
         assert len(paths) == reference.num_paths and col == reference.cg.shape[2]
-        # rows r = (path, m2), grouped by the h irrep: select [paths, n_b] and coupling [M_sh, rows, M]
+        # rows r = (path, m2), grouped by the h irrep: its paths [n_b] and coupling [M_sh, rows, M]
         cg = float64_constant(reference, "cg")  # [M_sh, M_h, Q], exact even if reference.cg is float32
-        select, rows = [], []
+        groups, rows = [], []
         for b, (b0, b1, _) in enumerate(h_slices):
             group = [p for p, path in enumerate(paths) if path[0] == b]
-            select.append(torch.eye(len(paths), dtype=torch.float64)[group])  # [n_b, paths]
+            groups.append(torch.tensor(group))  # [n_b]
             for p in group:
                 _, c0, c1, o0, o1 = paths[p]
                 for m2 in range(b0, b1):
@@ -78,8 +78,8 @@ class PairAtomicBasis(nn.Module):
                     rows.append(row)
         dtype = reference.cg.dtype
         self.num_h_irreps = len(h_slices)
-        for b, S in enumerate(select):
-            register_constant(self, f"select{b}", S, persistent=False, dtype=dtype)  # [n_b, paths]
+        for b, group in enumerate(groups):
+            self.register_buffer(f"paths_of{b}", group, persistent=False)  # [n_b]
         register_constant(self, "coupling", torch.stack(rows, dim=1), persistent=False, dtype=dtype)  # [M_sh, rows, M]
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
@@ -94,6 +94,6 @@ class PairAtomicBasis(nn.Module):
         radial, node_feats = [], []
         for b, ((start, stop, mul, dim), W) in enumerate(zip(basis.in_slices, basis.channel_weights)):
             node_feats.append(torch.einsum("nub,uc->nbc", h[:, start:stop].reshape(N, mul, dim), W))  # [N, 2 l2 + 1, C]
-            radial.append(torch.matmul(getattr(self, f"select{b}"), R))  # [P, n_b, C]: the paths from this irrep
+            radial.append(R.index_select(1, getattr(self, f"paths_of{b}")))  # [P, n_b, C]: the paths from this irrep
         A = atomic_basis(K, senders, receivers, N, radial, node_feats)  # [N, M, C]
         return A.transpose(1, 2) * basis.inv_avg_num_neighbors  # [N, C, M]
