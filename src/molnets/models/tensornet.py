@@ -118,8 +118,9 @@ class TensorEmbedding(nn.Module):
         self.linear = TensorLinear(C, C)
         self.basis = ComponentBasis()
         self.direction = DirectionComponents()
-        # sign of each part (I, A, S) under r̂ -> -r̂: the antisymmetric part is axial
-        self.register_buffer("part_parity", torch.tensor([[1.0], [-1.0], [1.0]]), persistent=False)  # [3, 1]
+        # sign of each component (I, A, S parts) under r̂ -> -r̂: the antisymmetric part is axial
+        self.register_buffer("component_parity", torch.tensor([1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+                             persistent=False)  # [9]
 
     def forward(self, species: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor,
                 pair_i: Tensor, pair_j: Tensor, self_rbf: Tensor) -> Tensor:
@@ -130,9 +131,11 @@ class TensorEmbedding(nn.Module):
         geometry = self.direction(edge_unit)                                             # [P, 9]
         z_ij = z_receiver.index_select(0, pair_i) + z_sender.index_select(0, pair_j)     # [P, C]
         z_ji = z_receiver.index_select(0, pair_j) + z_sender.index_select(0, pair_i)     # [P, C]
-        # r̂_ji = -r̂_ij: the axial part of the message to j changes sign.
+        # r̂_ji = -r̂_ij: the axial part of the message to j changes sign (on the [P, 9] geometry,
+        # not on the [P, 3, C] weights: the same product, a smaller tensor).
         X = (scatter_outer(geometry, f * z_ij[:, None], pair_i, num_atoms, PART_SLICES)
-             + scatter_outer(geometry, f * self.part_parity * z_ji[:, None], pair_j, num_atoms, PART_SLICES))  # [N, 9, C]
+             + scatter_outer(geometry * self.component_parity, f * z_ji[:, None], pair_j, num_atoms,
+                             PART_SLICES))                                               # [N, 9, C]
         self_scalar = self.radial(self_rbf)[:, :C] * (z_receiver + z_sender)             # [N, C]
         eye = torch.eye(3, dtype=f.dtype, device=f.device)
         X = from_components(X.transpose(1, 2), self.basis(X)) + self_scalar[..., None, None] * eye  # [N, C, 3, 3]
