@@ -182,10 +182,12 @@ class TensorInteraction(nn.Module):
         self_weights = expand_parts(f_self[0].T).T                                       # [9, C]
         M = pair_convolution(f, y, pair_i, pair_j, PART_SLICES) + self_weights * y       # [N, 9, C]
         M = from_components(M.transpose(1, 2), basis)                                    # [N, C, 3, 3]
-        M = M @ Y + Y @ M                                                                # [N, C, 3, 3]
+        M3, Y3 = M.view(-1, 3, 3), Y.view(-1, 3, 3)                                      # [N C, 3, 3]
+        M = torch.baddbmm(torch.bmm(M3, Y3), Y3, M3).view(Y.shape)                       # M Y + Y M
         M = M / (tensor_norm(M) + 1)[..., None, None]                                    # [N, C, 3, 3]
         dX = self.linear_out(M)                                                          # [N, C, 3, 3]
-        return X + dX + dX @ dX                                                          # [N, C, 3, 3]
+        dX3 = dX.view(-1, 3, 3)                                                          # [N C, 3, 3]
+        return torch.baddbmm((X + dX).view(-1, 3, 3), dX3, dX3).view(dX.shape)          # X + dX + dX dX
 
 
 class TensorNet(nn.Module):
