@@ -83,3 +83,17 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.in_dim, self.out_dim = dims[0], dims[-1]
 
+    def forward(self, x: Tensor) -> Tensor:
+        layers = list(self)
+        for k, layer in enumerate(layers):
+            if isinstance(layer, ShiftedSoftplus) and k + 1 < len(layers) and isinstance(layers[k + 1], nn.Linear):
+                # W (softplus(x) - ln 2) + b = W softplus(x) + (b - ln 2 Σ_c W_:c): the shift
+                # moves into the next layer's bias, one elementwise pass over x fewer
+                x = F.softplus(x)
+            elif k > 0 and isinstance(layers[k - 1], ShiftedSoftplus) and isinstance(layer, nn.Linear):
+                shift = math.log(2.0) * layer.weight.sum(1)                                   # [D_out]
+                x = F.linear(x, layer.weight, shift.neg() if layer.bias is None else layer.bias - shift)
+            else:
+                x = layer(x)
+        return x
+
