@@ -64,7 +64,7 @@ class PairAtomicBasis(nn.Module):
                         paths.append((b, col, col + ir3.dim, o0, o1))
                         col += ir3.dim
         assert len(paths) == reference.num_paths and col == reference.cg.shape[2]
-        # rows r = (path, m2), grouped by the h irrep: its paths [n_b] and coupling [M_sh, rows, M]
+        # rows r = (path, m2), grouped by the h irrep: its paths [n_b] and coupling [M_sh, M rows]
         cg = float64_constant(reference, "cg")  # [M_sh, M_h, Q], exact even if reference.cg is float32
         groups, rows = [], []
         for b, (b0, b1, _) in enumerate(h_slices):
@@ -80,7 +80,9 @@ class PairAtomicBasis(nn.Module):
         self.num_h_irreps = len(h_slices)
         for b, group in enumerate(groups):
             self.register_buffer(f"paths_of{b}", group, persistent=False)  # [n_b]
-        register_constant(self, "coupling", torch.stack(rows, dim=1), persistent=False, dtype=dtype)  # [M_sh, rows, M]
+        coupling = torch.stack(rows, dim=2).flatten(1)  # [M_sh, M rows]: K_e = Y_e @ coupling is [M, rows]
+        register_constant(self, "coupling", coupling, persistent=False, dtype=dtype)  # [M_sh, M rows]
+        self.num_components, self.num_rows = irreps_A.dim, len(rows)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
         return restore_constants(super()._apply(fn, recurse))
@@ -90,10 +92,11 @@ class PairAtomicBasis(nn.Module):
         basis = self.basis
         N, P, C = h.shape[0], edge_radial.shape[0], basis.num_channels
         R = basis.radial_weights(edge_radial).reshape(P, C, basis.num_paths).transpose(1, 2)  # [P, paths, C]
-        K = torch.einsum("ea,arm->emr", edge_sh, self.coupling).contiguous()  # [E, M, rows]: C · Y, no channels
+        K = (edge_sh @ self.coupling).view(edge_sh.shape[0], self.num_components, self.num_rows)  # [E, M, rows]: C · Y
         radial, node_feats = [], []
         for b, ((start, stop, mul, dim), W) in enumerate(zip(basis.in_slices, basis.channel_weights)):
-            node_feats.append(torch.einsum("nub,uc->nbc", h[:, start:stop].reshape(N, mul, dim), W))  # [N, 2 l2 + 1, C]
+            h_b = h[:, start:stop].reshape(N, mul, dim).transpose(1, 2).reshape(N * dim, mul)   # [N d, u]
+            node_feats.append((h_b @ W).view(N, dim, W.shape[1]))  # [N, 2 l2 + 1, C]: Σ_u h_{n u b} W_{u c}
             radial.append(R.index_select(1, getattr(self, f"paths_of{b}")))  # [P, n_b, C]: the paths from this irrep
         A = atomic_basis(K, senders, receivers, N, radial, node_feats)  # [N, M, C]
         return A.transpose(1, 2) * basis.inv_avg_num_neighbors  # [N, C, M]
