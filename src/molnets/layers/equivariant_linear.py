@@ -96,10 +96,11 @@ class ComponentLinear(nn.Module):
         super().__init__()
         self.irreps = o3.Irreps(irreps)
         C = int(num_channels)
-        block = [k for k, (mul, ir) in enumerate(self.irreps) for _ in range(mul * ir.dim)]
-        self.register_buffer("block_of_m", torch.tensor(block, dtype=torch.long), persistent=False)  # [M]
+        self.blocks = [(s.start, s.stop) for s in self.irreps.slices()]  # M rows of each irrep
         self.weight = nn.Parameter(torch.randn(len(self.irreps), C, C) / math.sqrt(C))  # [L, C, D]
 
     def forward(self, x: Tensor) -> Tensor:
-        W = self.weight.index_select(0, self.block_of_m)  # [M, C, D]
-        return torch.bmm(x.permute(2, 0, 1), W).permute(1, 2, 0)  # [N, D, M]
+        # one matrix product per irrep on its contiguous rows (no per-m copy of the weights)
+        rows = x.permute(2, 0, 1).contiguous()  # [M, N, C]
+        out = torch.cat([rows[a:b] @ W for (a, b), W in zip(self.blocks, self.weight.unbind(0))])  # [M, N, D]
+        return out.permute(1, 2, 0)  # [N, D, M]
