@@ -119,8 +119,7 @@ class TensorEmbedding(nn.Module):
         self.basis = ComponentBasis()
         self.direction = DirectionComponents()
         # sign of each component (I, A, S parts) under r̂ -> -r̂: the antisymmetric part is axial
-        self.register_buffer("component_parity", torch.tensor([1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
-                             persistent=False)  # [9]
+        self.register_buffer("component_parity", expand_parts(torch.tensor([1.0, -1.0, 1.0])), persistent=False)  # [9]
 
     def forward(self, species: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor,
                 pair_i: Tensor, pair_j: Tensor, self_rbf: Tensor) -> Tensor:
