@@ -45,7 +45,7 @@ class EquivariantLinear(nn.Module):
         super().__init__()
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
         self.num_species = int(num_species)
-        in_slices, out_slices = self.irreps_in.slices(), self.irreps_out.slices()
+        in_slices = self.irreps_in.slices()
         # (in start, stop, mul_in, out index, mul_out, dim) for every pair with the same irrep
         self.paths: List[Tuple[int, int, int, int, int, int]] = []
         fan_in = {}
