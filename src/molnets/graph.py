@@ -182,7 +182,7 @@ def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
     Shapes:
         graph with E edges  ->  graph with P = E // 2 edges (receivers, senders, shifts [P, 3])
     """
-    pairs = half_edges(graph.receivers, graph.senders, graph.shifts, graph.num_atoms)  # [P]
+    pairs = half_edges(graph.receivers, graph.senders, graph.shifts)  # [P]
     return graph._replace(
         receivers=graph.receivers.index_select(0, pairs), senders=graph.senders.index_select(0, pairs),
         shifts=graph.shifts.index_select(0, pairs),

@@ -6,11 +6,16 @@ import pytest
 import torch
 from torch import nn
 
+from molnets.layers import mlp as mlp_module
 from molnets.layers.mlp import MLP, ShiftedSoftplus
 
 
+@pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_mlp_with_folded_shift_equals_the_layers_in_sequence(bias):
+def test_mlp_with_folded_shift_equals_the_layers_in_sequence(bias, fold, monkeypatch):
+    """Both ways MLP.forward runs a shifted softplus: folded into the next bias (large inputs)
+    and subtracted (small inputs)."""
+    monkeypatch.setattr(mlp_module, "_FOLD_MIN_NUMEL", 0 if fold else 1 << 30)
     torch.manual_seed(0)
     mlp = MLP([5, 7, 6, 3], activation="ssp", bias=bias).double()
     if bias:

@@ -20,41 +20,43 @@ from .scatter import scatter_sum
 __all__ = ["half_edges", "pair_convolution"]
 
 
-def half_edges(receivers: Tensor, senders: Tensor, shifts: Tensor, num_atoms: int) -> Tensor:
-    """One edge of each pair {(i, j, S), (j, i, -S)} of a symmetric neighbor list, by sorting.
+def half_edges(receivers: Tensor, senders: Tensor, shifts: Tensor) -> Tensor:
+    """One edge of each pair {(i, j, S), (j, i, -S)} of a symmetric neighbor list.
 
-    Every edge gets a key that is the same for both directions of its pair; after a stable
-    sort the two directions are adjacent and the even positions pick one of each. Shapes stay
-    static (P = E // 2), so this compiles and exports; it needs the neighbor list to be
-    symmetric, which ``molnets.neighbor_list`` guarantees (checked in eager mode).
+    The kept direction of a pair is the one with i < j (for an atom and its own image, i = j,
+    the one whose shift S is lexicographically positive); one stable sort on that flag puts
+    the P = E // 2 kept edges first, in their original order. Shapes stay static, so this
+    compiles and exports. It needs the neighbor list to be symmetric, which
+    ``molnets.neighbor_list`` guarantees; eager mode checks it: exactly half the edges are
+    kept, and the kept and the other edges carry the same multiset of pair keys (i, j, S) up
+    to direction, compared by count and by the wrapping sum of a 64-bit mix of the key (an
+    asymmetric list passes only by a hash collision, odds ~2^-64).
 
     Shapes:
-        receivers [E], senders [E], shifts [E, 3], num_atoms = N  ->  edge indices [P], P = E // 2
+        receivers [E], senders [E], shifts [E, 3]  ->  edge indices [P], P = E // 2
     """
     num_edges = receivers.shape[0]
-    lo, hi = torch.minimum(receivers, senders), torch.maximum(receivers, senders)     # [E]
-    # The shift of the direction with receivers < senders (or the lexicographically
-    # larger of S, -S for an atom and its own image) names the pair.
-    flip = (receivers > senders) | ((receivers == senders) & _lex_negative(shifts))   # [E]
-    pair_shift = torch.where(flip[:, None], -shifts, shifts).clamp(-511, 511) + 512   # [E, 3]
-    shift_key = (pair_shift[:, 0] * 1024 + pair_shift[:, 1]) * 1024 + pair_shift[:, 2]  # [E]
-    atom_key = lo * num_atoms + hi                                                     # [E]
-    # Lexicographic sort on (atom_key, shift_key) as two stable sorts: no int64 overflow.
-    by_shift = torch.sort(shift_key, stable=True).indices                             # [E]
-    order = by_shift.index_select(0, torch.sort(atom_key.index_select(0, by_shift), stable=True).indices)  # [E]
+    # For |S| < 2^20 per component the sign of this weighted sum is that of S's first nonzero
+    # component, and the sum names S uniquely.
+    shift_key = shifts[:, 0] * (1 << 42) + shifts[:, 1] * (1 << 21) + shifts[:, 2]     # [E]
+    flip = (receivers > senders) | ((receivers == senders) & (shift_key < 0))          # [E]
+    order = torch.sort(flip.to(torch.uint8), stable=True).indices                       # [E]
     if not torch.compiler.is_compiling():
-        first, second = order[0 : num_edges - 1 : 2], order[1::2]
-        paired = (atom_key[first] == atom_key[second]) & (shift_key[first] == shift_key[second])
-        if num_edges % 2 or not bool(paired.all()):
-            raise ValueError("half_edges needs a symmetric neighbor list: every (i, j, S) with its (j, i, -S)")
-    return order[0::2]                                                                # [P]
+        _check_symmetric(receivers, senders, shifts, shift_key, flip)
+    return order[: num_edges // 2]                                                     # [P]
 
 
-def _lex_negative(shifts: Tensor) -> Tensor:
-    """Whether the first nonzero component of each integer shift is negative. [E, 3] -> [E]"""
-    sign = torch.sign(shifts)                                                          # [E, 3]
-    first = torch.where(sign[:, 0] != 0, sign[:, 0], torch.where(sign[:, 1] != 0, sign[:, 1], sign[:, 2]))
-    return first < 0
+def _check_symmetric(receivers: Tensor, senders: Tensor, shifts: Tensor, shift_key: Tensor, flip: Tensor) -> None:
+    """Raise unless every (i, j, S) has its (j, i, -S) (see ``half_edges``). Eager only."""
+    sign = 1 - 2 * flip.to(torch.long)                                                 # [E]: +1 kept, -1 other
+    # (i + j, i j, sign S) names the unordered pair; mixed into 64 bits with wrapping products
+    mixed = ((receivers + senders) * -7046029254386353131 + receivers * senders * 1609587929392839161
+             + sign * shift_key * -4658895280553007687)                                # [E]
+    mixed = mixed ^ (mixed >> 29)                                                      # [E]
+    bad = (sign.sum() != 0) | ((sign * mixed).sum() != 0) | (shifts.abs() >= 1 << 20).any()
+    if receivers.shape[0] % 2 or bool(bad):
+        raise ValueError("half_edges needs a symmetric neighbor list: every (i, j, S) with its (j, i, -S)"
+                         " (and cell shifts below 2^20)")
 
 
 def pair_convolution(weights: Tensor, node_feats: Tensor, pair_i: Tensor, pair_j: Tensor,
@@ -96,8 +98,10 @@ def pair_convolution(weights: Tensor, node_feats: Tensor, pair_i: Tensor, pair_j
 
 def _pair_convolution_reference(weights: Tensor, node_feats: Tensor, pair_i: Tensor, pair_j: Tensor,
                                 parts: Sequence[Tuple[int, int]]) -> Tensor:
-    """``pair_convolution`` in differentiable torch operations: the oracle of the kernel."""
-    num_atoms = node_feats.shape[0]
+    """``pair_convolution`` in differentiable torch operations: the oracle of the kernel. Both
+    directions in one gather, one product and one scatter (rows [P:] are the messages to j)."""
+    num_atoms, num_pairs = node_feats.shape[0], pair_i.shape[0]
     w = spread_over_rows(weights, parts)                                             # [P, n or 1, C]
-    to_i = scatter_sum(w * node_feats.index_select(0, pair_j), pair_i, dim_size=num_atoms)  # [N, n, C]
-    return to_i + scatter_sum(w * node_feats.index_select(0, pair_i), pair_j, dim_size=num_atoms)
+    sources = node_feats.index_select(0, torch.cat([pair_j, pair_i]))                # [2P, n, C]
+    messages = sources.view((2, num_pairs) + sources.shape[1:]) * w                  # [2, P, n, C]
+    return scatter_sum(messages.flatten(0, 1), torch.cat([pair_i, pair_j]), dim_size=num_atoms)  # [N, n, C]
