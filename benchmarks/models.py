@@ -11,7 +11,9 @@ RSS after set-up; CUDA: ``max_memory_allocated``). The peer and molnets run in a
 ``--rounds`` times each, and the tables give each side's best call over all its rounds (on a
 shared machine the minimum is the least noisy estimate of a call's own cost, and alternation
 keeps a change of load from favouring one side). The neighbor list is built outside the
-timed call (molnets' ``neighbor_list``) and given to both sides; random weights.
+timed call (molnets' ``neighbor_list``) and given to both sides; random weights, frozen on
+both sides (``requires_grad_(False)``, as the ASE calculators of molnets and mace-torch run a
+model: forces need the gradient with respect to positions only).
 
 Rows: SchNet-style vs PyG's SchNet at the hyper-parameters of ../shared/PEERS.md (128
 channels, 3 interactions, 50 Gaussians, 5 Å cutoff). The same molnets weights are copied
@@ -119,7 +121,7 @@ def _molnets_step(model, cutoff: float, system: dict, spec: dict) -> Callable[[]
     from molnets.models import Potential
 
     dtype, device = getattr(torch, spec["dtype"]), spec["device"]
-    model = model.to(device, dtype)
+    model = model.to(device, dtype).requires_grad_(False)  # frozen, as calculators run models
     if spec.get("compile"):
         model = torch.compile(model, fullgraph=True, dynamic=False)
     potential = Potential(model).eval()
@@ -185,7 +187,7 @@ def setup_pyg_schnet(system: dict, spec: dict) -> Callable[[], object]:
     dtype, device = getattr(torch, spec["dtype"]), spec["device"]
     graph = _molnets_graph(system, SCHNET["cutoff"], dtype, device)
     offsets = (edge_vectors(graph) - graph.positions[graph.senders] + graph.positions[graph.receivers]).detach()
-    peer = pyg_schnet_from_molnets(_schnet_model(spec)).to(device, dtype).eval()
+    peer = pyg_schnet_from_molnets(_schnet_model(spec)).to(device, dtype).eval().requires_grad_(False)
     peer.interaction_graph = _GivenEdges(graph.receivers, graph.senders, offsets)
     z = graph.atomic_numbers
 
@@ -225,7 +227,7 @@ def setup_torchmdnet_tensornet(system: dict, spec: dict) -> Callable[[], object]
     peer_spec = dict(TENSORNET, dtype=spec["dtype"], state_dict=None)
     if spec.get("weights"):
         peer_spec["state_dict"] = spec["weights"] + ".torchmdnet.pt"
-    model = build(peer_spec, box).to(device)
+    model = build(peer_spec, box).to(device).requires_grad_(False)
     z = torch.tensor(system["numbers"], device=device)
     pos0 = torch.tensor(system["positions"], dtype=dtype, device=device)
     box_t = torch.tensor(box, dtype=dtype, device=device) if box is not None else None
@@ -273,7 +275,7 @@ def setup_mace_torch(system: dict, spec: dict) -> Callable[[], object]:
         MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(species)),
         avg_num_neighbors=MACE["avg_num_neighbors"], atomic_numbers=species, correlation=MACE["correlation"],
         gate=torch.nn.functional.silu, atomic_inter_scale=1.0, atomic_inter_shift=0.0,
-    ).to(device, dtype).eval()
+    ).to(device, dtype).eval().requires_grad_(False)  # frozen, as mace-torch's calculator does
     positions = np.array(system["positions"])
     cell = np.array(system["cell"])
     edge_index, shifts, unit_shifts, cell = get_neighborhood(
@@ -439,6 +441,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="small systems only (a smoke run)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
     parser.add_argument("--families", nargs="+", default=None, help="e.g. SchNet-style (default: all)")
+    parser.add_argument("--systems", nargs="+", default=None, help="e.g. ethanol 'Cu fcc 256' (default: all)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling-with-N table")
     parser.add_argument("--scaling-only", action="store_true", help="only the scaling-with-N table")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SPEC"), help=argparse.SUPPRESS)
@@ -458,6 +461,8 @@ def main(argv=None) -> None:
             for dtype in args.dtype:
                 weights = _weights(tmp, dtype, family) if family.same_weights else None
                 for name, atoms in systems(args.quick).items():
+                    if args.systems is not None and name not in args.systems:
+                        continue
                     peer, ours = run_pair(family, atoms, args, dtype, weights)
                     if family.same_weights:
                         # float64: PyG's shifted softplus subtracts a float32 ln 2 (2e-9 off).

@@ -229,6 +229,29 @@ def test_species_weights_are_per_atom():
         assert_close(pb(A[:1], torch.tensor([s]))[0], B[s])
 
 
+def test_frozen_weights_keep_their_fold_until_they_change():
+    """Frozen weights reuse their folded coupling; any change of W (in place, a loaded state
+    dict, a dtype cast) gives the numbers of a fresh module; trainable weights never cache."""
+    pb = make_product_basis(2, 3, "0e + 1o", C=3, S=2)
+    A, species = torch.randn(4, 3, 9), torch.tensor([0, 1, 1, 0])
+    expected = pb(A, species)
+    assert not pb._frozen_folds  # trainable: nothing kept
+    pb.requires_grad_(False)
+    assert_close(pb(A, species), expected)
+    assert pb._frozen_folds and pb(A, species).requires_grad is False
+    with torch.no_grad():
+        pb.weights[2].mul_(-2.0)  # in place: the version counter moves
+    changed = pb(A, species)
+    assert (changed - expected).abs().max() > 1e-3
+    fresh = make_product_basis(2, 3, "0e + 1o", C=3, S=2)
+    fresh.load_state_dict(pb.state_dict())
+    assert_close(changed, fresh(A, species))
+    pb.load_state_dict(make_product_basis(2, 3, "0e + 1o", C=3, S=2).state_dict())  # back to the first weights
+    assert_close(pb(A, species), expected)
+    pb.double()
+    assert_close(pb(A.double(), species), expected.double(), tol=1e-5)
+
+
 def test_gradcheck_and_double_backward():
     pb = make_product_basis(1, 3, "0e + 1o", C=2, S=2)
     A = torch.randn(2, 2, 4, requires_grad=True)

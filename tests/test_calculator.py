@@ -49,6 +49,9 @@ def test_molecule_has_no_stress_and_matches_potential():
     atoms = ase.build.molecule("CH3CH2OH")
     model = _model()
     atoms.calc = MolnetsCalculator(model)
+    # the calculator runs a frozen float64 copy; the caller's model is left as it was
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    assert not any(p.requires_grad for p in atoms.calc.model.parameters())
     with pytest.raises(PropertyNotImplementedError):
         atoms.get_stress()
     np.testing.assert_allclose(atoms.get_forces(), calculate_numerical_forces(atoms, eps=1e-4), atol=1e-7)

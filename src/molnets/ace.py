@@ -255,6 +255,7 @@ class ProductBasis(nn.Module):
         self.weights = nn.ParameterList(
             torch.randn(self.num_species, K, C) / math.sqrt(max(K, 1)) for K in self.num_couplings
         )
+        self._frozen_folds: Dict[str, Tuple[tuple, Tensor]] = {}  # see _fold
 
     def _register_coupling(self, name: str, U: Tensor) -> None:
         """Keep U [T, D, O, K] (float64) for ``_fold`` in compressed form: its nonzero columns
@@ -307,7 +308,21 @@ class ProductBasis(nn.Module):
             (W U)[c, t, d, s, o] = Σ_k W[s, k, c] U[t, d, o, k]         ->  [C, T, D S O],
 
         on U's nonzero columns only (one small matmul), laid into a zero [C, T, D, S, O] by one
-        index_copy: a fixed cost per call that no longer dominates on small molecules."""
+        index_copy: a fixed cost per call, independent of N, which is most of the product basis
+        on a small molecule. Frozen weights (``requires_grad`` False, as a calculator runs a
+        model) keep their fold from call to call in eager mode: it is rebuilt when W changes
+        (version counter, storage, dtype or device), never kept under compile or export."""
+        W = self.weights[nu - 1]  # [S, K, C]
+        if W.requires_grad or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self._fold_now(name, nu)
+        key = (W._version, W.data_ptr(), W.dtype, W.device)
+        cached = self._frozen_folds.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._frozen_folds[name] = (key, self._fold_now(name, nu))
+        return cached[1]
+
+    def _fold_now(self, name: str, nu: int) -> Tensor:
+        """``_fold`` computed now. -> [C, T, D S O]"""
         W = self.weights[nu - 1]  # [S, K, C]
         S, K, C = W.shape
         T, D, O = self._coupling_shapes[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional, Sequence, Union
 
@@ -31,8 +32,11 @@ class MolnetsCalculator(Calculator):
 
     Args:
         model_or_path: a per-atom energy model, a ``Potential`` (its model is used) or the
-            path of a file written by ``save_model`` / ``Potential.save``.
-            A model passed in is moved to ``device`` and cast to ``dtype`` in place.
+            path of a file written by ``save_model`` / ``Potential.save``. The calculator
+            runs its own frozen copy (parameters without gradients, as mace-torch's calculator
+            runs its models): the module passed in is not changed, and later changes to it do
+            not reach the calculator. Frozen parameters let layers keep what depends on the
+            weights alone from step to step (``ace.ProductBasis``).
         device: where the model runs, e.g. "cpu" or "cuda".
         dtype: float dtype of the model and the graph (float64 for MD and finite differences).
         compile: ``torch.compile`` backend for the model (e.g. "inductor"), or None for eager.
@@ -57,12 +61,12 @@ class MolnetsCalculator(Calculator):
     ) -> None:
         super().__init__(**kwargs)
         if isinstance(model_or_path, Potential):
-            model = model_or_path.model
+            model = copy.deepcopy(model_or_path.model)
         elif isinstance(model_or_path, nn.Module):
-            model = model_or_path
+            model = copy.deepcopy(model_or_path)
         else:
             model = load_model(model_or_path, map_location=device)
-        self.model = model.to(device=device, dtype=dtype).eval()
+        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
         self.cutoff = float(cutoff if cutoff is not None else model.config.cutoff)
         self.species: Sequence[int] = tuple(model.config.species)

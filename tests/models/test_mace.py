@@ -134,3 +134,21 @@ def test_loads_files_that_saved_the_coupling_tensors(tmp_path):
     loaded = load_model(path)
     graph = random_graph(num_atoms=6, cutoff=3.5, species=SPECIES, seed=3, dtype=torch.float32)
     torch.testing.assert_close(loaded(graph), model(graph), rtol=0, atol=0)
+
+
+def test_frozen_model_gives_the_same_energy_and_forces_call_after_call():
+    """A frozen MACE (as the calculator runs it) keeps its folded product-basis weights between
+    calls: the same energies and forces as the trainable model, also on a second geometry."""
+    import copy
+
+    from molnets.models.base import Potential
+
+    torch.manual_seed(0)
+    model = MACE(MACEConfig(**SMALL)).double()
+    trainable, frozen = Potential(model).eval(), Potential(copy.deepcopy(model).requires_grad_(False)).eval()
+    for seed in (1, 2, 1):
+        graph = _graph(seed)
+        expected, got = trainable(graph), frozen(graph)
+        torch.testing.assert_close(got["energy"], expected["energy"], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(got["forces"], expected["forces"], atol=1e-12, rtol=1e-12)
+    assert all(pb._frozen_folds for pb in (i.product_basis for i in frozen.model.interactions))
