@@ -285,7 +285,7 @@ class ProductBasis(nn.Module):
 
     def coupling(self, correlation: int) -> Tensor:
         """The dense U^{(ν)} [O, M, ..., M, K] (float64, O = irreps_out.dim // C), for tests and reading."""
-        blocks, K_total = [], self.num_couplings[correlation - 1]
+        K_total = self.num_couplings[correlation - 1]
         U = torch.zeros((self.irreps_B.dim,) + (self.irreps_A.dim,) * correlation + (K_total,), dtype=torch.float64)
         k0 = 0
         for start, stop, ir in irreps_slices(self.irreps_B):
