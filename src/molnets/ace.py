@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from molnets._ace_coupling import contraction_plan, dense_coupling, irreps_slices
 from molnets._constants import register_constant, restore_constants
+from molnets._frozen import frozen_cached
 from molnets.layers.clebsch_gordan import wigner_3j
 from molnets.layers.mlp import MLP
 from molnets.layers.scatter import scatter_sum
@@ -310,16 +311,9 @@ class ProductBasis(nn.Module):
         on U's nonzero columns only (one small matmul), laid into a zero [C, T, D, S, O] by one
         index_copy: a fixed cost per call, independent of N, which is most of the product basis
         on a small molecule. Frozen weights (``requires_grad`` False, as a calculator runs a
-        model) keep their fold from call to call in eager mode: it is rebuilt when W changes
-        (version counter, storage, dtype or device), never kept under compile or export."""
+        model) keep their fold from call to call (``molnets._frozen``)."""
         W = self.weights[nu - 1]  # [S, K, C]
-        if W.requires_grad or torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            return self._fold_now(name, nu)
-        key = (W._version, W.data_ptr(), W.dtype, W.device)
-        cached = self._frozen_folds.get(name)
-        if cached is None or cached[0] != key:
-            cached = self._frozen_folds[name] = (key, self._fold_now(name, nu))
-        return cached[1]
+        return frozen_cached(self._frozen_folds, name, [W], lambda: self._fold_now(name, nu))
 
     def _fold_now(self, name: str, nu: int) -> Tensor:
         """``_fold`` computed now. -> [C, T, D S O]"""

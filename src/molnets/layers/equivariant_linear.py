@@ -14,11 +14,13 @@ W_{z_i} h_i^{(t)}), and the shared form after the product basis.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from e3nn import o3
 from torch import Tensor, nn
+
+from molnets._frozen import frozen_cached
 
 __all__ = ["EquivariantLinear", "ComponentLinear"]
 
@@ -31,6 +33,13 @@ class EquivariantLinear(nn.Module):
     Output irreps with no matching input irrep are zero. With ``num_species=1`` the map is
     shared by all atoms (e3nn's ``o3.Linear`` without biases). Weights ~ N(0, 1/fan_in), so
     unit-variance inputs give unit-variance outputs.
+
+    On the flat e3nn layout (channel-major within each irrep) the map is one block matrix,
+    blocks W^{(L)} ⊗ I_{2L+1} for every path, zero elsewhere: ``dense_weight`` builds it
+    for all species side by side and the forward is one matrix product (and one gather of each
+    atom's own species), a few operations whatever the irreps; the zero blocks cost flops, not
+    operations, which is the trade small molecules want. Frozen weights keep the block matrix
+    between calls (``molnets._frozen``).
 
     Args:
         irreps_in: irreps of x, e.g. "64x0e + 64x1o".
@@ -45,36 +54,45 @@ class EquivariantLinear(nn.Module):
         super().__init__()
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
         self.num_species = int(num_species)
-        in_slices = self.irreps_in.slices()
-        # (in start, stop, mul_in, out index, mul_out, dim) for every pair with the same irrep
-        self.paths: List[Tuple[int, int, int, int, int, int]] = []
-        fan_in = {}
+        in_slices, out_slices = self.irreps_in.slices(), self.irreps_out.slices()
+        # (in start, stop, mul_in, out start, stop, mul_out, dim) for every pair with the same irrep
+        self.paths: List[Tuple[int, int, int, int, int, int, int]] = []
+        fan_in, out_index = {}, []
         for (mul_in, ir_in), s_in in zip(self.irreps_in, in_slices):
-            for k, (mul_out, ir_out) in enumerate(self.irreps_out):
+            for k, ((mul_out, ir_out), s_out) in enumerate(zip(self.irreps_out, out_slices)):
                 if ir_in == ir_out:
-                    self.paths.append((s_in.start, s_in.stop, mul_in, k, mul_out, ir_in.dim))
+                    self.paths.append((s_in.start, s_in.stop, mul_in, s_out.start, s_out.stop, mul_out, ir_in.dim))
                     fan_in[k] = fan_in.get(k, 0) + mul_in
-        self.out_sizes = [(mul, ir.dim) for mul, ir in self.irreps_out]  # plain ints: no Irreps in forward
+                    out_index.append(k)
         self.weights = nn.ParameterList(
-            torch.randn(self.num_species, mul_in, mul_out) / math.sqrt(fan_in[k])
-            for _, _, mul_in, k, mul_out, _ in self.paths
+            torch.randn(self.num_species, path[2], path[5]) / math.sqrt(fan_in[k])
+            for path, k in zip(self.paths, out_index)
         )  # each [S, U, W]
+        self.dims = (self.irreps_in.dim, self.irreps_out.dim)  # plain ints: no Irreps in forward
+        self._frozen_dense: Dict[str, Tuple[tuple, Tensor]] = {}  # see dense_weight
+
+    def dense_weight(self) -> Tensor:
+        """The map as one matrix, all species side by side: [irreps_in.dim, S irreps_out.dim],
+        block (u m, w m') of path W^{(L)} = W^{(L)}_{s, u w} δ_{m m'}."""
+        return frozen_cached(self._frozen_dense, "dense", list(self.weights), self._build_dense_weight)
+
+    def _build_dense_weight(self) -> Tensor:
+        (S, (D_in, D_out)), like = (self.num_species, self.dims), self.weights[0] if len(self.weights) else None
+        dense = torch.zeros(S, D_in, D_out,
+                            dtype=like.dtype if like is not None else None,
+                            device=like.device if like is not None else None)  # [S, D_in, D_out]
+        for (i0, i1, mul_in, o0, o1, mul_out, dim), W in zip(self.paths, self.weights):
+            eye = torch.eye(dim, dtype=W.dtype, device=W.device)  # [d, d]
+            block = (W[:, :, None, :, None] * eye[:, None, :]).reshape(S, mul_in * dim, mul_out * dim)  # W ⊗ I
+            dense[:, i0:i1, o0:o1] += block
+        return dense.transpose(0, 1).reshape(D_in, S * D_out)  # [D_in, S D_out]
 
     def forward(self, x: Tensor, species: Tensor) -> Tensor:
-        N, S = x.shape[0], self.num_species
-        blocks: List[List[Tensor]] = [[] for _ in self.out_sizes]
-        for (start, stop, mul_in, k, mul_out, dim), W in zip(self.paths, self.weights):
-            x_block = x[:, start:stop].reshape(N, mul_in, dim).transpose(1, 2).reshape(N * dim, mul_in)  # [N d, U]
-            y = (x_block @ W.transpose(0, 1).reshape(mul_in, S * mul_out)).reshape(N, dim, S, mul_out)  # [N, d, S, W]
-            if S > 1:  # static: keep each atom's own species (all species at once is one matmul)
-                index = species.reshape(N, 1, 1, 1).expand(N, dim, 1, mul_out)  # [N, d, 1, W]
-                y = y.gather(2, index)  # [N, d, 1, W]
-            blocks[k].append(y.reshape(N, dim, mul_out).transpose(1, 2).reshape(N, mul_out * dim))  # [N, W d]
-        out = [
-            sum(parts) if parts else x.new_zeros(N, mul * dim)  # [N, W d]
-            for parts, (mul, dim) in zip(blocks, self.out_sizes)
-        ]
-        return torch.cat(out, dim=1)  # [N, irreps_out.dim]
+        N, D_out = x.shape[0], self.dims[1]
+        y = x @ self.dense_weight().to(x.dtype)  # [N, S D_out]
+        if self.num_species > 1:  # static: keep each atom's own species
+            y = y.view(N, self.num_species, D_out).gather(1, species.view(N, 1, 1).expand(N, 1, D_out)).view(N, D_out)
+        return y  # [N, irreps_out.dim]
 
 
 class ComponentLinear(nn.Module):
