@@ -2,7 +2,8 @@
 
     python benchmarks/primitives.py [--quick] [--threads 2] [--repeats 5] [--only sh,tp,scatter]
 
-Rows (best wall time of one call over alternated repeats after a warm-up, CPU):
+Rows (time per call: the best, over alternated rounds, of the mean of a batch of consecutive
+calls lasting at least 20 ms, after a warm-up; CPU):
 - spherical harmonics, lmax 3 and 6, 1e3..1e6 random vectors (normalized, "component"):
   ``molnets.layers.spherical_harmonics.spherical_harmonics`` vs ``e3nn.o3.spherical_harmonics``;
 - the channelwise tensor product of the MACE message, 64x0e+64x1o+64x2e+64x3o node features
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -40,14 +42,22 @@ NODE_IRREPS = "64x0e + 64x1o + 64x2e + 64x3o"
 SH_IRREPS = "1x0e + 1x1o + 1x2e + 1x3o"
 
 
-def measure(fns: Dict[str, Callable[[], object]], repeats: int, budget_s: float = 30.0) -> Dict[str, float]:
-    """Best (minimum) seconds of each fn() over up to `repeats` calls, after one warm-up each.
+def measure(fns: Dict[str, Callable[[], object]], repeats: int, budget_s: float = 30.0,
+            min_batch_s: float = 0.02) -> Dict[str, float]:
+    """Seconds per call of each fn(): the best, over up to `repeats` rounds, of the mean of a
+    batch of k consecutive calls (k per fn, so that a batch lasts at least `min_batch_s`, as
+    timeit's autorange does: a short call is then not timer noise, and each implementation is
+    timed in its steady state, not in the cache and allocator state the other one left).
 
-    The implementations are called in alternation, so that a busy machine slows both alike;
+    The implementations take turns round by round, so that a busy machine slows both alike;
     the minimum is the least noisy estimate of a call's own cost on a shared machine.
     """
-    for fn in fns.values():
+    batch = {}
+    for name, fn in fns.items():
+        fn()  # warm-up
+        t0 = time.perf_counter()
         fn()
+        batch[name] = max(1, math.ceil(min_batch_s / max(time.perf_counter() - t0, 1e-7)))
     times: Dict[str, List[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for i in range(repeats):
@@ -55,8 +65,9 @@ def measure(fns: Dict[str, Callable[[], object]], repeats: int, budget_s: float 
             break
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(batch[name]):
+                fn()
+            times[name].append((time.perf_counter() - t0) / batch[name])
     return {name: min(values) for name, values in times.items()}
 
 
@@ -192,7 +203,7 @@ def scatter_rows(args: argparse.Namespace) -> List[dict]:
 
 
 def markdown(rows: List[dict], threads: int) -> str:
-    lines = [f"CPU, {threads} threads, torch {torch.__version__}; best of up to --repeats alternated calls (wall time of one call).", "",
+    lines = [f"CPU, {threads} threads, torch {torch.__version__}; time per call: best of up to --repeats alternated rounds, each the mean of >= 20 ms of consecutive calls.", "",
              "| primitive | size | dtype | pass | peer | peer ms | molnets ms | peer / molnets |",
              "|---|---|---|---|---|---:|---:|---:|"]
     for row in rows:
