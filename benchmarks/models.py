@@ -6,7 +6,8 @@
 Every measurement runs in a fresh subprocess (``--worker IMPL SPEC.json``) of the interpreter
 that has the implementation (the main venv for molnets and PyG; a peer's venv for its
 library), which prints one JSON line: median and min wall time of one energy + forces call
-(autograd) after warm-up, and the peak extra memory of the calls (CPU: peak RSS above the
+(autograd) after warm-up, over ``--repeats`` calls or, up to 1000 atoms, as many more as fill
+one second (200 at most: a short call needs more samples for a steady minimum), and the peak extra memory of the calls (CPU: peak RSS above the
 RSS after set-up; CUDA: ``max_memory_allocated``). The peer and molnets run in alternation,
 ``--rounds`` times each, and the tables give each side's best call over all its rounds (on a
 shared machine the minimum is the least noisy estimate of a call's own cost, and alternation
@@ -336,8 +337,8 @@ def worker(impl: str, spec_path: str) -> None:
     for _ in range(spec["warmup"]):
         step()
     sync()
-    times = []
-    for _ in range(spec["repeats"]):
+    times = []  # at least `repeats` calls; short calls go on for `min_time_s` (200 at most)
+    while len(times) < spec["repeats"] or (sum(times) < 1e3 * spec["min_time_s"] and len(times) < 200):
         start = time.perf_counter()
         step()
         sync()
@@ -382,6 +383,7 @@ def run_impl(impl: str, atoms, args, dtype: str, weights: Optional[str], compile
     large = len(atoms) > 1000  # seconds per call on a CPU: fewer repeats, one warm-up
     spec = {"system": _system_spec(atoms), "dtype": dtype, "threads": args.threads,
             "repeats": min(args.repeats, 3) if large else args.repeats, "warmup": 0 if large else 2,
+            "min_time_s": 0.0 if large else 1.0,
             "device": args.device, "species": species, "weights": weights}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "spec.json")
@@ -450,7 +452,7 @@ def main(argv=None) -> None:
         return worker(*args.worker)
 
     print(f"# energy + forces per call, best of {args.rounds} alternated rounds x {args.repeats} calls "
-          f"(3 above 1000 atoms), {args.threads} threads, {args.device}, torch {torch.__version__}; "
+          f"(or 1 s of calls, up to 200; 3 calls above 1000 atoms), {args.threads} threads, {args.device}, torch {torch.__version__}; "
           f"neighbor list given\n")
     compiled = " molnets compiled (ms) |" if args.compile else ""
     print(f"| model | peer | system | atoms | dtype | peer (ms) | molnets (ms) | speed-up |{compiled}")

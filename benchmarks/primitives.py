@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
@@ -164,15 +163,18 @@ def tensor_product_rows(args: argparse.Namespace) -> List[dict]:
 
 def scatter_worker(args: argparse.Namespace) -> None:
     """Runs in the torch_scatter venv: prints one JSON line per row."""
-    import importlib.util
+    import importlib
+    import types
 
     import torch_scatter
 
     torch.set_num_threads(args.threads)
-    # molnets' scatter module is plain torch: load it from the checkout without the package
-    spec = importlib.util.spec_from_file_location("molnets_scatter", SRC / "molnets" / "layers" / "scatter.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # molnets' scatter module (and the kernels module it imports) is plain torch: load it from
+    # the checkout as a bare package, without molnets' __init__ (which needs e3nn, ase)
+    package = types.ModuleType("_molnets_layers")
+    package.__path__ = [str(SRC / "molnets" / "layers")]
+    sys.modules["_molnets_layers"] = package
+    module = importlib.import_module("_molnets_layers.scatter")
     sizes = [100_000] if args.quick else [100_000, 1_000_000]
     for dtype in (torch.float32, torch.float64):
         for num_edges in sizes:

@@ -166,7 +166,7 @@ def edge_vectors(graph: AtomicGraph) -> Tensor:
     """
     # index_select, not x[idx]: cheaper, and its backward is an index_add, not an accumulating index_put
     cell = graph.cell.index_select(0, graph.batch.index_select(0, graph.receivers))  # [E, 3, 3]
-    offset = torch.einsum("ex,exy->ey", graph.shifts.to(cell.dtype), cell)          # [E, 3]
+    offset = torch.bmm(graph.shifts.to(cell.dtype)[:, None], cell)[:, 0]              # [E, 3]: S_e @ cell
     positions = graph.positions
     return positions.index_select(0, graph.senders) - positions.index_select(0, graph.receivers) + offset  # [E, 3]
 

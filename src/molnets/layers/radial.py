@@ -121,8 +121,8 @@ class GaussianBasis(nn.Module):
         return restore_constants(super()._apply(fn, recurse))
 
     def forward(self, lengths: Tensor) -> Tensor:
-        z = (lengths[:, None] - self.centers.to(lengths.dtype)) / self.width   # [E, K]
-        return torch.exp(-0.5 * z * z)                                         # [E, K]
+        offsets = lengths[:, None] - self.centers.to(lengths.dtype)            # [E, K]
+        return torch.exp(offsets.square() * (-0.5 / self.width**2))            # [E, K]
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, num_basis={self.num_basis}, width={self.width:.4g}"
