@@ -77,10 +77,9 @@ class EquivariantLinear(nn.Module):
         return frozen_cached(self._frozen_dense, "dense", list(self.weights), self._build_dense_weight)
 
     def _build_dense_weight(self) -> Tensor:
-        (S, (D_in, D_out)), like = (self.num_species, self.dims), self.weights[0] if len(self.weights) else None
-        dense = torch.zeros(S, D_in, D_out,
-                            dtype=like.dtype if like is not None else None,
-                            device=like.device if like is not None else None)  # [S, D_in, D_out]
+        S, (D_in, D_out) = self.num_species, self.dims
+        like = dict(dtype=self.weights[0].dtype, device=self.weights[0].device) if len(self.weights) else {}
+        dense = torch.zeros(S, D_in, D_out, **like)  # [S, D_in, D_out]; no paths: all zero
         for (i0, i1, mul_in, o0, o1, mul_out, dim), W in zip(self.paths, self.weights):
             eye = torch.eye(dim, dtype=W.dtype, device=W.device)  # [d, d]
             block = (W[:, :, None, :, None] * eye[:, None, :]).reshape(S, mul_in * dim, mul_out * dim)  # W ⊗ I
