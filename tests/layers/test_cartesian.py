@@ -137,6 +137,25 @@ def test_tensor_linear_matches_paper_and_is_equivariant(X, det):
     torch.testing.assert_close(layer(X.transpose(-2, -1)), layer(X).transpose(-2, -1))
 
 
+
+def test_tensor_linear_frozen_weights_follow_changes(X):
+    """With frozen weights the per-component weight stack is kept between calls; an in-place
+    change, a new weight tensor (load_state_dict) and a dtype cast must each be seen."""
+    torch.manual_seed(1)
+    layer = TensorLinear(5, 6).to(DTYPE).requires_grad_(False)
+    reference = TensorLinear(5, 6).to(DTYPE)
+    reference.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(X), reference(X))
+    with torch.no_grad():
+        layer.weight[1] *= 3.0
+        reference.weight[1] *= 3.0
+    torch.testing.assert_close(layer(X), reference(X))
+    other = {"weight": torch.randn(3, 6, 5, dtype=DTYPE)}
+    layer.load_state_dict(other)
+    reference.load_state_dict(other)
+    torch.testing.assert_close(layer(X), reference(X))
+    torch.testing.assert_close(layer.float()(X.float()), reference.float()(X.float()))
+
 def test_direction_components_equal_the_composed_tensor():
     """The one-matmul components of δ + skew(r̂) + (r̂r̂ᵀ - |r̂|²δ/3), built in float32 and cast to
     float64 (the constants stay exact), against composing the three parts and projecting."""

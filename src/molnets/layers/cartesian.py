@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._constants import register_constant, restore_constants
+from .._frozen import frozen_cached
 
 __all__ = [
     "decompose",
@@ -283,6 +284,11 @@ class TensorLinear(nn.Module):
     equivariant like the input. Optionally each output part is scaled per atom and channel
     (the embedding's norm-dependent gates, paper Eq. 5).
 
+    Computed in three products: components in, one batched product over the 9 components
+    (each with its part's weights; the stack is kept between calls while the weights are
+    frozen, ``molnets._frozen``), Cartesian out. On small systems this is several times fewer
+    operations than one product per part on sliced components.
+
     Args:
         in_channels: C.
         out_channels: D.
@@ -297,16 +303,24 @@ class TensorLinear(nn.Module):
         bound = 1 / math.sqrt(self.in_dim)  # nn.Linear's default scale
         self.weight = nn.Parameter(torch.empty(3, self.out_dim, self.in_dim).uniform_(-bound, bound))  # [3, D, C]
         self.basis = ComponentBasis()
+        self.register_buffer("part_index", torch.tensor(PART_OF_COMPONENT), persistent=False)  # [9]
+        self._frozen_weight: dict = {}
+
+    def component_weight(self) -> Tensor:
+        """The weights of each component's part, ready for a batched product: [9, C, D]."""
+        return frozen_cached(self._frozen_weight, "weight", [self.weight],
+                             lambda: self.weight.transpose(1, 2).index_select(0, self.part_index))
 
     def forward(self, X: Tensor, part_scales: Optional[Tensor] = None) -> Tensor:
-        basis = self.basis(X)                                                  # [9, 3, 3]
-        c = to_components(X, basis).permute(2, 0, 1).contiguous()              # [9, N, C]
-        # one matrix product per part on its rows of c (no per-component copy of the weights)
-        out = torch.cat([F.linear(c[a:b], w) for (a, b), w in zip(PART_SLICES, self.weight.unbind(0))])
-        out = out.permute(1, 2, 0)                                             # [N, D, 9]
+        num_atoms = X.shape[0]
+        basis = self.basis(X).flatten(1)                                        # [9, 9]: B_k over (a, b)
+        # components as [9, N C] (component-major): one matrix product in, one batched product
+        # for the three parts' maps (the weights of a part repeated on its rows), one product out
+        c = torch.mm(basis, X.reshape(-1, 9).T).view(9, num_atoms, self.in_dim)   # [9, N, C]
+        out = torch.bmm(c, self.component_weight())                             # [9, N, D]
         if part_scales is not None:
-            out = out * expand_parts(part_scales)                              # [N, D, 9]
-        return from_components(out, basis)                                     # [N, D, 3, 3]
+            out = out * part_scales.permute(2, 0, 1).index_select(0, self.part_index)  # [9, N, D]
+        return torch.mm(out.view(9, -1).T, basis).view(num_atoms, self.out_dim, 3, 3)  # [N, D, 3, 3]
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_dim}, out_channels={self.out_dim}"
