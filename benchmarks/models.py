@@ -2,6 +2,7 @@
 
     python benchmarks/models.py [--repeats 10] [--rounds 2] [--threads 2] [--device cpu] [--quick]
                                 [--compile] [--families MACE-style ...] [--no-scaling | --scaling-only]
+                                [--reuse-freed-memory]
 
 Every measurement runs in a fresh subprocess (``--worker IMPL SPEC.json``) of the interpreter
 that has the implementation (the main venv for molnets and PyG; a peer's venv for its
@@ -15,7 +16,10 @@ shared machine the minimum is the least noisy estimate of a call's own cost, and
 keeps a change of load from favouring one side). The neighbor list is built outside the
 timed call (molnets' ``neighbor_list``) and given to both sides; random weights, frozen on
 both sides (``requires_grad_(False)``, as the ASE calculators of molnets and mace-torch run a
-model: forces need the gradient with respect to positions only).
+model: forces need the gradient with respect to positions only). ``--reuse-freed-memory`` runs
+every worker, both sides alike, with glibc's malloc keeping freed memory in its heap
+(``molnets.memory``: without it every tensor above 32 MB is a fresh mapping whose pages are
+faulted in again at every call, which makes large systems superlinear).
 
 Rows: SchNet-style vs PyG's SchNet at the hyper-parameters of ../shared/PEERS.md (128
 channels, 3 interactions, 50 Gaussians, 5 Å cutoff). The same molnets weights are copied
@@ -390,6 +394,8 @@ def run_impl(impl: str, atoms, args, dtype: str, weights: Optional[str], compile
         path = os.path.join(tmp, "spec.json")
         json.dump(spec, open(path, "w"))
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        if args.reuse_freed_memory:  # molnets.memory.reuse_freed_memory, for both sides alike
+            env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
         done = subprocess.run([python, __file__, "--worker", impl, path], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{impl} failed:\n{done.stderr[-3000:]}")
@@ -443,6 +449,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "float64"])
     parser.add_argument("--quick", action="store_true", help="small systems only (a smoke run)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="every worker (both sides) keeps freed memory in its heap (glibc's malloc:"
+                             " no mmap, no trim; molnets.memory)")
     parser.add_argument("--families", nargs="+", default=None, help="e.g. SchNet-style (default: all)")
     parser.add_argument("--systems", nargs="+", default=None, help="e.g. ethanol 'Cu fcc 256' (default: all)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling-with-N table")

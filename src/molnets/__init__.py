@@ -4,10 +4,10 @@ The data path of every model: ``ase.Atoms`` -> :class:`AtomicGraph` (with the ne
 :func:`neighbor_list`) -> a model's per-atom energies -> :class:`Potential` (energy, forces,
 stress) -> :class:`MolnetsCalculator` for ASE. Layers live in :mod:`molnets.layers`, the ACE
 block in :mod:`molnets.ace`, training in :mod:`molnets.training`, the reusable model test suite
-in :mod:`molnets.testing`.
+in :mod:`molnets.testing`; :func:`molnets.memory.reuse_freed_memory` for large systems on the CPU.
 """
 
-from . import ace, layers, models, neighbors, testing, training
+from . import ace, layers, memory, models, neighbors, testing, training
 from .calculator import MolnetsCalculator
 from .describe import compare, describe
 from .graph import AtomicGraph, batch_graphs, edge_vectors, half_edge_graph, split_graphs
@@ -31,6 +31,6 @@ __all__ = [
     "Potential", "save_model", "load_model",
     "SchNet", "SchNetConfig", "TensorNet", "TensorNetConfig", "MACE", "MACEConfig",
     "MolnetsCalculator", "describe", "compare",
-    "ace", "layers", "models", "neighbors", "testing", "training",
+    "ace", "layers", "memory", "models", "neighbors", "testing", "training",
     "__version__",
 ]

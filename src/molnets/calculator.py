@@ -28,7 +28,9 @@ class MolnetsCalculator(Calculator):
 
     The model, its ``Potential`` wrappers and (if asked) its compiled version are built once
     and reused at every step; only the graph (neighbor list within the model's cutoff) is
-    rebuilt for each new geometry.
+    rebuilt for each new geometry. For systems of thousands of atoms on the CPU, call
+    ``molnets.memory.reuse_freed_memory()`` once first (a process-wide setting this calculator
+    does not make on its own): it keeps the cost per atom flat in N.
 
     Args:
         model_or_path: a per-atom energy model, a ``Potential`` (its model is used) or the
