@@ -299,6 +299,9 @@ def run_md(
 def _cmd_md(args: argparse.Namespace) -> int:
     import ase.io
 
+    from .memory import reuse_freed_memory
+
+    reuse_freed_memory()  # this process is ours: per-step tensors reuse the heap (molnets.memory)
     atoms = ase.io.read(args.structure, index=args.index)
     result = run_md(args.model, atoms, output=args.output, steps=args.steps, timestep=args.timestep,
                     temperature=args.temperature, ensemble=args.ensemble, interval=args.interval,
