@@ -24,7 +24,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .._constants import register_constant, restore_constants
 from .._frozen import frozen_cached
