@@ -50,7 +50,7 @@ def test_features_transform_as_tensors_and_transpose_under_inversion(det):
     """Inside the model X -> Q X Qᵀ for rotations and Q Xᵀ Qᵀ for improper Q (the axial part)."""
     model = small_model()
     feats = []
-    model.interactions[0].register_forward_hook(lambda module, args, out: feats.append(out))
+    model.interactions[0].register_forward_hook(lambda module, args, out: feats.append(out.detach()))
     graph = ethanol_graph()
     Q = orthogonal(seed=2, det=det)
     model(graph)
@@ -63,14 +63,14 @@ def test_features_transform_as_tensors_and_transpose_under_inversion(det):
 def test_forces_equal_central_finite_differences():
     potential = Potential(small_model())
     graph = ethanol_graph()
-    forces = potential(graph)["forces"]
+    forces = potential(graph)["forces"].detach()
     step = 1e-5
     for atom, axis in [(0, 0), (2, 1), (5, 2), (8, 0)]:
         energies = []
         for sign in (1, -1):
             positions = graph.positions.clone()
             positions[atom, axis] += sign * step
-            energies.append(float(potential(graph._replace(positions=positions))["energy"].sum()))
+            energies.append(float(potential(graph._replace(positions=positions))["energy"].sum().detach()))
         expected = -(energies[0] - energies[1]) / (2 * step)
         assert abs(float(forces[atom, axis]) - expected) < 1e-7, (atom, axis)
 
