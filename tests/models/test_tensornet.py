@@ -105,3 +105,26 @@ def test_config_validation_and_parameter_count():
     # 128-row element table; ours has one row per species: 769,921 - 127 * 128.
     model = TensorNet(TensorNetConfig(species=(29,), cutoff=5.0))
     assert model.design_space().num_parameters == 769_921 - 127 * 128
+
+
+def test_frozen_model_gives_the_same_energy_and_forces_call_after_call():
+    """A frozen TensorNet (as the calculator runs it) keeps its TensorLinear weight stacks
+    between calls: the same energies and forces as the trainable model on alternating
+    geometries, and again after a weight is changed in place."""
+    import copy
+
+    model = small_model()
+    trainable, frozen = Potential(model).eval(), Potential(copy.deepcopy(model).requires_grad_(False)).eval()
+    base = ethanol_graph()
+    shifted = base._replace(positions=base.positions + 0.03 * torch.randn(base.positions.shape, dtype=DTYPE))
+    for graph in (base, shifted, base):
+        expected, got = trainable(graph), frozen(graph)
+        torch.testing.assert_close(got["energy"], expected["energy"], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(got["forces"], expected["forces"], atol=1e-12, rtol=1e-12)
+    assert frozen.model.interactions[0].linear_in._frozen_weight  # the stack was kept
+    with torch.no_grad():
+        for potential in (trainable, frozen):
+            potential.model.interactions[1].linear_out.weight[2] *= -2.0
+    expected, got = trainable(base), frozen(base)
+    torch.testing.assert_close(got["energy"], expected["energy"], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got["forces"], expected["forces"], atol=1e-12, rtol=1e-12)
