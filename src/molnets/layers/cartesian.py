@@ -302,13 +302,12 @@ class TensorLinear(nn.Module):
         bound = 1 / math.sqrt(self.in_dim)  # nn.Linear's default scale
         self.weight = nn.Parameter(torch.empty(3, self.out_dim, self.in_dim).uniform_(-bound, bound))  # [3, D, C]
         self.basis = ComponentBasis()
-        self.register_buffer("part_index", torch.tensor(PART_OF_COMPONENT), persistent=False)  # [9]
         self._frozen_weight: dict = {}
 
     def component_weight(self) -> Tensor:
         """The weights of each component's part, ready for a batched product: [9, C, D]."""
         return frozen_cached(self._frozen_weight, "weight", [self.weight],
-                             lambda: self.weight.transpose(1, 2).index_select(0, self.part_index))
+                             lambda: expand_parts(self.weight.permute(2, 1, 0)).permute(2, 0, 1).contiguous())
 
     def forward(self, X: Tensor, part_scales: Optional[Tensor] = None) -> Tensor:
         num_atoms = X.shape[0]
@@ -318,7 +317,7 @@ class TensorLinear(nn.Module):
         c = torch.mm(basis, X.reshape(-1, 9).T).view(9, num_atoms, self.in_dim)   # [9, N, C]
         out = torch.bmm(c, self.component_weight())                             # [9, N, D]
         if part_scales is not None:
-            out = out * part_scales.permute(2, 0, 1).index_select(0, self.part_index)  # [9, N, D]
+            out = out * expand_parts(part_scales).permute(2, 0, 1)              # [9, N, D]
         return torch.mm(out.view(9, -1).T, basis).view(num_atoms, self.out_dim, 3, 3)  # [N, D, 3, 3]
 
     def extra_repr(self) -> str:
