@@ -137,7 +137,6 @@ def test_tensor_linear_matches_paper_and_is_equivariant(X, det):
     torch.testing.assert_close(layer(X.transpose(-2, -1)), layer(X).transpose(-2, -1))
 
 
-
 def test_tensor_linear_frozen_weights_follow_changes(X):
     """With frozen weights the per-component weight stack is kept between calls; an in-place
     change, a new weight tensor (load_state_dict) and a dtype cast must each be seen."""
@@ -155,6 +154,7 @@ def test_tensor_linear_frozen_weights_follow_changes(X):
     reference.load_state_dict(other)
     torch.testing.assert_close(layer(X), reference(X))
     torch.testing.assert_close(layer.float()(X.float()), reference.float()(X.float()))
+
 
 def test_direction_components_equal_the_composed_tensor():
     """The one-matmul components of δ + skew(r̂) + (r̂r̂ᵀ - |r̂|²δ/3), built in float32 and cast to
