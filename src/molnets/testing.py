@@ -24,6 +24,9 @@ physics is broken:
                                           energies, forces and stress equal eager
 ========================================  ===================================================
 
+Every check runs on the device of the model passed in (its first parameter or buffer; CPU for
+a model without any): a CUDA model is checked on CUDA, structures and all.
+
 Use ``check_model(model)`` to run them all, or parametrize pytest over ``CHECKS``::
 
     @pytest.mark.parametrize("check", molnets.testing.CHECKS)
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import os
 import tempfile
@@ -140,10 +144,10 @@ def transform(graph: AtomicGraph, rotation: Tensor, translation: Optional[Tensor
     Shapes:
         graph, rotation [3, 3], translation [3]  ->  graph
     """
-    rotation = rotation.to(graph.positions.dtype)
+    rotation = rotation.to(graph.positions)
     positions = graph.positions @ rotation.T                               # [N, 3]
     if translation is not None:
-        positions = positions + translation.to(positions.dtype)
+        positions = positions + translation.to(positions)
     return graph._replace(positions=positions, cell=graph.cell @ rotation.T)
 
 
@@ -155,10 +159,11 @@ def permute(graph: AtomicGraph, seed: int) -> Tuple[AtomicGraph, Tensor]:
         graph  ->  graph, perm [N]
     """
     generator = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(graph.num_atoms, generator=generator)                # [N]
+    device = graph.positions.device
+    perm = torch.randperm(graph.num_atoms, generator=generator).to(device)     # [N]
     new_index = torch.empty_like(perm)
-    new_index[perm] = torch.arange(graph.num_atoms)                          # old -> new
-    edges = torch.randperm(graph.num_edges, generator=generator)               # [E]
+    new_index[perm] = torch.arange(graph.num_atoms, device=device)           # old -> new
+    edges = torch.randperm(graph.num_edges, generator=generator).to(device)    # [E]
     shuffled = AtomicGraph(
         positions=graph.positions[perm],
         atomic_numbers=graph.atomic_numbers[perm],
@@ -178,7 +183,7 @@ def strain(graph: AtomicGraph, epsilon: Tensor) -> AtomicGraph:
     Shapes:
         graph (B = 1), epsilon [3, 3]  ->  graph
     """
-    deformation = torch.eye(3, dtype=graph.positions.dtype) + epsilon.to(graph.positions.dtype)
+    deformation = torch.eye(3, dtype=graph.positions.dtype, device=graph.positions.device) + epsilon.to(graph.positions)
     return graph._replace(positions=graph.positions @ deformation, cell=graph.cell @ deformation)
 
 
@@ -237,8 +242,15 @@ def _build_molecule(carbon_bonds: Sequence[Tuple[int, int]]) -> "ase.Atoms":  # 
 
 
 def _potential(model: nn.Module, *, stress: bool = True) -> Potential:
-    """A float64, eval-mode ``Potential`` around a copy of ``model``."""
+    """A float64, eval-mode ``Potential`` around a copy of ``model``, on the model's device."""
     return Potential(copy.deepcopy(model).to(DTYPE), compute_stress=stress).eval()
+
+
+def _device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without any)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _species_and_cutoff(model: nn.Module, species: Optional[Sequence[int]], cutoff: Optional[float]):
@@ -246,14 +258,14 @@ def _species_and_cutoff(model: nn.Module, species: Optional[Sequence[int]], cuto
     return species, float(cutoff if cutoff is not None else model.config.cutoff)
 
 
-def _test_structures(species: Sequence[int], cutoff: float) -> AtomicGraph:
+def _test_structures(species: Sequence[int], cutoff: float, device: torch.device) -> AtomicGraph:
     """A molecule and a periodic crystal in one batch."""
     return batch_graphs(
         [
             random_graph(7, cutoff=cutoff, species=species, seed=11),
             random_graph(6, cutoff=cutoff, species=species, seed=12, periodic=True, density=0.06),
         ]
-    )
+    ).to(device)
 
 
 def _close(actual: Tensor, expected: Tensor, what: str, *, rtol: float = 1e-7, atol: float = 1e-7) -> None:
@@ -268,10 +280,10 @@ def check_o3_equivariance(model: nn.Module, *, species=None, cutoff=None, seed: 
     rotation-inversion, on a molecule and a triclinic crystal (float64)."""
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     potential = _potential(model)
-    graph = _test_structures(species, cutoff)
+    graph = _test_structures(species, cutoff, _device(model))
     ref = potential(graph)
     for inversion in (False, True):
-        rotation = random_orthogonal(seed, inversion=inversion)
+        rotation = random_orthogonal(seed, inversion=inversion).to(graph.positions.device)
         out = potential(transform(graph, rotation))
         name = f"det R = {-1 if inversion else 1}, R = {rotation.tolist()}"
         _close(out["energy"], ref["energy"], f"energy not invariant ({name})")
@@ -284,7 +296,7 @@ def check_translation_invariance(model: nn.Module, *, species=None, cutoff=None,
     """E and F unchanged when every atom moves by the same random vector."""
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     potential = _potential(model)
-    graph = _test_structures(species, cutoff)
+    graph = _test_structures(species, cutoff, _device(model))
     shift = torch.randn(3, generator=torch.Generator().manual_seed(seed), dtype=DTYPE) * 3.0
     ref, out = potential(graph), potential(transform(graph, torch.eye(3, dtype=DTYPE), shift))
     for key in ("energy", "energies", "forces", "stress"):
@@ -295,7 +307,7 @@ def check_permutation_invariance(model: nn.Module, *, species=None, cutoff=None,
     """Shuffling atoms and edges permutes E_i and F the same way and leaves E, σ unchanged."""
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     potential = _potential(model)
-    graph = random_graph(9, cutoff=cutoff, species=species, seed=13, periodic=True, density=0.06)
+    graph = random_graph(9, cutoff=cutoff, species=species, seed=13, periodic=True, density=0.06).to(_device(model))
     shuffled, perm = permute(graph, seed)
     ref, out = potential(graph), potential(shuffled)
     _close(out["energy"], ref["energy"], "energy not permutation invariant")
@@ -314,8 +326,9 @@ def check_batching(model: nn.Module, *, species=None, cutoff=None) -> None:
         random_graph(6, cutoff=cutoff, species=species, seed=22, periodic=True, density=0.06),
         random_graph(8, cutoff=cutoff, species=species, seed=23),
     ]
-    both = potential(batch_graphs(graphs))
-    alone = [potential(g) for g in graphs]
+    device = _device(model)
+    both = potential(batch_graphs(graphs).to(device))
+    alone = [potential(g.to(device)) for g in graphs]
     for key in ("energy", "energies", "forces", "stress"):
         _close(both[key], torch.cat([o[key] for o in alone]), f"batched {key} differs from one by one")
 
@@ -327,10 +340,10 @@ def check_forces_finite_difference(
     of a molecule and a crystal batched together (float64)."""
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     potential = _potential(model, stress=False)
-    graph = _test_structures(species, cutoff)
+    graph = _test_structures(species, cutoff, _device(model))
     forces = potential(graph)["forces"]
     picks = torch.randperm(forces.numel(), generator=torch.Generator().manual_seed(0))[:num_coordinates]
-    numeric = torch.zeros(len(picks), dtype=DTYPE)
+    numeric = torch.zeros(len(picks), dtype=DTYPE, device=forces.device)
     for k, flat in enumerate(picks.tolist()):
         displaced = []
         for sign in (1.0, -1.0):
@@ -338,7 +351,7 @@ def check_forces_finite_difference(
             positions.view(-1)[flat] += sign * step
             displaced.append(potential(graph._replace(positions=positions))["energy"].sum().detach())
         numeric[k] = -(displaced[0] - displaced[1]) / (2 * step)
-    _close(forces.reshape(-1)[picks].detach(), numeric, "forces differ from central finite differences", rtol=1e-5, atol=1e-6)
+    _close(forces.reshape(-1)[picks.to(forces.device)].detach(), numeric, "forces differ from central finite differences", rtol=1e-5, atol=1e-6)
 
 
 def check_stress_finite_difference(model: nn.Module, *, species=None, cutoff=None, step: float = 1e-5) -> None:
@@ -346,10 +359,10 @@ def check_stress_finite_difference(model: nn.Module, *, species=None, cutoff=Non
     (ASE's ``calculate_numerical_stress``), on a triclinic crystal (float64)."""
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     potential = _potential(model)
-    graph = random_graph(8, cutoff=cutoff, species=species, seed=31, periodic=True, density=0.06)
+    graph = random_graph(8, cutoff=cutoff, species=species, seed=31, periodic=True, density=0.06).to(_device(model))
     stress = potential(graph)["stress"][0]
     volume = torch.linalg.det(graph.cell[0]).abs()
-    numeric = torch.zeros(3, 3, dtype=DTYPE)
+    numeric = torch.zeros(3, 3, dtype=DTYPE, device=stress.device)
     for a in range(3):
         for b in range(a, 3):
             epsilon = torch.zeros(3, 3, dtype=DTYPE)
@@ -370,11 +383,12 @@ def check_cutoff_smoothness(model: nn.Module, *, species=None, cutoff=None) -> N
     """
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     potential = _potential(model, stress=False)
-    numbers = torch.tensor([species[0], species[-1]])
-    direction = torch.tensor([0.48, 0.6, 0.64], dtype=DTYPE)                # unit vector
+    device = _device(model)
+    numbers = torch.tensor([species[0], species[-1]], device=device)
+    direction = torch.tensor([0.48, 0.6, 0.64], dtype=DTYPE, device=device)  # unit vector
 
     def run(distance: float) -> Dict[str, Tensor]:
-        positions = torch.stack([torch.zeros(3, dtype=DTYPE), distance * direction])
+        positions = torch.stack([torch.zeros(3, dtype=DTYPE, device=device), distance * direction])
         return potential(AtomicGraph.from_positions(positions, numbers, cutoff))
 
     far = run(cutoff + 1.0)["energy"].sum().detach()
@@ -399,8 +413,9 @@ def check_distinguishes_isomers(model: nn.Module, *, species=None, cutoff=None) 
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     potential = _potential(model, stress=False)
     decalin, bicyclopentyl = decalin_and_bicyclopentyl()
-    e1 = potential(AtomicGraph.from_ase(decalin, cutoff, dtype=DTYPE))["energy"].sum().detach()
-    e2 = potential(AtomicGraph.from_ase(bicyclopentyl, cutoff, dtype=DTYPE))["energy"].sum().detach()
+    device = _device(model)
+    e1 = potential(AtomicGraph.from_ase(decalin, cutoff, dtype=DTYPE).to(device))["energy"].sum().detach()
+    e2 = potential(AtomicGraph.from_ase(bicyclopentyl, cutoff, dtype=DTYPE).to(device))["energy"].sum().detach()
     assert abs(float(e1 - e2)) > 1e-6 * max(1.0, abs(float(e1))), (
         f"decalin and bicyclopentyl get the same energy: {float(e1)} vs {float(e2)} eV"
     )
@@ -417,14 +432,15 @@ def check_compile(model: nn.Module, *, species=None, cutoff=None, backend: str =
     """
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     eager = _potential(model)
-    graph = _test_structures(species, cutoff)
+    graph = _test_structures(species, cutoff, _device(model))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = Potential(
         torch.compile(eager.model, fullgraph=True, dynamic=True, backend=backend), compute_stress=True
     ).eval()
     try:
-        for g in (graph, random_graph(11, cutoff=cutoff, species=species, seed=41, periodic=True, density=0.06)):
+        other = random_graph(11, cutoff=cutoff, species=species, seed=41, periodic=True, density=0.06)
+        for g in (graph, other.to(graph.positions.device)):
             ref, out = eager(g), compiled(g)
             for key in ("energy", "energies", "forces", "stress"):
                 _close(out[key], ref[key], f"compiled {key} differs from eager", rtol=1e-9, atol=1e-9)
@@ -453,7 +469,7 @@ def check_export(model: nn.Module, *, species=None, cutoff=None) -> None:
     the eager per-atom energies, and a ``Potential`` around it the eager forces and stress."""
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     eager = _potential(model)
-    example = _test_structures(species, cutoff)
+    example = _test_structures(species, cutoff, _device(model))
     dims = tuple({0: torch.export.Dim.DYNAMIC} for _ in example)
     exported = torch.export.export(_FlatInputs(eager.model), tuple(example), dynamic_shapes=dims)
     with tempfile.TemporaryDirectory() as folder:
@@ -464,7 +480,7 @@ def check_export(model: nn.Module, *, species=None, cutoff=None) -> None:
     reloaded.training = False  # an exported module cannot be switched with .train()/.eval()
     other = batch_graphs(
         [random_graph(n, cutoff=cutoff, species=species, seed=50 + n, periodic=n % 2 == 1, density=0.06) for n in (5, 9, 4)]
-    )
+    ).to(example.positions.device)
     for g in (example, other):
         ref, out = eager(g), reloaded(g)
         for key in ("energy", "energies", "forces", "stress"):

@@ -140,6 +140,21 @@ def test_blocked_kernels_equal_reference(monkeypatch, normalize):
                                rtol=0, atol=1e-13)
 
 
+def test_no_vectors():
+    """No edges (every atom isolated): [0, M] values and [0, 3] gradients on every path, the
+    plain-op one (GPUs, torch.compile) included."""
+    empty = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    for lmax in (0, 2, 8):
+        y = spherical_harmonics(empty, lmax)
+        assert y.shape == (0, (lmax + 1) ** 2)
+        (grad,) = torch.autograd.grad(y.sum(), empty, allow_unused=True, materialize_grads=True)
+        assert grad.shape == (0, 3)
+    tensors = sh_module._coefficient_tensors(4, "component", torch.float64, torch.device("cpu"))
+    sh = sh_module._forward_reference(empty.detach(), 4, tensors[0], tensors[1:5])
+    assert sh.shape == (0, 25)
+    assert sh_module._backward_reference(torch.zeros(0, 25, dtype=torch.float64), sh, 4, tensors[5:9]).shape == (0, 3)
+
+
 def test_leading_dimensions():
     v = make_vectors()[:24].reshape(2, 4, 3, 3)
     got = spherical_harmonics(v, 2)

@@ -33,15 +33,16 @@ def _model(name: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("check", testing.CHECKS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_model_suite(name, check):
-    if check is testing.check_compile:
+def test_model_suite(name, check, device):
+    """Runs on ``pytest --device`` (default cpu): the checks follow the model's device."""
+    if check is testing.check_compile and device.type == "cpu":
         # Inductor's C++ code generation takes minutes on the 2 shared CPU cores (and
         # "aot_eager" ~45 s per model); the "eager" backend still runs dynamo's full-graph
         # capture with dynamic shapes, which is what fails on a graph break. The inductor
         # path runs in benchmarks/models.py (compiled rows, checked against eager).
-        check(_model(name), backend="eager")
+        check(_model(name).to(device), backend="eager")
     else:
-        check(_model(name))
+        check(_model(name).to(device))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

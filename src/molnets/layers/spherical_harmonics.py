@@ -272,7 +272,7 @@ def _forward_reference(u: Tensor, lmax: int, y0: Tensor, forward_t: Sequence[Ten
     y = y0.expand(1, u.shape[0])                                                # [1, E]
     blocks = [y]
     for a in forward_t:
-        outer = (y[:, None, :] * u_t[None, :, :]).reshape(-1, u.shape[0])     # [3(2l-1), E]
+        outer = (y[:, None, :] * u_t[None, :, :]).reshape(3 * y.shape[0], u.shape[0])  # [3(2l-1), E]
         y = a @ outer                                                           # [2l+1, E]
         blocks.append(y)
     return torch.cat(blocks, dim=0).t().contiguous()                            # [E, M]
@@ -461,11 +461,11 @@ def _backward_polynomial(grad_sh: Tensor, sh: Tensor, unit: Tensor, any_short: b
 def _sh_forward(vectors: Tensor, lmax: int, normalize: bool, tensors: Tuple[Tensor, ...],
                 for_backward: bool = True) -> Tuple[Tensor, Optional[Tensor], bool]:
     """Y(r / |r|) [E, M] by Eq. (3) (blocked, lmax <= 6, normalize), Eq. (1) blocked, or Eq. (1)
-    in plain differentiable ops (under torch.compile and off the CPU); with Eq. (3) also the
+    in plain differentiable ops (off the CPU); with Eq. (3) also the
     unit vectors for its backward (if ``for_backward``) and whether any vector was shorter than
     eps."""
     y0, matrices = tensors[0], tensors[1:]
-    if torch.compiler.is_compiling() or vectors.device.type != "cpu":
+    if vectors.device.type != "cpu":
         u = _normalize(vectors) if normalize else vectors                       # [E, 3]
         return _forward_reference(u, lmax, y0, matrices[:lmax]), None, True
     if normalize and 0 < lmax <= _POLYNOMIAL_LMAX:
@@ -493,8 +493,7 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
         backward_t = matrices[lmax:2 * lmax]
         if lmax == 0:
             grad_vectors = torch.zeros_like(vectors)
-        elif (torch.is_grad_enabled()  # create_graph=True
-              or torch.compiler.is_compiling() or vectors.device.type != "cpu"):
+        elif torch.is_grad_enabled() or vectors.device.type != "cpu":  # create_graph=True, or a GPU
             grad_vectors = _backward_reference(grad_sh, sh, lmax, backward_t)  # [E, 3]
             if normalize:
                 grad_vectors = _normalize_backward(vectors, grad_vectors)
@@ -508,7 +507,13 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
 
 def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]) -> Tensor:
     flat = vectors if vectors.dim() == 2 else vectors.reshape(-1, 3)  # no view node for [E, 3]
-    if torch.is_grad_enabled() and flat.requires_grad:
+    if torch.compiler.is_compiling():
+        # Plain differentiable ops: the compiler derives the backward itself and fuses both
+        # (and dynamo need not trace the autograd.Function, which torch 2.11's inductor
+        # could not on CUDA).
+        u = _normalize(flat) if normalize else flat                              # [E, 3]
+        sh = _forward_reference(u, lmax, tensors[0], tensors[1:lmax + 1])      # [E, M]
+    elif torch.is_grad_enabled() and flat.requires_grad:
         sh = _SphericalHarmonicsFn.apply(flat, lmax, normalize, tuple(tensors))   # [E, M]
     else:  # no graph to record: skip the autograd.Function's own cost
         sh = _sh_forward(flat, lmax, normalize, tuple(tensors), for_backward=False)[0]  # [E, M]
