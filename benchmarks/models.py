@@ -329,21 +329,28 @@ def _rss_kb() -> int:
 
 
 def worker(impl: str, spec_path: str) -> None:
-    """Time one implementation on one system; print one JSON line."""
+    """Time one implementation on each system of the spec in turn; print one JSON line each."""
     spec = json.load(open(spec_path))
     torch.set_num_threads(spec["threads"])
-    step = globals()[IMPLS[impl][1]](spec["system"], spec)
+    for system in spec["systems"]:
+        print(json.dumps(_time_one(impl, system, spec)), flush=True)
+
+
+def _time_one(impl: str, system: dict, spec: dict) -> dict:
+    large = len(system["numbers"]) > 1000  # seconds per call on a CPU: fewer repeats, one warm-up
+    repeats, warmup, min_time_s = (min(spec["repeats"], 3), 0, 0.0) if large else (spec["repeats"], 2, 1.0)
+    step = globals()[IMPLS[impl][1]](system, spec)
     cuda = spec["device"].startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     baseline = _rss_kb()  # before the first call: ru_maxrss below is the process's lifetime peak
     energy, _ = step()
-    for _ in range(spec["warmup"]):
+    for _ in range(warmup):
         step()
     sync()
     times = []  # at least `repeats` calls; short calls go on for `min_time_s` (200 at most)
-    while len(times) < spec["repeats"] or (sum(times) < 1e3 * spec["min_time_s"] and len(times) < 200):
+    while len(times) < repeats or (sum(times) < 1e3 * min_time_s and len(times) < 200):
         start = time.perf_counter()
         step()
         sync()
@@ -352,8 +359,7 @@ def worker(impl: str, spec_path: str) -> None:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times),
-                      "peak_mb": peak_mb, "energy": float(energy)}))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_mb": peak_mb, "energy": float(energy)}
 
 
 # ------------------------------------------------------------------------------- driver
@@ -382,14 +388,12 @@ FAMILIES: List[Family] = [
 ]
 
 
-def run_impl(impl: str, atoms, args, dtype: str, weights: Optional[str], compile: bool = False) -> dict:
+def run_impl(impl: str, atoms_list: list, args, dtype: str, weights: Optional[str]) -> List[dict]:
+    """One worker process timing ``impl`` on each system of ``atoms_list`` in turn."""
     python, _ = IMPLS[impl]
     species = sorted({1, 6, 8, 29})
-    large = len(atoms) > 1000  # seconds per call on a CPU: fewer repeats, one warm-up
-    spec = {"system": _system_spec(atoms), "dtype": dtype, "threads": args.threads,
-            "repeats": min(args.repeats, 3) if large else args.repeats, "warmup": 0 if large else 2,
-            "min_time_s": 0.0 if large else 1.0,
-            "device": args.device, "species": species, "weights": weights}
+    spec = {"systems": [_system_spec(atoms) for atoms in atoms_list], "dtype": dtype, "threads": args.threads,
+            "repeats": args.repeats, "device": args.device, "species": species, "weights": weights}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "spec.json")
         json.dump(spec, open(path, "w"))
@@ -399,26 +403,31 @@ def run_impl(impl: str, atoms, args, dtype: str, weights: Optional[str], compile
         done = subprocess.run([python, __file__, "--worker", impl, path], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{impl} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # a peer may print too (warp's kernel-cache messages): keep the worker's result lines
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"median_ms"')]
+    assert len(results) == len(atoms_list), done.stdout
+    return results
 
 
-def run_pair(family: Family, atoms, args, dtype: str, weights: Optional[str],
-             with_peer: bool = True) -> Tuple[Optional[dict], dict]:
-    """The peer and molnets on one system, in alternation for ``args.rounds`` rounds (so that a
-    change in the machine's load hits both sides); each side's best call ("min_ms") over all
-    its rounds and repeats, the largest peak memory, the energy of its first round."""
-    runs: Dict[str, List[dict]] = {"peer": [], "ours": []}
+def run_pair(family: Family, atoms_list: list, args, dtype: str, weights: Optional[str],
+             with_peer: bool = True) -> List[Tuple[Optional[dict], dict]]:
+    """The peer and molnets on the systems of ``atoms_list`` (one worker per side and round),
+    in alternation for ``args.rounds`` rounds (so that a change in the machine's load hits both
+    sides); per system each side's best call ("min_ms") over all its rounds and repeats, the
+    largest peak memory, the energy of its first round."""
+    runs: Dict[str, List[List[dict]]] = {"peer": [], "ours": []}  # [round][system]
     for _ in range(args.rounds):
         if with_peer:
-            runs["peer"].append(run_impl(family.peer, atoms, args, dtype, weights))
-        runs["ours"].append(run_impl(family.ours, atoms, args, dtype, weights))
+            runs["peer"].append(run_impl(family.peer, atoms_list, args, dtype, weights))
+        runs["ours"].append(run_impl(family.ours, atoms_list, args, dtype, weights))
 
-    def best(results: List[dict]) -> Optional[dict]:
-        if not results:
+    def best(rounds: List[List[dict]], k: int) -> Optional[dict]:
+        if not rounds:
             return None
+        results = [r[k] for r in rounds]
         return dict(results[0], min_ms=min(r["min_ms"] for r in results),
                     peak_mb=max(r["peak_mb"] for r in results))
-    return best(runs["peer"]), best(runs["ours"])
+    return [(best(runs["peer"], k), best(runs["ours"], k)) for k in range(len(atoms_list))]
 
 
 def _weights(tmp: str, dtype: str, family: Family) -> str:
@@ -472,22 +481,24 @@ def main(argv=None) -> None:
         for family in families if not args.scaling_only else []:
             for dtype in args.dtype:
                 weights = _weights(tmp, dtype, family) if family.same_weights else None
-                for name, atoms in systems(args.quick).items():
-                    if args.systems is not None and name not in args.systems:
-                        continue
-                    peer, ours = run_pair(family, atoms, args, dtype, weights)
-                    if family.same_weights:
-                        # float64: PyG's shifted softplus subtracts a float32 ln 2 (2e-9 off).
-                        tol = (1e-3 if dtype == "float32" else 1e-6) * max(1.0, abs(ours["energy"]))
-                        assert abs(ours["energy"] - peer["energy"]) < tol, (family, name, ours, peer)
-                    row = (f"| {family.model} | {family.peer_name} | {name} | {len(atoms)} | {dtype} | "
-                           f"{peer['min_ms']:.2f} | {ours['min_ms']:.2f} | "
-                           f"{peer['min_ms'] / ours['min_ms']:.2f}x |")
-                    if args.compile:
-                        fast = run_impl(family.ours + "-compiled", atoms, args, dtype, weights)
-                        assert abs(fast["energy"] - ours["energy"]) < 1e-4 * max(1.0, abs(ours["energy"]))
-                        row += f" {fast['min_ms']:.2f} |"
-                    print(row, flush=True)
+                chosen = [(name, atoms) for name, atoms in systems(args.quick).items()
+                          if args.systems is None or name in args.systems]
+                for batch in _worker_batches(chosen, args.device):
+                    results = run_pair(family, [atoms for _, atoms in batch], args, dtype, weights)
+                    compiled_results = (run_impl(family.ours + "-compiled", [atoms for _, atoms in batch], args,
+                                                 dtype, weights) if args.compile else [None] * len(batch))
+                    for (name, atoms), (peer, ours), fast in zip(batch, results, compiled_results):
+                        if family.same_weights:
+                            # float64: PyG's shifted softplus subtracts a float32 ln 2 (2e-9 off).
+                            tol = (1e-3 if dtype == "float32" else 1e-6) * max(1.0, abs(ours["energy"]))
+                            assert abs(ours["energy"] - peer["energy"]) < tol, (family, name, ours, peer)
+                        row = (f"| {family.model} | {family.peer_name} | {name} | {len(atoms)} | {dtype} | "
+                               f"{peer['min_ms']:.2f} | {ours['min_ms']:.2f} | "
+                               f"{peer['min_ms'] / ours['min_ms']:.2f}x |")
+                        if fast is not None:
+                            assert abs(fast["energy"] - ours["energy"]) < 1e-4 * max(1.0, abs(ours["energy"]))
+                            row += f" {fast['min_ms']:.2f} |"
+                        print(row, flush=True)
 
         if args.no_scaling:
             return
@@ -497,14 +508,24 @@ def main(argv=None) -> None:
         print("|---|---|---|---|---|---|---|")
         for family in families:
             weights = _weights(tmp, "float32", family) if family.same_weights else None
-            for n, atoms in scaling_systems(args.quick).items():
-                if n > family.ours_max_atoms:
-                    continue
-                peer, ours = run_pair(family, atoms, args, "float32", weights, with_peer=n <= family.peer_max_atoms)
-                peer_cells = f"{peer['min_ms']:.1f} | {peer['peak_mb']:.0f}" if peer else "- | -"
-                print(f"| {family.model} | {n} | {peer_cells} | {ours['min_ms']:.1f} | {ours['peak_mb']:.0f} | "
-                      f"{1e3 * ours['min_ms'] / n:.1f} |", flush=True)
+            sizes = [(n, atoms) for n, atoms in scaling_systems(args.quick).items() if n <= family.ours_max_atoms]
+            for with_peer in (True, False):
+                chosen = [(n, atoms) for n, atoms in sizes if (n <= family.peer_max_atoms) == with_peer]
+                for batch in _worker_batches(chosen, args.device):
+                    results = run_pair(family, [atoms for _, atoms in batch], args, "float32", weights, with_peer)
+                    for (n, _), (peer, ours) in zip(batch, results):
+                        peer_cells = f"{peer['min_ms']:.1f} | {peer['peak_mb']:.0f}" if peer else "- | -"
+                        print(f"| {family.model} | {n} | {peer_cells} | {ours['min_ms']:.1f} | {ours['peak_mb']:.0f} | "
+                              f"{1e3 * ours['min_ms'] / n:.1f} |", flush=True)
 
+
+def _worker_batches(items: list, device: str) -> List[list]:
+    """Systems timed by one worker process each: on the CPU one system per process (peak RSS is
+    a process's lifetime peak); on CUDA all in one process (the peak is reset per system), which
+    saves the start-up of a CUDA process per system."""
+    if not items:
+        return []
+    return [items] if device.startswith("cuda") else [[item] for item in items]
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))

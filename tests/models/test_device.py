@@ -111,3 +111,30 @@ def test_calculator_on_device_equals_cpu(device):
     assert abs(e_dev - e_cpu) < 1e-10 * max(1.0, abs(e_cpu))
     np.testing.assert_allclose(f_dev, f_cpu, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(s_dev, s_cpu, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_energy_and_forces_without_host_sync(name, device):
+    """Compiled, a model's energy, forces and stress queue work on the device without waiting
+    for it (no .item(), no value-dependent shapes): CUDA's sync debug mode raises on a host
+    sync. (Eager calls check their input once, a documented sync: molnets.layers.embedding.)"""
+    if device.type != "cuda":
+        pytest.fail("the sync debug mode is CUDA's")
+    graph = _structures().to(device)
+    model = _model(name).to(device, torch.float64).requires_grad_(False)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+        potential = Potential(compiled, compute_stress=True).eval()
+        expected = Potential(model, compute_stress=True).eval()(graph)
+        potential(graph)  # compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = potential(graph)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch._dynamo.reset()
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(out[key], expected[key], rtol=1e-10, atol=1e-10)
