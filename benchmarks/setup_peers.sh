@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
 # Creates the peer libraries' environments that the benchmarks compare against (see
 # ../shared/PEERS.md). Each peer gets its own venv under benchmarks/.peers/ because mace-torch
-# pins e3nn 0.4.4. torch==2.13.0 (CPU) is installed first everywhere.
+# pins e3nn 0.4.4. torch==2.13.0 (CPU) is installed first everywhere; on a GPU machine name a
+# CUDA build instead (TORCH_SPEC, with pip's options for where it comes from in PIP_EXTRA), the
+# same as the main venv's, so that `python benchmarks/models.py --device cuda` compares like
+# with like.
 #
 #   bash benchmarks/setup_peers.sh            # all peers
 #   bash benchmarks/setup_peers.sh mace       # one of: main mace torchmdnet scatter
+#   TORCH_SPEC="torch==2.13.0" PIP_EXTRA="..." bash benchmarks/setup_peers.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 PEERS=.peers
 PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+PIP_EXTRA=${PIP_EXTRA:-}
 mkdir -p "$PEERS"
 
-venv() {  # venv NAME: create benchmarks/.peers/NAME with torch==2.13.0
+venv() {  # venv NAME: create benchmarks/.peers/NAME with $TORCH_SPEC
     if [ ! -x "$PEERS/$1/bin/python" ]; then
         "$PYTHON" -m venv "$PEERS/$1"
         "$PEERS/$1/bin/pip" install -q --disable-pip-version-check --upgrade pip setuptools wheel
-        "$PEERS/$1/bin/pip" install -q --disable-pip-version-check torch==2.13.0
+        # shellcheck disable=SC2086  # PIP_EXTRA: several options, split on purpose
+        "$PEERS/$1/bin/pip" install -q --disable-pip-version-check $PIP_EXTRA "$TORCH_SPEC"
     fi
 }
 
