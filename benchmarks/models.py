@@ -7,9 +7,10 @@
 Every measurement runs in a fresh subprocess (``--worker IMPL SPEC.json``) of the interpreter
 that has the implementation (the main venv for molnets and PyG; a peer's venv for its
 library; on CUDA one subprocess times all systems of a table's group in turn, which saves a
-CUDA start-up per system), which prints one JSON line per system: median and min wall time of one energy + forces call
-(autograd) after warm-up, over ``--repeats`` calls or, up to 1000 atoms, as many more as fill
-one second (200 at most: a short call needs more samples for a steady minimum), and the peak
+CUDA start-up per system), which prints one JSON line per system: median and min wall time
+of one energy + forces call (autograd) after warm-up, over ``--repeats`` calls or, up to 1000
+atoms, as many more as fill one second (200 at most: a short call needs more samples for a
+steady minimum), and the peak
 extra memory of the calls (CPU: peak RSS above the RSS after set-up; CUDA:
 ``max_memory_allocated``). The peer and molnets run in alternation,
 ``--rounds`` times each, and the tables give each side's best call over all its rounds (on a

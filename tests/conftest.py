@@ -9,7 +9,7 @@ import torch
 def pytest_addoption(parser):
     parser.addoption(
         "--device", default="cpu",
-        help="device that the model suite (tests/models/test_all_models.py) and tests/test_device.py run on, "
+        help="device that the model suite (tests/models/test_all_models.py) and tests/models/test_device.py run on, "
              "e.g. cuda (default cpu)",
     )
 

@@ -13,7 +13,7 @@ import torch
 
 from molnets import testing
 from molnets.calculator import MolnetsCalculator
-from molnets.graph import AtomicGraph
+from molnets.graph import AtomicGraph, batch_graphs
 from molnets.layers.spherical_harmonics import spherical_harmonics
 from molnets.models import Potential
 from molnets.neighbors import neighbor_list
@@ -31,8 +31,6 @@ def _another_device(device):
 
 def _structures() -> AtomicGraph:
     """A molecule, a triclinic crystal and a larger crystal in one batch (float64, CPU)."""
-    from molnets.graph import batch_graphs
-
     return batch_graphs([
         testing.random_graph(9, cutoff=CUTOFF, seed=1),
         testing.random_graph(7, cutoff=CUTOFF, seed=2, periodic=True, density=0.06),
