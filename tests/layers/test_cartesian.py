@@ -5,15 +5,18 @@ import math
 import pytest
 import torch
 
+from molnets.layers import cartesian
 from molnets.layers.cartesian import (
     DirectionComponents,
     TensorLinear,
+    anticommutator,
     component_basis,
     compose,
     decompose,
     expand_parts,
     from_components,
     part_norms,
+    plus_square,
     skew,
     skew_to_vector,
     tensor_norm,
@@ -68,6 +71,29 @@ def test_decompose_is_equivariant(X, det):
     torch.testing.assert_close(S2, rotate(Q, S))
     torch.testing.assert_close(compose(I2, A2, S2), rotate(Q, X))
     torch.testing.assert_close(tensor_norm(rotate(Q, X)), tensor_norm(X))
+
+
+
+
+def test_matrix_products_equal_matmul_on_both_paths():
+    """M Y + Y M and X + D + D D against torch.matmul, value and gradient: the CPU's batched
+    products, and the broadcast form that other devices use (tests/models/test_device.py runs
+    it there end to end)."""
+    M, Y, X = (torch.randn(7, 5, 3, 3, dtype=DTYPE, requires_grad=True) for _ in range(3))
+    weights = torch.randn(2, 7, 5, 3, 3, dtype=DTYPE)
+
+    def values_and_gradients(anti, plus):
+        out = (anti(M, Y), plus(X, M))
+        loss = sum((o * w).sum() for o, w in zip(out, weights))
+        return out + torch.autograd.grad(loss, (M, Y, X))
+
+    expected = values_and_gradients(lambda a, b: a @ b + b @ a, lambda x, d: x + d + d @ d)
+    cpu = values_and_gradients(anticommutator, plus_square)
+    matmul3 = cartesian._matmul3
+    other = values_and_gradients(lambda a, b: matmul3(a, b) + matmul3(b, a), lambda x, d: x + d + matmul3(d, d))
+    for got in (cpu, other):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("det", [1.0, -1.0])

@@ -32,6 +32,8 @@ __all__ = [
     "decompose",
     "compose",
     "tensor_norm",
+    "anticommutator",
+    "plus_square",
     "skew",
     "skew_to_vector",
     "traceless_outer",
@@ -95,6 +97,43 @@ def tensor_norm(X: Tensor) -> Tensor:
     tensor(12.)
     """
     return X.square().sum((-2, -1))                                              # [*]
+
+
+def anticommutator(M: Tensor, Y: Tensor) -> Tensor:
+    """M Y + Y M for stacks of 3x3 matrices (TensorNet's message update, Eq. 10).
+
+    Shapes:
+        M [*, 3, 3], Y [*, 3, 3]  ->  [*, 3, 3]
+
+    >>> anticommutator(torch.eye(3), 2 * torch.eye(3))[0]
+    tensor([4., 0., 0.])
+    """
+    if M.device.type == "cpu":
+        M3, Y3 = M.view(-1, 3, 3), Y.view(-1, 3, 3)                                 # [B, 3, 3]
+        return torch.baddbmm(torch.bmm(M3, Y3), Y3, M3).view(M.shape)
+    return _matmul3(M, Y) + _matmul3(Y, M)
+
+
+def plus_square(X: Tensor, D: Tensor) -> Tensor:
+    """X + D + D D for stacks of 3x3 matrices (TensorNet's node update, Eq. 11).
+
+    Shapes:
+        X [*, 3, 3], D [*, 3, 3]  ->  [*, 3, 3]
+
+    >>> plus_square(torch.zeros(3, 3), 2 * torch.eye(3))[0]
+    tensor([6., 0., 0.])
+    """
+    if D.device.type == "cpu":
+        D3 = D.view(-1, 3, 3)                                                        # [B, 3, 3]
+        return torch.baddbmm((X + D).view(-1, 3, 3), D3, D3).view(D.shape)
+    return X + D + _matmul3(D, D)
+
+
+def _matmul3(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for stacks of 3x3 matrices as one broadcast product [*, 3, 3, 3] and a sum over j:
+    on a GPU the batched GEMM of 3x3 matrices is the slow way (an H100 spent 7.4 of 25.8 ms of a
+    TensorNet-style call on 2048 atoms in them); on the CPU a batched matrix product is faster."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)                               # [*, 3, 3]
 
 
 def skew(v: Tensor) -> Tensor:

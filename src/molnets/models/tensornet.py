@@ -41,9 +41,11 @@ from ..layers.cartesian import (
     ComponentBasis,
     DirectionComponents,
     PART_SLICES,
+    anticommutator,
     expand_parts,
     from_components,
     part_norms,
+    plus_square,
     tensor_norm,
     to_components,
 )
@@ -181,12 +183,10 @@ class TensorInteraction(nn.Module):
         self_weights = expand_parts(f_self[0].T).T                                       # [9, C]
         M = pair_convolution(f, y, pair_i, pair_j, PART_SLICES) + self_weights * y       # [N, 9, C]
         M = from_components(M.transpose(1, 2), basis)                                    # [N, C, 3, 3]
-        M3, Y3 = M.view(-1, 3, 3), Y.view(-1, 3, 3)                                      # [N C, 3, 3]
-        M = torch.baddbmm(torch.bmm(M3, Y3), Y3, M3).view(Y.shape)                       # M Y + Y M
+        M = anticommutator(M, Y)                                                         # M Y + Y M
         M = M / (tensor_norm(M) + 1)[..., None, None]                                    # [N, C, 3, 3]
         dX = self.linear_out(M)                                                          # [N, C, 3, 3]
-        dX3 = dX.view(-1, 3, 3)                                                          # [N C, 3, 3]
-        return torch.baddbmm((X + dX).view(-1, 3, 3), dX3, dX3).view(dX.shape)          # X + dX + dX dX
+        return plus_square(X, dX)                                                        # X + dX + dX dX
 
 
 class TensorNet(nn.Module):
