@@ -100,7 +100,8 @@ def tensor_norm(X: Tensor) -> Tensor:
 
 
 def anticommutator(M: Tensor, Y: Tensor) -> Tensor:
-    """M Y + Y M for stacks of 3x3 matrices (TensorNet's message update, Eq. 10).
+    """M Y + Y M for stacks of 3x3 matrices (TensorNet's message update, Eq. 10): batched
+    matrix products on the CPU, a broadcast product and sum on other devices (``_matmul3``).
 
     Shapes:
         M [*, 3, 3], Y [*, 3, 3]  ->  [*, 3, 3]
@@ -115,7 +116,8 @@ def anticommutator(M: Tensor, Y: Tensor) -> Tensor:
 
 
 def plus_square(X: Tensor, D: Tensor) -> Tensor:
-    """X + D + D D for stacks of 3x3 matrices (TensorNet's node update, Eq. 11).
+    """X + D + D D for stacks of 3x3 matrices (TensorNet's node update, Eq. 11), computed as
+    ``anticommutator`` is on each device.
 
     Shapes:
         X [*, 3, 3], D [*, 3, 3]  ->  [*, 3, 3]
