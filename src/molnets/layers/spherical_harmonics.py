@@ -278,6 +278,12 @@ def _forward_reference(u: Tensor, lmax: int, y0: Tensor, forward_t: Sequence[Ten
     return torch.cat(blocks, dim=0).t().contiguous()                            # [E, M]
 
 
+def _forward_plain(vectors: Tensor, lmax: int, normalize: bool, tensors: Tuple[Tensor, ...]) -> Tensor:
+    """Y(r / |r|) (or Y(r)) in plain differentiable ops: normalization, then Eq. (1). [E, 3] -> [E, M]"""
+    u = _normalize(vectors) if normalize else vectors                           # [E, 3]
+    return _forward_reference(u, lmax, tensors[0], tensors[1:lmax + 1])
+
+
 def _backward_reference(grad_sh: Tensor, sh: Tensor, lmax: int,
                         backward_t: Sequence[Tensor]) -> Tensor:
     """Eq. (2) in plain differentiable ops: dL/du_k = sum_{l,i,j} G_l^i B_l[(j,k), i] Y_{l-1}^j.
@@ -466,8 +472,7 @@ def _sh_forward(vectors: Tensor, lmax: int, normalize: bool, tensors: Tuple[Tens
     eps."""
     y0, matrices = tensors[0], tensors[1:]
     if vectors.device.type != "cpu":
-        u = _normalize(vectors) if normalize else vectors                       # [E, 3]
-        return _forward_reference(u, lmax, y0, matrices[:lmax]), None, True
+        return _forward_plain(vectors, lmax, normalize, tensors), None, True
     if normalize and 0 < lmax <= _POLYNOMIAL_LMAX:
         return _forward_polynomial(vectors, lmax, matrices[2 * lmax], y0, matrices[:lmax], for_backward)
     return _forward_chunked(vectors, lmax, normalize, y0, matrices[:lmax]), None, True
@@ -511,8 +516,7 @@ def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]
         # Plain differentiable ops: the compiler derives the backward itself and fuses both
         # (and dynamo need not trace the autograd.Function, which torch 2.11's inductor
         # could not on CUDA).
-        u = _normalize(flat) if normalize else flat                              # [E, 3]
-        sh = _forward_reference(u, lmax, tensors[0], tensors[1:lmax + 1])      # [E, M]
+        sh = _forward_plain(flat, lmax, normalize, tuple(tensors))              # [E, M]
     elif torch.is_grad_enabled() and flat.requires_grad:
         sh = _SphericalHarmonicsFn.apply(flat, lmax, normalize, tuple(tensors))   # [E, M]
     else:  # no graph to record: skip the autograd.Function's own cost
