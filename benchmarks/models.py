@@ -125,14 +125,16 @@ def _schnet_model(spec: dict):
 
 
 def _molnets_step(model, cutoff: float, system: dict, spec: dict) -> Callable[[], object]:
-    """Energy + forces of a molnets model through ``Potential`` (optionally compiled)."""
+    """Energy + forces of a molnets model through ``Potential``; compiled as
+    ``MolnetsCalculator(compile="inductor")`` runs it: the whole ``Potential`` (energy and
+    forces one graph), dynamic sizes."""
     from molnets.models import Potential
 
     dtype, device = getattr(torch, spec["dtype"]), spec["device"]
     model = model.to(device, dtype).requires_grad_(False)  # frozen, as calculators run models
-    if spec.get("compile"):
-        model = torch.compile(model, fullgraph=True, dynamic=False)
     potential = Potential(model).eval()
+    if spec.get("compile"):
+        potential = torch.compile(potential, fullgraph=True, dynamic=True)
     graph = _molnets_graph(system, cutoff, dtype, device)
 
     def step():
@@ -197,6 +199,8 @@ def setup_pyg_schnet(system: dict, spec: dict) -> Callable[[], object]:
     offsets = (edge_vectors(graph) - graph.positions[graph.senders] + graph.positions[graph.receivers]).detach()
     peer = pyg_schnet_from_molnets(_schnet_model(spec)).to(device, dtype).eval().requires_grad_(False)
     peer.interaction_graph = _GivenEdges(graph.receivers, graph.senders, offsets)
+    if spec.get("compile"):  # the usual way to compile a PyG model: the module, autograd outside
+        peer = torch.compile(peer, dynamic=True)
     z = graph.atomic_numbers
 
     def step():
@@ -206,6 +210,10 @@ def setup_pyg_schnet(system: dict, spec: dict) -> Callable[[], object]:
         return energy, -grad
 
     return step
+
+
+def setup_pyg_schnet_compiled(system: dict, spec: dict) -> Callable[[], object]:
+    return setup_pyg_schnet(system, dict(spec, compile=True))
 
 
 def _tensornet_model(spec: dict):
@@ -316,6 +324,7 @@ IMPLS: Dict[str, tuple] = {
     "molnets-schnet": (MAIN_PYTHON, "setup_molnets_schnet"),
     "molnets-schnet-compiled": (MAIN_PYTHON, "setup_molnets_schnet_compiled"),
     "pyg-schnet": (MAIN_PYTHON, "setup_pyg_schnet"),
+    "pyg-schnet-compiled": (MAIN_PYTHON, "setup_pyg_schnet_compiled"),
     "molnets-mace": (MAIN_PYTHON, "setup_molnets_mace"),
     "molnets-mace-compiled": (MAIN_PYTHON, "setup_molnets_mace_compiled"),
     "mace-torch": (str(PEERS / "mace" / "bin" / "python"), "setup_mace_torch"),
@@ -379,10 +388,12 @@ class Family:
     # largest scaling system each side runs (more would not fit in this machine's 24 GB)
     peer_max_atoms: int = 16384
     ours_max_atoms: int = 16384
+    peer_compiled: Optional[str] = None  # impl name of the peer under torch.compile, if timed
 
 
 FAMILIES: List[Family] = [
-    Family("SchNet-style", "PyG SchNet", "molnets-schnet", "pyg-schnet", same_weights=True),
+    Family("SchNet-style", "PyG SchNet", "molnets-schnet", "pyg-schnet", same_weights=True,
+           peer_compiled="pyg-schnet-compiled"),
     Family("MACE-style", "mace-torch MACE", "molnets-mace", "mace-torch", same_weights=False,
            peer_max_atoms=2048, ours_max_atoms=6912),
     Family("TensorNet-style", "torchmd-net TensorNet", "molnets-tensornet", "torchmdnet-tensornet",
@@ -459,7 +470,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", nargs="+", default=["float32", "float64"])
     parser.add_argument("--quick", action="store_true", help="small systems only (a smoke run)")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time molnets' Potential compiled whole (inductor, dynamic sizes) and the"
+                             " peers that have a compiled variant here (PyG's SchNet)")
     parser.add_argument("--reuse-freed-memory", action="store_true",
                         help="every worker (both sides) keeps freed memory in its heap (glibc's malloc:"
                              " no mmap, no trim; molnets.memory)")
@@ -475,9 +488,9 @@ def main(argv=None) -> None:
     print(f"# energy + forces per call, best of {args.rounds} alternated rounds x {args.repeats} calls "
           f"(or 1 s of calls, up to 200; 3 calls above 1000 atoms), {args.threads} threads, {args.device}, torch {torch.__version__}; "
           f"neighbor list given\n")
-    compiled = " molnets compiled (ms) |" if args.compile else ""
+    compiled = " peer compiled (ms) | molnets compiled (ms) | compiled vs peer's best |" if args.compile else ""
     print(f"| model | peer | system | atoms | dtype | peer (ms) | molnets (ms) | speed-up |{compiled}")
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.compile else ""))
     families = [f for f in FAMILIES if args.families is None or f.model in args.families]
     with tempfile.TemporaryDirectory() as tmp:
         for family in families if not args.scaling_only else []:
@@ -487,9 +500,15 @@ def main(argv=None) -> None:
                           if args.systems is None or name in args.systems]
                 for batch in _worker_batches(chosen, args.device):
                     results = run_pair(family, [atoms for _, atoms in batch], args, dtype, weights)
-                    compiled_results = (run_impl(family.ours + "-compiled", [atoms for _, atoms in batch], args,
-                                                 dtype, weights) if args.compile else [None] * len(batch))
-                    for (name, atoms), (peer, ours), fast in zip(batch, results, compiled_results):
+                    compiled_results = [None] * len(batch)
+                    peer_compiled_results = [None] * len(batch)
+                    if args.compile:
+                        batch_atoms = [atoms for _, atoms in batch]
+                        compiled_results = run_impl(family.ours + "-compiled", batch_atoms, args, dtype, weights)
+                        if family.peer_compiled:
+                            peer_compiled_results = run_impl(family.peer_compiled, batch_atoms, args, dtype, weights)
+                    for (name, atoms), (peer, ours), fast, peer_fast in zip(
+                            batch, results, compiled_results, peer_compiled_results):
                         if family.same_weights:
                             # float64: PyG's shifted softplus subtracts a float32 ln 2 (2e-9 off).
                             tol = (1e-3 if dtype == "float32" else 1e-6) * max(1.0, abs(ours["energy"]))
@@ -499,7 +518,9 @@ def main(argv=None) -> None:
                                f"{peer['min_ms'] / ours['min_ms']:.2f}x |")
                         if fast is not None:
                             assert abs(fast["energy"] - ours["energy"]) < 1e-4 * max(1.0, abs(ours["energy"]))
-                            row += f" {fast['min_ms']:.2f} |"
+                            peer_best = peer["min_ms"] if peer_fast is None else min(peer["min_ms"], peer_fast["min_ms"])
+                            peer_cell = "-" if peer_fast is None else f"{peer_fast['min_ms']:.2f}"
+                            row += f" {peer_cell} | {fast['min_ms']:.2f} | {peer_best / fast['min_ms']:.2f}x |"
                         print(row, flush=True)
 
         if args.no_scaling:

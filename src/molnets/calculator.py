@@ -41,9 +41,11 @@ class MolnetsCalculator(Calculator):
             weights alone from step to step (``ace.ProductBasis``).
         device: where the model runs, e.g. "cpu" or "cuda".
         dtype: float dtype of the model and the graph (float64 for MD and finite differences).
-        compile: ``torch.compile`` backend for the model (e.g. "inductor"), or None for eager.
-            Compiled code skips the element check of the model, so the calculator checks the
-            elements itself.
+        compile: ``torch.compile`` backend (e.g. "inductor"), or None for eager. The
+            ``Potential`` is compiled whole: energy, forces and stress are one graph with
+            dynamic sizes (compiled once, reused as the neighbor count changes). Compiled code
+            skips the element check of the model, so the calculator checks the elements
+            itself.
         neighbor_backend: backend of ``molnets.neighbor_list``.
         cutoff: neighbor cutoff in Å; default the model's ``config.cutoff``.
     """
@@ -73,11 +75,13 @@ class MolnetsCalculator(Calculator):
         self.cutoff = float(cutoff if cutoff is not None else model.config.cutoff)
         self.species: Sequence[int] = tuple(model.config.species)
         self.neighbor_backend = neighbor_backend
-        energy_model = self.model
-        if compile is not None:
-            energy_model = torch.compile(self.model, fullgraph=True, dynamic=True, backend=compile)
-        self.potential = Potential(energy_model).eval()
-        self.potential_with_stress = Potential(energy_model, compute_stress=True).eval()
+        self.potential = Potential(self.model).eval()
+        self.potential_with_stress = Potential(self.model, compute_stress=True).eval()
+        if compile is not None:  # energy, forces (and stress) as one compiled graph each
+            self.potential = torch.compile(self.potential, fullgraph=True, dynamic=True, backend=compile)
+            self.potential_with_stress = torch.compile(
+                self.potential_with_stress, fullgraph=True, dynamic=True, backend=compile
+            )
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)

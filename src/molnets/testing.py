@@ -18,8 +18,9 @@ physics is broken:
                                           slope (C¹), forces continuous and equal to -dE/dr
 ``check_distinguishes_isomers``           decalin and bicyclopentyl (both C10H18, same bond
                                           degrees) get different energies
-``check_compile``                         eager == ``torch.compile(fullgraph=True)``, zero graph
-                                          breaks (``torch._dynamo.explain``)
+``check_compile``                         eager == ``torch.compile(Potential(model),
+                                          fullgraph=True)`` (zero graph breaks), forces,
+                                          stress and their parameter gradients
 ``check_export``                          ``torch.export`` round trip (export, save, load):
                                           energies, forces and stress equal eager
 ========================================  ===================================================
@@ -33,9 +34,10 @@ Use ``check_model(model)`` to run them all, or parametrize pytest over ``CHECKS`
     def test_my_model(check):
         check(MyModel(config))
 
-Compiled code: ``torch.compile`` is applied to the energy model, not to ``Potential``
-(its ``autograd.grad`` is traced through by AOTAutograd as the backward of the compiled
-forward); the same holds for an exported model, whose module ``Potential`` differentiates.
+Compiled code: ``check_compile`` compiles the whole ``Potential`` (energy, forces and stress
+in one graph: ``Potential`` takes its derivatives with ``torch.func.grad`` when traced).
+``check_export`` exports the energy model, and a ``Potential`` around the loaded program
+differentiates it.
 """
 
 from __future__ import annotations
@@ -422,9 +424,11 @@ def check_distinguishes_isomers(model: nn.Module, *, species=None, cutoff=None) 
 
 
 def check_compile(model: nn.Module, *, species=None, cutoff=None, backend: str = "inductor") -> None:
-    """``torch.compile(model, fullgraph=True, dynamic=True)`` traces the whole forward as one
-    graph (``fullgraph=True`` raises on any graph break, so a pass means zero breaks) and gives
-    the eager energies, forces and stress on two structures of different sizes.
+    """``torch.compile(Potential(model), fullgraph=True, dynamic=True)`` traces energy, forces
+    and stress as one graph (``fullgraph=True`` raises on any graph break, so a pass means zero
+    breaks) and gives the eager energies, forces and stress on two structures of different
+    sizes; in training mode the gradient of a force and stress loss with respect to the
+    parameters (double backward through the compiled graph) equals the eager one.
 
     Args:
         backend: ``torch.compile`` backend; "inductor" generates kernels (slow to compile on
@@ -433,17 +437,30 @@ def check_compile(model: nn.Module, *, species=None, cutoff=None, backend: str =
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     eager = _potential(model)
     graph = _test_structures(species, cutoff, _device(model))
+    other = random_graph(11, cutoff=cutoff, species=species, seed=41, periodic=True, density=0.06)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = Potential(
-        torch.compile(eager.model, fullgraph=True, dynamic=True, backend=backend), compute_stress=True
-    ).eval()
     try:
-        other = random_graph(11, cutoff=cutoff, species=species, seed=41, periodic=True, density=0.06)
+        compiled = torch.compile(eager, fullgraph=True, dynamic=True, backend=backend)
         for g in (graph, other.to(graph.positions.device)):
             ref, out = eager(g), compiled(g)
             for key in ("energy", "energies", "forces", "stress"):
                 _close(out[key], ref[key], f"compiled {key} differs from eager", rtol=1e-9, atol=1e-9)
+
+        eager.train()
+        compiled = torch.compile(eager, fullgraph=True, dynamic=True, backend=backend)
+        params = [p for p in eager.parameters() if p.requires_grad]
+        grads = []
+        for potential in (eager, compiled):
+            out = potential(graph)
+            loss = out["forces"].square().sum() + out["stress"].square().sum()
+            grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+        names = [name for name, p in eager.named_parameters() if p.requires_grad]
+        for name, param, ref, got in zip(names, params, *grads):
+            # A parameter the forces do not depend on (a last bias) may be unused on one side.
+            ref = torch.zeros_like(param) if ref is None else ref
+            got = torch.zeros_like(param) if got is None else got
+            _close(got, ref, f"compiled force-loss gradient of {name} differs from eager", rtol=1e-9, atol=1e-9)
         breaks = dict(torch._dynamo.utils.counters["graph_break"])
         assert not breaks, f"graph breaks: {breaks}"
     finally:

@@ -111,19 +111,27 @@ def test_calculator_on_device_equals_cpu(device):
     np.testing.assert_allclose(s_dev, s_cpu, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["model-compiled", "potential-compiled"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_compiled_energy_and_forces_without_host_sync(name, device):
+def test_compiled_energy_and_forces_without_host_sync(name, whole, device):
     """Compiled, a model's energy, forces and stress queue work on the device without waiting
     for it (no .item(), no value-dependent shapes): CUDA's sync debug mode raises on a host
-    sync. (Eager calls check their input once, a documented sync: molnets.layers.embedding.)"""
+    sync. Both ways of compiling: the energy model inside an eager ``Potential`` (AOTAutograd
+    derives the backward), and the whole ``Potential`` (``torch.func.grad``: one graph, as
+    ``MolnetsCalculator(compile=...)`` runs it). (Eager calls check their input once, a
+    documented sync: molnets.layers.embedding.)"""
     if device.type != "cuda":
         pytest.fail("the sync debug mode is CUDA's")
     graph = _structures().to(device)
     model = _model(name).to(device, torch.float64).requires_grad_(False)
     torch._dynamo.reset()
     try:
-        compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
-        potential = Potential(compiled, compute_stress=True).eval()
+        if whole:
+            potential = torch.compile(Potential(model, compute_stress=True).eval(), fullgraph=True, dynamic=True,
+                                      backend="aot_eager")
+        else:
+            compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+            potential = Potential(compiled, compute_stress=True).eval()
         expected = Potential(model, compute_stress=True).eval()(graph)
         potential(graph)  # compiles
         torch.cuda.synchronize()

@@ -30,6 +30,11 @@ def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     >>> scatter_sum(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 2, 0]), dim_size=3)
     tensor([4., 0., 2.])
     """
+    if dim_size == 1:
+        # One bucket (a single structure's energy): a plain sum. A shape, not a value, so no
+        # sync; it also sidesteps torch 2.13's inductor CPU code generation, which fails on
+        # an index_add into one row.
+        return src.sum(0, keepdim=True)
     out = src.new_zeros((dim_size,) + tuple(src.shape[1:]))
     return out.index_add(0, index, src)
 

@@ -1,6 +1,7 @@
 """``Potential``: energy, forces and stress for any per-atom energy model; saving and loading.
 
-This is the only place in molnets where ``torch.autograd.grad`` is called. A model is any
+This is the only place in molnets where forces and stress are computed (``torch.autograd.grad``
+eagerly, ``torch.func.grad`` when traced by ``torch.compile`` / ``torch.export``). A model is any
 ``nn.Module`` whose ``forward(graph: AtomicGraph) -> Tensor`` returns per-atom energies [N]
 in eV; ``Potential`` sums them per structure and differentiates.
 
@@ -21,7 +22,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass
-from typing import Dict, Literal, Optional, Type, Union
+from typing import Dict, Literal, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -140,22 +141,19 @@ class Potential(nn.Module):
             return self._forward_with_derivatives(graph)
 
     def _forward_with_derivatives(self, graph: AtomicGraph) -> Dict[str, Tensor]:
-        positions = graph.positions
-        if not positions.requires_grad:
-            positions = positions.detach().requires_grad_(True)                       # [N, 3]
-        inputs = [positions]
-        cell = graph.cell
+        inputs = [graph.positions]                                                     # [N, 3]
         if self.compute_stress:
-            strain = torch.zeros_like(cell).requires_grad_(True)                       # [B, 3, 3]
-            inputs.append(strain)
-            symmetric = 0.5 * (strain + strain.transpose(-2, -1))                      # [B, 3, 3]
-            deformation = torch.eye(3, dtype=cell.dtype, device=cell.device) + symmetric  # [B, 3, 3]
-            positions = torch.einsum("nx,nxy->ny", positions, deformation[graph.batch])  # [N, 3]
-            cell = torch.einsum("bax,bxy->bay", cell, deformation)                     # [B, 3, 3]
-
-        energies = self.model(graph._replace(positions=positions, cell=cell))          # [N]
-        energy = scatter_sum(energies, graph.batch, dim_size=graph.num_graphs)         # [B]
-        grads = torch.autograd.grad(energy.sum(), inputs, create_graph=self.training)
+            inputs.append(torch.zeros_like(graph.cell))                                # strain [B, 3, 3]
+        if torch.compiler.is_compiling():
+            # Traced (torch.compile, torch.export): the derivatives as a functional transform,
+            # which the compiler traces into the same graph as the energy (one program for
+            # energy, forces and stress; ``autograd.grad`` would break the graph).
+            argnums = tuple(range(1, len(inputs) + 1))  # after the graph
+            grads, (energy, energies) = torch.func.grad(self._total_energy, argnums, has_aux=True)(graph, *inputs)
+        else:
+            inputs = [x if x.requires_grad else x.detach().requires_grad_(True) for x in inputs]
+            total, (energy, energies) = self._total_energy(graph, *inputs)
+            grads = torch.autograd.grad(total, inputs, create_graph=self.training)
         out = {"energy": energy, "energies": energies, "forces": -grads[0]}
         if self.compute_stress:
             volume = torch.linalg.det(graph.cell).abs()                                # [B]
@@ -164,6 +162,20 @@ class Potential(nn.Module):
             stress = grads[1] / safe_volume[:, None, None]                             # [B, 3, 3]
             out["stress"] = torch.where(volume[:, None, None] > 0, stress, torch.zeros_like(stress))
         return out
+
+    def _total_energy(
+        self, graph: AtomicGraph, positions: Tensor, strain: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """Σ_b E_b, and (E_b [B], E_i [N]), at the given positions and (if given) strain."""
+        cell = graph.cell
+        if strain is not None:
+            symmetric = 0.5 * (strain + strain.transpose(-2, -1))                      # [B, 3, 3]
+            deformation = torch.eye(3, dtype=cell.dtype, device=cell.device) + symmetric  # [B, 3, 3]
+            positions = torch.einsum("nx,nxy->ny", positions, deformation[graph.batch])  # [N, 3]
+            cell = torch.einsum("bax,bxy->bay", cell, deformation)                     # [B, 3, 3]
+        energies = self.model(graph._replace(positions=positions, cell=cell))          # [N]
+        energy = scatter_sum(energies, graph.batch, dim_size=graph.num_graphs)         # [B]
+        return energy.sum(), (energy, energies)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Save the wrapped model (see ``save_model``)."""
