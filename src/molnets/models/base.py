@@ -112,6 +112,13 @@ class Potential(nn.Module):
     mode (``.train()``) the derivatives are built with ``create_graph=True``, so a loss on
     forces or stress can be back-propagated to the parameters (double backward).
 
+    Compiling: ``torch.compile(potential, fullgraph=True, dynamic=True)`` traces energy, forces
+    and stress into one graph (when traced, the derivatives are taken by ``torch.func.grad``,
+    which the compiler follows; ``autograd.grad`` would end the graph), with the same results
+    and, in training mode, the same parameter gradients of a force loss. It is what
+    ``MolnetsCalculator(compile=...)`` runs. ``torch.export`` takes the energy model instead
+    (``molnets.testing.check_export``): wrap the loaded program in a ``Potential``.
+
     Args:
         model: module mapping an ``AtomicGraph`` to per-atom energies [N] in eV.
         compute_forces: whether to return forces (eV/Å).
