@@ -23,6 +23,11 @@ every worker, both sides alike, with glibc's malloc keeping freed memory in its 
 (``molnets.memory``: without it every tensor above 32 MB is a fresh mapping whose pages are
 faulted in again at every call, which makes large systems superlinear).
 
+``--compile`` adds columns: molnets' ``Potential`` compiled whole with inductor (energy and
+forces one graph, dynamic sizes: ``MolnetsCalculator(compile="inductor")``) and, where a
+compiled peer is set up here (PyG's SchNet: the module compiled, autograd outside), the peer
+compiled; compilation is not timed (the first call).
+
 Rows: SchNet-style vs PyG's SchNet at the hyper-parameters of ../shared/PEERS.md (128
 channels, 3 interactions, 50 Gaussians, 5 Å cutoff). The same molnets weights are copied
 into PyG's SchNet (the two models compute the same function; energies are compared).

@@ -1,7 +1,7 @@
 """``Potential``: energy, forces and stress for any per-atom energy model; saving and loading.
 
 This is the only place in molnets where forces and stress are computed (``torch.autograd.grad``
-eagerly, ``torch.func.grad`` when traced by ``torch.compile`` / ``torch.export``). A model is any
+eagerly, ``torch.func.grad`` when traced by ``torch.compile``). A model is any
 ``nn.Module`` whose ``forward(graph: AtomicGraph) -> Tensor`` returns per-atom energies [N]
 in eV; ``Potential`` sums them per structure and differentiates.
 
@@ -152,7 +152,7 @@ class Potential(nn.Module):
         if self.compute_stress:
             inputs.append(torch.zeros_like(graph.cell))                                # strain [B, 3, 3]
         if torch.compiler.is_compiling():
-            # Traced (torch.compile, torch.export): the derivatives as a functional transform,
+            # Traced by torch.compile: the derivatives as a functional transform,
             # which the compiler traces into the same graph as the energy (one program for
             # energy, forces and stress; ``autograd.grad`` would break the graph).
             argnums = tuple(range(1, len(inputs) + 1))  # after the graph
