@@ -30,7 +30,7 @@ from .radial import (
     RadialEmbedding,
 )
 from .readout import AtomicReferenceEnergies, EnergyHead, ScaleShift, set_energy_normalization
-from .scatter import scatter_mean, scatter_outer, scatter_sum
+from .scatter import gather_rows, scatter_mean, scatter_outer, scatter_sum
 from .spherical_harmonics import SphericalHarmonics, spherical_harmonics, spherical_harmonics_l
 from .tensor_product import ChannelwiseTensorProduct, FullyConnectedTensorProduct, uvu_instructions
 
@@ -47,7 +47,7 @@ __all__ = [
     "component_basis", "ComponentBasis", "to_components", "from_components", "expand_parts",
     "transpose_components", "part_norms", "TensorLinear",
     # message passing, embeddings, readouts
-    "scatter_sum", "scatter_mean", "scatter_outer", "half_edges", "pair_convolution", "SpeciesIndex", "SpeciesEmbedding", "MLP",
+    "scatter_sum", "scatter_mean", "scatter_outer", "gather_rows", "half_edges", "pair_convolution", "SpeciesIndex", "SpeciesEmbedding", "MLP",
     "ShiftedSoftplus", "make_activation", "EnergyHead", "ScaleShift", "AtomicReferenceEnergies",
     "set_energy_normalization",
 ]

@@ -50,9 +50,12 @@ def kernel_applies(num_edges: int, message_numel: int, like: Tensor) -> bool:
 def spread_over_rows(weights: Tensor, parts: Sequence[Tuple[int, int]]) -> Tensor:
     """weights[:, part(n)] for every row n: [E, K, C] -> [E, n, C] (a view for one part). An
     index_select, whose backward is an index_add (indexing with a list would accumulate with
-    index_put, several times slower)."""
+    index_put, several times slower). Compiled, each part's column expanded and concatenated:
+    its backward is a sum, where the compiler would turn the index_add into atomic adds."""
     if len(parts) == 1:
         return weights                                                              # [E, 1, C]
+    if torch.compiler.is_compiling():
+        return torch.cat([weights[:, k:k + 1].expand(-1, b - a, -1) for k, (a, b) in enumerate(parts)], dim=1)
     part_of_row = torch.tensor([k for k, (a, b) in enumerate(parts) for _ in range(a, b)],
                                device=weights.device)                               # [n]
     return weights.index_select(1, part_of_row)                                     # [E, n, C]
@@ -236,19 +239,20 @@ def atomic_basis_messages(K: Tensor, senders: Tensor, receivers: Tensor, num_ato
         K [E, M, rows], senders [E], receivers [E], radial R_b [P, n_b, C],
         node_feats Wh_b [N, d_b, C] (rows = Σ_b n_b d_b)  ->  [N, M, C]
     """
+    from .scatter import gather_rows, scatter_sum  # (scatter.py imports this module)
+
     num_pairs = K.shape[0] // 2
     messages, row = None, 0
     for R_b, Wh in zip(radial, node_feats):
         n_b, (dim, C) = R_b.shape[1], Wh.shape[1:]
-        Wh_j = Wh.index_select(0, senders).reshape(2, num_pairs, 1, dim, C)            # [2, P, 1, d_b, C]
+        Wh_j = gather_rows(Wh, senders).reshape(2, num_pairs, 1, dim, C)               # [2, P, 1, d_b, C]
         # explicit expand: the backward then reduces over the outermost axis (halves) first
         R_e = R_b.unsqueeze(2).expand(num_pairs, n_b, dim, C)                          # [P, n_b, d_b, C]
         X = (R_e * Wh_j).reshape(2 * num_pairs, n_b * dim, C)                          # [E, n_b d_b, C]
         K_b = K[:, :, row:row + n_b * dim]                                             # [E, M, n_b d_b]
         messages = torch.bmm(K_b, X) if messages is None else torch.baddbmm(messages, K_b, X)  # [E, M, C]
         row += n_b * dim
-    out = messages.new_zeros((num_atoms,) + messages.shape[1:])                        # [N, M, C]
-    return out.index_add(0, receivers, messages)
+    return scatter_sum(messages, receivers, num_atoms)                                 # [N, M, C]
 
 
 def _fill_rows(X: Tensor, radial: Sequence[Tensor], node_feats: Sequence[Tensor], senders: Tensor,

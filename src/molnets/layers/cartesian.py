@@ -109,7 +109,7 @@ def anticommutator(M: Tensor, Y: Tensor) -> Tensor:
     >>> anticommutator(torch.eye(3), 2 * torch.eye(3))[0]
     tensor([4., 0., 0.])
     """
-    if M.device.type == "cpu":
+    if _batched_products(M):
         M3, Y3 = M.view(-1, 3, 3), Y.view(-1, 3, 3)                                 # [B, 3, 3]
         return torch.baddbmm(torch.bmm(M3, Y3), Y3, M3).view(M.shape)
     return _matmul3(M, Y) + _matmul3(Y, M)
@@ -125,10 +125,16 @@ def plus_square(X: Tensor, D: Tensor) -> Tensor:
     >>> plus_square(torch.zeros(3, 3), 2 * torch.eye(3))[0]
     tensor([6., 0., 0.])
     """
-    if D.device.type == "cpu":
+    if _batched_products(D):
         D3 = D.view(-1, 3, 3)                                                        # [B, 3, 3]
         return torch.baddbmm((X + D).view(-1, 3, 3), D3, D3).view(D.shape)
     return X + D + _matmul3(D, D)
+
+
+def _batched_products(like: Tensor) -> bool:
+    """Batched matrix products for 3x3 stacks in eager mode on the CPU; elsewhere (GPUs, and
+    compiled code, which fuses them with their neighbours) the broadcast form."""
+    return like.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _matmul3(a: Tensor, b: Tensor) -> Tensor:

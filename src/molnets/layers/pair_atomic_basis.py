@@ -97,6 +97,20 @@ class PairAtomicBasis(nn.Module):
         for b, ((start, stop, mul, dim), W) in enumerate(zip(basis.in_slices, basis.channel_weights)):
             h_b = h[:, start:stop].reshape(N, mul, dim).transpose(1, 2).reshape(N * dim, mul)   # [N d, u]
             node_feats.append((h_b @ W).view(N, dim, W.shape[1]))  # [N, 2 l2 + 1, C]: Σ_u h_{n u b} W_{u c}
-            radial.append(R.index_select(1, getattr(self, f"paths_of{b}")))  # [P, n_b, C]: the paths from this irrep
+            radial.append(_select_paths(R, getattr(self, f"paths_of{b}")))  # [P, n_b, C]: the paths from this irrep
         A = atomic_basis(K, senders, receivers, N, radial, node_feats)  # [N, M, C]
         return A.transpose(1, 2) * basis.inv_avg_num_neighbors  # [N, C, M]
+
+
+def _select_paths(R: Tensor, paths: Tensor) -> Tensor:
+    """R[:, paths]: an index_select eagerly; compiled, a product with a one-hot matrix, whose
+    backward is a product too (the index_select's would be an index_add, which the compiler
+    turns into atomic adds on the CPU).
+
+    Shapes:
+        R [P, paths, C], paths [n]  ->  [P, n, C]
+    """
+    if torch.compiler.is_compiling():
+        one_hot = torch.nn.functional.one_hot(paths, R.shape[1]).to(R.dtype)          # [n, paths]
+        return torch.einsum("nk,pkc->pnc", one_hot, R)                                  # [P, n, C]
+    return R.index_select(1, paths)

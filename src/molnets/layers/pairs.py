@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ._message_kernels import PairConvolution, kernel_applies, spread_over_rows
-from .scatter import scatter_sum
+from .scatter import gather_rows, scatter_sum
 
 __all__ = ["half_edges", "pair_convolution"]
 
@@ -102,6 +102,6 @@ def _pair_convolution_reference(weights: Tensor, node_feats: Tensor, pair_i: Ten
     directions in one gather, one product and one scatter (rows [P:] are the messages to j)."""
     num_atoms, num_pairs = node_feats.shape[0], pair_i.shape[0]
     w = spread_over_rows(weights, parts)                                             # [P, n or 1, C]
-    sources = node_feats.index_select(0, torch.cat([pair_j, pair_i]))                # [2P, n, C]
+    sources = gather_rows(node_feats, torch.cat([pair_j, pair_i]))                   # [2P, n, C]
     messages = sources.view((2, num_pairs) + sources.shape[1:]) * w                  # [2, P, n, C]
     return scatter_sum(messages.flatten(0, 1), torch.cat([pair_i, pair_j]), dim_size=num_atoms)  # [N, n, C]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from ._message_kernels import ScatterOuter, kernel_applies, spread_over_rows
 
-__all__ = ["scatter_sum", "scatter_mean", "scatter_outer"]
+__all__ = ["scatter_sum", "scatter_mean", "scatter_outer", "gather_rows"]
 
 
 def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
@@ -36,7 +37,32 @@ def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
         # an index_add into one row.
         return src.sum(0, keepdim=True)
     out = src.new_zeros((dim_size,) + tuple(src.shape[1:]))
+    if _compiling_for_cpu(src):
+        return out.scatter_add(0, _expand_index(index, src.shape[1:]), src)
     return out.index_add(0, index, src)
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[index] along the first dimension (``index_select``); its gradient is ``scatter_sum``.
+
+    Shapes:
+        x [N, *F], index [E] (long, values in [0, N))  ->  [E, *F]
+    """
+    if _compiling_for_cpu(x):
+        return x.gather(0, _expand_index(index, x.shape[1:]))
+    return x.index_select(0, index)
+
+
+def _expand_index(index: Tensor, feature_shape: Sequence[int]) -> Tensor:
+    """index [E] as a view [E, *F] (stride 0 along F), the index of scatter_add and gather."""
+    return index.view((-1,) + (1,) * len(feature_shape)).expand((index.shape[0],) + tuple(feature_shape))
+
+
+def _compiling_for_cpu(like: Tensor) -> bool:
+    """Whether compiled code should call ATen's index_add / index_select as opaque operations:
+    on the CPU, inductor would generate them as loops of atomic adds (and strided gathers),
+    several times slower than the native kernels for the row sizes of per-edge messages."""
+    return torch.compiler.is_compiling() and like.device.type == "cpu"
 
 
 def scatter_mean(src: Tensor, index: Tensor, dim_size: int) -> Tensor:

@@ -54,7 +54,7 @@ from ..layers.mlp import MLP
 from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
-from ..layers.scatter import scatter_outer
+from ..layers.scatter import gather_rows, scatter_outer
 from .base import DesignSpace, count_parameters
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
@@ -130,8 +130,8 @@ class TensorEmbedding(nn.Module):
         z_receiver, z_sender = self.pair_receiver(z), self.pair_sender(z)                # [N, C]
         f = (self.radial(edge_rbf) * edge_envelope[:, None]).unflatten(-1, (3, C))       # [P, 3, C]
         geometry = self.direction(edge_unit)                                             # [P, 9]
-        z_ij = z_receiver.index_select(0, pair_i) + z_sender.index_select(0, pair_j)     # [P, C]
-        z_ji = z_receiver.index_select(0, pair_j) + z_sender.index_select(0, pair_i)     # [P, C]
+        z_ij = gather_rows(z_receiver, pair_i) + gather_rows(z_sender, pair_j)           # [P, C]
+        z_ji = gather_rows(z_receiver, pair_j) + gather_rows(z_sender, pair_i)           # [P, C]
         # r̂_ji = -r̂_ij: the axial part of the message to j changes sign (on the [P, 9] geometry,
         # not on the [P, 3, C] weights: the same product, a smaller tensor).
         X = (scatter_outer(geometry, f * z_ij[:, None], pair_i, num_atoms, PART_SLICES)
