@@ -444,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--compile", default=None, metavar="BACKEND",
                     help="torch.compile the potential (energy and forces one graph) with this backend,\n"
                          "e.g. inductor: compiled once (tens of seconds), then reused at every step.\n"
-                         "On the CPU it pays for SchNet-style models on small molecules; MACE- and\n"
-                         "TensorNet-style models run faster eager (default: eager)")
+                         "On the CPU it pays for SchNet-style models, and for TensorNet- and\n"
+                         "MACE-style models on small molecules (default: eager)")
     md.set_defaults(func=_cmd_md)
 
     describe = commands.add_parser(

@@ -1,4 +1,7 @@
-"""The one scatter of molnets: native ``index_add`` with an explicit output size.
+"""The one scatter of molnets: native ``index_add`` with an explicit output size, and its
+transpose for gathering node features onto edges (``gather_rows``, an ``index_select``).
+Compiled for the CPU they are ``scatter_add`` and ``gather`` instead (see
+``_compiling_for_cpu``): the same numbers.
 
 torch-scatter is not needed: ``Tensor.index_add`` is a fused kernel on CPU and CUDA, is
 differentiable twice, and compiles under ``torch.compile(fullgraph=True)``. ``scatter_outer``
@@ -59,9 +62,10 @@ def _expand_index(index: Tensor, feature_shape: Sequence[int]) -> Tensor:
 
 
 def _compiling_for_cpu(like: Tensor) -> bool:
-    """Whether compiled code should call ATen's index_add / index_select as opaque operations:
-    on the CPU, inductor would generate them as loops of atomic adds (and strided gathers),
-    several times slower than the native kernels for the row sizes of per-edge messages."""
+    """Whether this is compiled code for the CPU, where inductor generates ``index_add`` (and
+    the backward of ``index_select``) as loops of atomic adds, several times slower than ATen's
+    kernels for per-edge messages; ``scatter_add`` and ``gather`` (whose backward is a
+    ``scatter_add``) stay calls of ATen's kernels there."""
     return torch.compiler.is_compiling() and like.device.type == "cpu"
 
 
