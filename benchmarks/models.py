@@ -25,7 +25,8 @@ faulted in again at every call, which makes large systems superlinear).
 
 ``--compile`` adds columns: molnets' ``Potential`` compiled whole with inductor (energy and
 forces one graph, dynamic sizes: ``MolnetsCalculator(compile="inductor")``) and, where a
-compiled peer is set up here (PyG's SchNet: the module compiled, autograd outside), the peer
+compiled peer is set up here (PyG's SchNet: the module compiled, autograd outside;
+torchmd-net's TensorNet: its representation model compiled, its own forces inside), the peer
 compiled; compilation is not timed (the first call).
 
 Rows: SchNet-style vs PyG's SchNet at the hyper-parameters of ../shared/PEERS.md (128
@@ -249,6 +250,8 @@ def setup_torchmdnet_tensornet(system: dict, spec: dict) -> Callable[[], object]
     if spec.get("weights"):
         peer_spec["state_dict"] = spec["weights"] + ".torchmdnet.pt"
     model = build(peer_spec, box).to(device).requires_grad_(False)
+    if spec.get("compile"):  # its representation model (forces by autograd inside its forward)
+        model.representation_model = torch.compile(model.representation_model, dynamic=True)
     z = torch.tensor(system["numbers"], device=device)
     pos0 = torch.tensor(system["positions"], dtype=dtype, device=device)
     box_t = torch.tensor(box, dtype=dtype, device=device) if box is not None else None
@@ -258,6 +261,10 @@ def setup_torchmdnet_tensornet(system: dict, spec: dict) -> Callable[[], object]
         return energy.detach().sum(), forces
 
     return step
+
+
+def setup_torchmdnet_tensornet_compiled(system: dict, spec: dict) -> Callable[[], object]:
+    return setup_torchmdnet_tensornet(system, dict(spec, compile=True))
 
 
 # MACE-style vs mace-torch: ../shared/PEERS.md sizes; each side knows only the system's elements
@@ -336,6 +343,8 @@ IMPLS: Dict[str, tuple] = {
     "molnets-tensornet": (MAIN_PYTHON, "setup_molnets_tensornet"),
     "molnets-tensornet-compiled": (MAIN_PYTHON, "setup_molnets_tensornet_compiled"),
     "torchmdnet-tensornet": (str(PEERS / "torchmdnet" / "bin" / "python"), "setup_torchmdnet_tensornet"),
+    "torchmdnet-tensornet-compiled": (str(PEERS / "torchmdnet" / "bin" / "python"),
+                                      "setup_torchmdnet_tensornet_compiled"),
 }
 
 
@@ -402,7 +411,7 @@ FAMILIES: List[Family] = [
     Family("MACE-style", "mace-torch MACE", "molnets-mace", "mace-torch", same_weights=False,
            peer_max_atoms=2048, ours_max_atoms=6912),
     Family("TensorNet-style", "torchmd-net TensorNet", "molnets-tensornet", "torchmdnet-tensornet",
-           same_weights=True, peer_max_atoms=6912),
+           same_weights=True, peer_max_atoms=6912, peer_compiled="torchmdnet-tensornet-compiled"),
 ]
 
 
@@ -477,7 +486,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="small systems only (a smoke run)")
     parser.add_argument("--compile", action="store_true",
                         help="also time molnets' Potential compiled whole (inductor, dynamic sizes) and the"
-                             " peers that have a compiled variant here (PyG's SchNet)")
+                             " peers that have a compiled variant here (PyG's SchNet, torchmd-net's TensorNet)")
     parser.add_argument("--reuse-freed-memory", action="store_true",
                         help="every worker (both sides) keeps freed memory in its heap (glibc's malloc:"
                              " no mmap, no trim; molnets.memory)")
