@@ -128,3 +128,101 @@ def test_frozen_model_gives_the_same_energy_and_forces_call_after_call():
     expected, got = trainable(base), frozen(base)
     torch.testing.assert_close(got["energy"], expected["energy"], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(got["forces"], expected["forces"], atol=1e-12, rtol=1e-12)
+
+
+def _interaction_inputs(num_atoms: int, num_pairs: int, channels: int, num_rbf: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(num_atoms, channels, 3, 3, generator=g, dtype=DTYPE, requires_grad=True)
+    edge_rbf = torch.randn(num_pairs, num_rbf, generator=g, dtype=DTYPE, requires_grad=True)
+    envelope = torch.rand(num_pairs, generator=g, dtype=DTYPE).requires_grad_(True)
+    pair_i = torch.randint(0, num_atoms, (num_pairs,), generator=g)
+    pair_j = (pair_i + torch.randint(1, num_atoms, (num_pairs,), generator=g)) % num_atoms
+    self_rbf = torch.randn(1, num_rbf, generator=g, dtype=DTYPE)
+    return X, edge_rbf, envelope, pair_i, pair_j, self_rbf
+
+
+def _assert_kernel_equals_reference(call, out, expected, inputs) -> None:
+    """A kernel's output and input gradients equal the reference's to 1e-12; gradcheck and
+    gradgradcheck (its double backward) pass."""
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad)
+    for g_got, g_want in zip(got, want):
+        torch.testing.assert_close(g_got, g_want, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(call, inputs)
+    assert torch.autograd.gradgradcheck(call, inputs)
+
+
+def test_frozen_interaction_kernel_equals_the_reference():
+    """FrozenInteraction (one autograd node, hand-written backward) against the layer's
+    differentiable operations: values and input gradients to 1e-12, gradcheck and gradgradcheck
+    (the double backward goes through the reference); taken only with frozen weights."""
+    from molnets.layers.cartesian import expand_parts
+    from molnets.models.tensornet import TensorInteraction
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    layer = TensorInteraction(8, num_rbf=5).to(DTYPE).requires_grad_(False)
+    X, edge_rbf, envelope, pair_i, pair_j, self_rbf = inputs = _interaction_inputs(7, 15, 8, 5, seed=1)
+    out = layer(*inputs)
+    assert type(out.grad_fn).__name__ == "FrozenInteractionBackward"
+    self_weights = expand_parts(F.silu(layer.radial(self_rbf)).unflatten(-1, (3, 8))[0].T).T
+    expected = layer._reference(X, edge_rbf, envelope, pair_i, pair_j, self_weights)
+    assert type(expected.grad_fn).__name__ != "FrozenInteractionBackward"
+
+    def call(X, edge_rbf, envelope):
+        return layer(X, edge_rbf, envelope, pair_i, pair_j, self_rbf)
+
+    _assert_kernel_equals_reference(call, out, expected, (X, edge_rbf, envelope))
+    trainable = TensorInteraction(8, num_rbf=5).to(DTYPE)  # weights need gradients: the reference
+    assert type(trainable(*inputs).grad_fn).__name__ != "FrozenInteractionBackward"
+
+
+def test_frozen_embedding_kernel_equals_the_reference():
+    """FrozenEmbedding against the layer's differentiable operations: values and gradients with
+    respect to e(r), φ and r̂ to 1e-12, gradcheck and gradgradcheck."""
+    from molnets.models.tensornet import TensorEmbedding
+
+    torch.manual_seed(0)
+    layer = TensorEmbedding(3, 8, num_rbf=5).to(DTYPE).requires_grad_(False)
+    _, edge_rbf, envelope, pair_i, pair_j, self_rbf = _interaction_inputs(7, 15, 8, 5, seed=3)
+    g = torch.Generator().manual_seed(4)
+    unit = torch.nn.functional.normalize(torch.randn(15, 3, generator=g, dtype=DTYPE), dim=1).requires_grad_(True)
+    species = torch.randint(0, 3, (7,), generator=g)
+
+    def call(edge_rbf, envelope, unit):
+        return layer(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf)
+
+    out = call(edge_rbf, envelope, unit)
+    assert type(out.grad_fn).__name__ == "FrozenEmbeddingBackward"
+    expected = layer._reference(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf)
+    _assert_kernel_equals_reference(call, out, expected, (edge_rbf, envelope, unit))
+    trainable = TensorEmbedding(3, 8, num_rbf=5).to(DTYPE)
+    assert type(trainable(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf).grad_fn).__name__ \
+        != "FrozenEmbeddingBackward"
+
+
+def test_frozen_interaction_kernel_stays_off_for_large_systems():
+    """Above one chunk of pair messages the reference (with its chunked kernels) runs."""
+    from molnets.layers._message_kernels import _chunk_size
+    from molnets.models.tensornet import TensorInteraction
+
+    layer = TensorInteraction(4, num_rbf=3).to(DTYPE).requires_grad_(False)
+    num_pairs = _chunk_size(9 * 4) + 1
+    out = layer(*_interaction_inputs(50, num_pairs, 4, 3, seed=2))
+    assert type(out.grad_fn).__name__ != "FrozenInteractionBackward"
+
+
+def test_frozen_model_passes_the_model_suite(monkeypatch):
+    """The frozen model (the kernel's path) through molnets.testing: O(3), translation and
+    permutation invariance, batching, finite-difference forces and stress, cutoff smoothness."""
+    from molnets import testing
+    from molnets.models import _tensornet_kernel
+
+    calls = []
+    for kernel in (_tensornet_kernel.FrozenInteraction, _tensornet_kernel.FrozenEmbedding):
+        monkeypatch.setattr(kernel, "forward", staticmethod(
+            lambda *args, forward=kernel.forward, name=kernel.__name__: calls.append(name) or forward(*args)))
+    testing.check_model(small_model().requires_grad_(False), skip=("check_compile", "check_export"))
+    assert set(calls) == {"FrozenInteraction", "FrozenEmbedding"}  # the checks ran through the kernels

@@ -22,7 +22,9 @@ they run on one edge of each pair {i, j} and the pair sends its message both way
 dense-layer work, the dominant cost); messages are formed in 9 irreducible components per
 channel, never as three ``[E, C, 3, 3]`` tensors, and summed by ``layers.pair_convolution``
 and ``layers.scatter_outer`` (on large systems, fused CPU kernels that never hold the
-per-pair messages in memory); the pair embedding W [z_i, z_j] is split into per-atom products.
+per-pair messages in memory); the pair embedding W [z_i, z_j] is split into per-atom products;
+with frozen weights (a calculator) a small system's embedding and interaction layers run as one
+autograd node each, their backward written out (``_tensornet_kernel``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import gather_rows, scatter_outer
+from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction, frozen_kernel_applies
 from .base import DesignSpace, count_parameters
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
@@ -106,6 +109,10 @@ class TensorEmbedding(nn.Module):
     Shapes:
         species [N], edge_rbf [P, K], edge_envelope [P] (φ), edge_unit [P, 3] (r̂_ij of each
         pair), pair_i [P], pair_j [P], self_rbf [1, K] (e(0))  ->  [N, C, 3, 3]
+
+    With frozen weights on a small system (eager, CPU) the layer runs as one autograd node with a
+    hand-written backward (``_tensornet_kernel.FrozenEmbedding``); ``_reference`` is the
+    differentiable definition.
     """
 
     def __init__(self, num_species: int, num_channels: int, *, num_rbf: int) -> None:
@@ -125,6 +132,13 @@ class TensorEmbedding(nn.Module):
 
     def forward(self, species: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor,
                 pair_i: Tensor, pair_j: Tensor, self_rbf: Tensor) -> Tensor:
+        if frozen_kernel_applies(self, edge_rbf, pair_i.shape[0], self_rbf):  # frozen, small: one autograd node
+            return FrozenEmbedding.apply(edge_rbf, edge_envelope, edge_unit, species, pair_i, pair_j, self_rbf, self)
+        return self._reference(species, edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, self_rbf)
+
+    def _reference(self, species: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor,
+                   pair_i: Tensor, pair_j: Tensor, self_rbf: Tensor) -> Tensor:
+        """The layer in differentiable operations."""
         C, num_atoms = self.num_channels, species.shape[0]
         z = self.species_embedding(species)                                              # [N, C]
         z_receiver, z_sender = self.pair_receiver(z), self.pair_sender(z)                # [N, C]
@@ -154,6 +168,10 @@ class TensorInteraction(nn.Module):
 
     The self pair (j = i, r = 0) adds f(0) Y_i.
 
+    With frozen weights on a small system (eager, CPU: ``_tensornet_kernel.frozen_kernel_applies``)
+    the layer runs as one autograd node with a hand-written backward (``FrozenInteraction``), the
+    same numbers with far fewer operations; ``_reference`` is the differentiable definition.
+
     Args:
         num_channels: C.
         num_rbf: K.
@@ -173,14 +191,21 @@ class TensorInteraction(nn.Module):
 
     def forward(self, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor,
                 self_rbf: Tensor) -> Tensor:
+        f_self = F.silu(self.radial(self_rbf)).unflatten(-1, (3, self.num_channels))     # [1, 3, C], φ(0) = 1
+        self_weights = expand_parts(f_self[0].T).T                                       # [9, C]
+        if frozen_kernel_applies(self, X, pair_i.shape[0], self_weights):  # frozen, small: one autograd node
+            return FrozenInteraction.apply(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, self)
+        return self._reference(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights)
+
+    def _reference(self, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor,
+                   self_weights: Tensor) -> Tensor:
+        """The layer in differentiable operations (``self_weights``: f(0) spread, [9, C])."""
         C = self.num_channels
         f = (F.silu(self.radial(edge_rbf)) * edge_envelope[:, None]).unflatten(-1, (3, C))  # [P, 3, C]
-        f_self = F.silu(self.radial(self_rbf)).unflatten(-1, (3, C))                     # [1, 3, C], φ(0) = 1
         X = X / (tensor_norm(X) + 1)[..., None, None]                                    # [N, C, 3, 3]
         Y = self.linear_in(X)                                                            # [N, C, 3, 3]
         basis = self.basis(X)                                                            # [9, 3, 3]
         y = to_components(Y, basis).transpose(1, 2).contiguous()                         # [N, 9, C]
-        self_weights = expand_parts(f_self[0].T).T                                       # [9, C]
         M = pair_convolution(f, y, pair_i, pair_j, PART_SLICES) + self_weights * y       # [N, 9, C]
         M = from_components(M.transpose(1, 2), basis)                                    # [N, C, 3, 3]
         M = anticommutator(M, Y)                                                         # M Y + Y M
