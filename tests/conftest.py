@@ -51,3 +51,47 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def assert_kernel_equals_reference():
+    """assert(call, out, expected, inputs): a fast path's output ``out = call(*inputs)`` and its
+    input gradients equal the reference's (``expected``) to 1e-12 (float64); gradcheck and
+    gradgradcheck of ``call`` pass."""
+
+    def check(call, out, expected, inputs) -> None:
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, inputs, grad)
+        want = torch.autograd.grad(expected, inputs, grad)
+        for g_got, g_want in zip(got, want):
+            torch.testing.assert_close(g_got, g_want, atol=1e-12, rtol=1e-12)
+        assert torch.autograd.gradcheck(call, inputs)
+        assert torch.autograd.gradgradcheck(call, inputs)
+
+    return check
+
+
+@pytest.fixture
+def assert_frozen_equals_trainable():
+    """assert(model, frozen, graph): energy, forces and stress of a frozen copy equal the
+    trainable model's to 1e-12 (float64), in eval mode and in training mode (derivatives with
+    a graph), and so does the gradient of a force loss with respect to positions (double
+    backward)."""
+    from molnets.models.base import Potential
+
+    def check(model, frozen, graph) -> None:
+        for training in (False, True):
+            results = []
+            for m in (model, frozen):
+                potential = Potential(m, compute_stress=True).train(training)
+                positions = graph.positions.detach().requires_grad_(True)
+                out = potential(graph._replace(positions=positions))
+                if training:
+                    out["force_loss_gradient"] = torch.autograd.grad(out["forces"].square().sum(), positions)[0]
+                results.append(out)
+            expected, got = results
+            for key in expected:
+                torch.testing.assert_close(got[key], expected[key], atol=1e-12, rtol=1e-12)
+
+    return check

@@ -12,12 +12,12 @@ while a weight needs a gradient (training).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["frozen_cached"]
+__all__ = ["frozen_cached", "frozen_kernel_applies", "reference_gradients"]
 
 
 def frozen_cached(cache: Dict[str, Tuple[tuple, Tensor]], name: str, weights: Sequence[Tensor],
@@ -31,3 +31,43 @@ def frozen_cached(cache: Dict[str, Tuple[tuple, Tensor]], name: str, weights: Se
     if cached is None or cached[0] != key:
         cached = cache[name] = (key, build())
     return cached[1]
+
+
+def frozen_kernel_applies(layer: torch.nn.Module, like: Tensor, num_pairs: int, message_numel: int,
+                          constants: Sequence[Tensor] = ()) -> bool:
+    """Whether a frozen-layer kernel (one autograd node with a hand-written backward, e.g.
+    ``models._tensornet_kernel``) runs for ``layer``: eager mode on the CPU, a small system (the
+    num_pairs messages of message_numel numbers fit in one chunk of ``layers._message_kernels``:
+    above that the chunked kernels of the reference are the fast way), no weight of ``layer``
+    and none of ``constants`` (inputs the kernel gives no gradient) needs a gradient, and
+    neither ``torch.compile``, ``torch.export`` nor a ``torch.func`` transform is tracing (they
+    need the reference's operations). Shapes and flags only."""
+    from .layers._message_kernels import _chunk_size  # (layers import this module)
+
+    return (like.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and num_pairs <= _chunk_size(message_numel)
+            and not torch._C._are_functorch_transforms_active()
+            and not any(c.requires_grad for c in constants)
+            and not any(p.requires_grad for p in layer.parameters()))
+
+
+def reference_gradients(reference: Callable[..., Tensor], inputs: Sequence[Tensor], needs: Sequence[bool],
+                        grad: Tensor, num_args: int) -> Tuple[Optional[Tensor], ...]:
+    """A frozen-layer kernel's backward when a graph of it is wanted (double backward): the
+    gradients of ``reference(*inputs)`` (the layer's differentiable operations) with respect to
+    the ``inputs`` flagged in ``needs``, differentiable; None for the other of the kernel's
+    ``num_args`` arguments.
+
+    The reference runs on fresh views of the inputs: an input can depend on another (node
+    features on the radial basis, through earlier layers), and gradients with respect to the
+    inputs themselves would then also collect those earlier paths, which the outer backward
+    walks again."""
+    wanted = [k for k, need in enumerate(needs) if need]
+    with torch.enable_grad():
+        views = [x.view_as(x) for x in inputs]
+        grads = torch.autograd.grad(reference(*views), [views[k] for k in wanted], grad, create_graph=True,
+                                    allow_unused=True)
+    result: List[Optional[Tensor]] = [None] * num_args
+    for k, g in zip(wanted, grads):
+        result[k] = g
+    return tuple(result)

@@ -141,20 +141,7 @@ def _interaction_inputs(num_atoms: int, num_pairs: int, channels: int, num_rbf: 
     return X, edge_rbf, envelope, pair_i, pair_j, self_rbf
 
 
-def _assert_kernel_equals_reference(call, out, expected, inputs) -> None:
-    """A kernel's output and input gradients equal the reference's to 1e-12; gradcheck and
-    gradgradcheck (its double backward) pass."""
-    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, inputs, grad)
-    want = torch.autograd.grad(expected, inputs, grad)
-    for g_got, g_want in zip(got, want):
-        torch.testing.assert_close(g_got, g_want, atol=1e-12, rtol=1e-12)
-    assert torch.autograd.gradcheck(call, inputs)
-    assert torch.autograd.gradgradcheck(call, inputs)
-
-
-def test_frozen_interaction_kernel_equals_the_reference():
+def test_frozen_interaction_kernel_equals_the_reference(assert_kernel_equals_reference):
     """FrozenInteraction (one autograd node, hand-written backward) against the layer's
     differentiable operations: values and input gradients to 1e-12, gradcheck and gradgradcheck
     (the double backward goes through the reference); taken only with frozen weights."""
@@ -174,12 +161,12 @@ def test_frozen_interaction_kernel_equals_the_reference():
     def call(X, edge_rbf, envelope):
         return layer(X, edge_rbf, envelope, pair_i, pair_j, self_rbf)
 
-    _assert_kernel_equals_reference(call, out, expected, (X, edge_rbf, envelope))
+    assert_kernel_equals_reference(call, out, expected, (X, edge_rbf, envelope))
     trainable = TensorInteraction(8, num_rbf=5).to(DTYPE)  # weights need gradients: the reference
     assert type(trainable(*inputs).grad_fn).__name__ != "FrozenInteractionBackward"
 
 
-def test_frozen_embedding_kernel_equals_the_reference():
+def test_frozen_embedding_kernel_equals_the_reference(assert_kernel_equals_reference):
     """FrozenEmbedding against the layer's differentiable operations: values and gradients with
     respect to e(r), φ and r̂ to 1e-12, gradcheck and gradgradcheck."""
     from molnets.models.tensornet import TensorEmbedding
@@ -197,10 +184,24 @@ def test_frozen_embedding_kernel_equals_the_reference():
     out = call(edge_rbf, envelope, unit)
     assert type(out.grad_fn).__name__ == "FrozenEmbeddingBackward"
     expected = layer._reference(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf)
-    _assert_kernel_equals_reference(call, out, expected, (edge_rbf, envelope, unit))
+    assert_kernel_equals_reference(call, out, expected, (edge_rbf, envelope, unit))
     trainable = TensorEmbedding(3, 8, num_rbf=5).to(DTYPE)
     assert type(trainable(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf).grad_fn).__name__ \
         != "FrozenEmbeddingBackward"
+
+
+def test_frozen_model_equals_the_trainable_model_with_derivative_graphs(assert_frozen_equals_trainable):
+    """Through the kernels, also in training mode: forces, stress and the double backward of a
+    force loss equal the trainable model's (molecule and crystal)."""
+    import copy
+
+    from molnets import testing
+
+    model = small_model()
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    for periodic in (False, True):
+        graph = testing.random_graph(num_atoms=9, cutoff=CUTOFF, seed=5, periodic=periodic, dtype=DTYPE)
+        assert_frozen_equals_trainable(model, frozen, graph)
 
 
 def test_frozen_interaction_kernel_stays_off_for_large_systems():

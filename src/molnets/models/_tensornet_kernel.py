@@ -42,25 +42,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..layers._message_kernels import _chunk_size
+from .._frozen import reference_gradients
 from ..layers.cartesian import PART_OF_COMPONENT
 
-__all__ = ["frozen_kernel_applies", "FrozenInteraction", "FrozenEmbedding"]
+__all__ = ["FrozenInteraction", "FrozenEmbedding"]
 
 _PART_OF_ROW = torch.tensor(PART_OF_COMPONENT)  # [9]: the part (I, A, S) of each component
-
-
-def frozen_kernel_applies(layer: nn.Module, like: Tensor, num_pairs: int, constant: Tensor) -> bool:
-    """Whether ``FrozenInteraction`` / ``FrozenEmbedding`` runs for ``layer``: eager mode on the
-    CPU, a small system (the pair messages [P, 9, C] fit in one chunk of
-    ``layers._message_kernels``: above that the chunked kernels of the reference are the fast
-    way), no weight of ``layer`` and not ``constant`` (what the layer takes of e(0)) needs a
-    gradient, and neither ``torch.compile``, ``torch.export`` nor a ``torch.func`` transform is
-    tracing (they need the reference's operations). Shapes and flags only."""
-    return (like.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and num_pairs <= _chunk_size(9 * layer.num_channels)
-            and not torch._C._are_functorch_transforms_active() and not constant.requires_grad
-            and not any(p.requires_grad for p in layer.parameters()))
 
 
 def _dense_chain(layer: nn.Module, h: Tensor, pre_activations: List[Tensor]) -> Tensor:
@@ -153,8 +140,9 @@ class FrozenInteraction(torch.autograd.Function):
          A, A_norm, D, *pre_activations) = ctx.saved_tensors
         layer, needs = ctx.layer, ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the reference
-            return _reference_gradients(layer, grad, X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights,
-                                        needs)
+            return reference_gradients(
+                lambda X, e, u: layer._reference(X, e, u, pair_i, pair_j, self_weights),
+                [X, edge_rbf, edge_envelope], needs, grad, num_args=7)
         (N, C), P = X.shape[:2], edge_rbf.shape[0]
         grad = grad.reshape(-1, 9).T                                                # [9, L] entries
         grad_D = grad + _anticommutator(_matrices(grad), _transposed(D))            # [9, L]
@@ -242,7 +230,10 @@ class FrozenEmbedding(torch.autograd.Function):
          mean, rstd, scales, v, *pre_activations) = ctx.saved_tensors
         layer, needs = ctx.layer, ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the reference
-            return _reference_embedding_gradients(ctx, grad)
+            species, pair_i, pair_j, self_rbf = ctx.constants
+            return reference_gradients(
+                lambda e, u, r: layer._reference(species, e, u, r, pair_i, pair_j, self_rbf),
+                [edge_rbf, edge_envelope, edge_unit], needs, grad, num_args=8)
         (_, N, C), P = X.shape, edge_rbf.shape[0]
         part_of_row = _PART_OF_ROW.to(edge_rbf.device)                              # [9]
         grad = torch.mm(basis, grad.reshape(-1, 9).T).view(9, N, C)                 # [9, N, C] components
@@ -269,33 +260,3 @@ class FrozenEmbedding(torch.autograd.Function):
             grad_unit = grad_terms[:, :3] + torch.bmm(grad_outer + grad_outer.transpose(1, 2),
                                                       edge_unit[:, :, None]).squeeze(2)  # [P, 3]
         return grad_rbf, grad_envelope, grad_unit, None, None, None, None, None
-
-
-def _reference_gradients(layer: nn.Module, grad: Tensor, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor,
-                         pair_i: Tensor, pair_j: Tensor, self_weights: Tensor,
-                         needs: Tuple[bool, ...]) -> Tuple[Optional[Tensor], ...]:
-    """The input gradients through ``layer._reference``, differentiable (double backward)."""
-    inputs = [X, edge_rbf, edge_envelope]
-    wanted = [k for k in range(3) if needs[k]]
-    with torch.enable_grad():
-        out = layer._reference(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights)
-        grads = torch.autograd.grad(out, [inputs[k] for k in wanted], grad, create_graph=True, allow_unused=True)
-    result: List[Optional[Tensor]] = [None] * 7
-    for k, g in zip(wanted, grads):
-        result[k] = g
-    return tuple(result)
-
-
-def _reference_embedding_gradients(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-    """The input gradients through ``TensorEmbedding._reference``, differentiable (double backward)."""
-    edge_rbf, edge_envelope, edge_unit = ctx.saved_tensors[:3]
-    species, pair_i, pair_j, self_rbf = ctx.constants
-    inputs = [edge_rbf, edge_envelope, edge_unit]
-    wanted = [k for k in range(3) if ctx.needs_input_grad[k]]
-    with torch.enable_grad():
-        out = ctx.layer._reference(species, edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, self_rbf)
-        grads = torch.autograd.grad(out, [inputs[k] for k in wanted], grad, create_graph=True, allow_unused=True)
-    result: List[Optional[Tensor]] = [None] * 8
-    for k, g in zip(wanted, grads):
-        result[k] = g
-    return tuple(result)

@@ -57,7 +57,8 @@ from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import gather_rows, scatter_outer
-from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction, frozen_kernel_applies
+from .._frozen import frozen_kernel_applies
+from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction
 from .base import DesignSpace, count_parameters
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
@@ -132,7 +133,7 @@ class TensorEmbedding(nn.Module):
 
     def forward(self, species: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor,
                 pair_i: Tensor, pair_j: Tensor, self_rbf: Tensor) -> Tensor:
-        if frozen_kernel_applies(self, edge_rbf, pair_i.shape[0], self_rbf):  # frozen, small: one autograd node
+        if frozen_kernel_applies(self, edge_rbf, pair_i.shape[0], 9 * self.num_channels, [self_rbf]):  # one node
             return FrozenEmbedding.apply(edge_rbf, edge_envelope, edge_unit, species, pair_i, pair_j, self_rbf, self)
         return self._reference(species, edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, self_rbf)
 
@@ -168,7 +169,7 @@ class TensorInteraction(nn.Module):
 
     The self pair (j = i, r = 0) adds f(0) Y_i.
 
-    With frozen weights on a small system (eager, CPU: ``_tensornet_kernel.frozen_kernel_applies``)
+    With frozen weights on a small system (eager, CPU: ``molnets._frozen.frozen_kernel_applies``)
     the layer runs as one autograd node with a hand-written backward (``FrozenInteraction``), the
     same numbers with far fewer operations; ``_reference`` is the differentiable definition.
 
@@ -193,7 +194,7 @@ class TensorInteraction(nn.Module):
                 self_rbf: Tensor) -> Tensor:
         f_self = F.silu(self.radial(self_rbf)).unflatten(-1, (3, self.num_channels))     # [1, 3, C], φ(0) = 1
         self_weights = expand_parts(f_self[0].T).T                                       # [9, C]
-        if frozen_kernel_applies(self, X, pair_i.shape[0], self_weights):  # frozen, small: one autograd node
+        if frozen_kernel_applies(self, X, pair_i.shape[0], 9 * self.num_channels, [self_weights]):  # one node
             return FrozenInteraction.apply(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, self)
         return self._reference(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights)
 
