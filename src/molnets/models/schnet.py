@@ -18,8 +18,7 @@ Pair symmetry: the filter depends on |r_ij| only and a neighbor list holds both 
 (j, i), so the filter network runs on one edge of each pair (half of the edges) and the pair
 sends its message both ways (``layers.pair_convolution``, a fused kernel on large systems on
 the CPU). This halves the dominant cost (two dense layers per edge) and changes no number
-beyond float rounding order. With frozen weights (a calculator) a small system's interaction
-blocks run as one autograd node each, their backward written out (``_schnet_kernel``).
+beyond float rounding order.
 """
 
 from __future__ import annotations
@@ -36,8 +35,6 @@ from ..layers.mlp import MLP
 from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, GaussianBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
-from .._frozen import frozen_kernel_applies
-from ._schnet_kernel import FrozenCFConv
 from .base import DesignSpace, count_parameters
 
 __all__ = ["SchNetConfig", "SchNet", "CFConvInteraction"]
@@ -79,10 +76,6 @@ class CFConvInteraction(nn.Module):
         m_i = Σ_{pairs {i, j}} (W_in h_j) ∘ W(r_ij)       (both directions of each pair)
         v_i = W_2 ssp(W_1 m_i + b_1) + b_2
 
-    With frozen weights on a small system (eager, CPU: ``molnets._frozen.frozen_kernel_applies``)
-    the block runs as one autograd node with a hand-written backward
-    (``_schnet_kernel.FrozenCFConv``); ``_reference`` is the differentiable definition.
-
     Args:
         num_channels: C.
         num_basis: K, width of the radial basis e(r).
@@ -101,14 +94,6 @@ class CFConvInteraction(nn.Module):
     def forward(
         self, node_feats: Tensor, edge_radial: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor
     ) -> Tensor:
-        if frozen_kernel_applies(self, node_feats, pair_i.shape[0], node_feats.shape[1]):  # one autograd node
-            return FrozenCFConv.apply(node_feats, edge_radial, edge_envelope, pair_i, pair_j, self)
-        return self._reference(node_feats, edge_radial, edge_envelope, pair_i, pair_j)
-
-    def _reference(
-        self, node_feats: Tensor, edge_radial: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor
-    ) -> Tensor:
-        """The block in differentiable operations."""
         filters = self.filter(edge_radial) * edge_envelope[:, None]                 # [P, C]
         x = self.linear_in(node_feats)                                             # [N, C]
         messages = pair_convolution(filters[:, None], x[:, None], pair_i, pair_j)[:, 0]  # [N, C]
