@@ -8,6 +8,11 @@ rebuilds it when any weight changes: in place (its version counter), by a new st
 (``load_state_dict`` into a new tensor, a device move) or a dtype cast. Never under
 ``torch.compile`` or ``torch.export`` (there the tensor is built in the traced graph), never
 while a weight needs a gradient (training).
+
+Frozen weights also allow a layer to run as one autograd node whose backward gives the
+gradients of its geometric inputs only (``models._tensornet_kernel``): ``frozen_kernel_applies``
+says when such a kernel runs, ``reference_gradients`` is its backward when a graph of the
+backward is wanted (through the layer's differentiable reference).
 """
 
 from __future__ import annotations
