@@ -7,7 +7,7 @@ calculators run a model: forces need gradients with respect to the geometry only
 is small, ``FrozenInteraction`` computes the same forward without recording a graph and its
 backward as written out below, in about 40 operations, with every 3x3 product done "entry-major":
 a stack of matrices stored as [9, L] (entry (a, b) of all L = N C matrices in one row), where
-(P Q)_ab = Σ_k P_ak Q_kb is one broadcast product and one sum over rows that run along L.
+(P Q)_ab = Σ_k P_ak Q_kb is a product and two multiply-adds of rows that run along L.
 Components [9, L] and entries [9, L] are one [9, 9] matrix product apart (the orthonormal basis
 of ``layers.cartesian``). The per-pair temporaries [2P, 9, C] live in buffers reused from call
 to call (``_workspace``). ``TensorInteraction._reference`` is the oracle; the tests compare the
@@ -247,7 +247,7 @@ class FrozenEmbedding(torch.autograd.Function):
         scales = gates.view(N, 3, C).index_select(1, part_of_row).transpose(0, 1)   # [9, N, C]
         v = torch.bmm(X, layer.linear.component_weight())                           # [9, N, C]
         out = torch.mm(basis.T, (v * scales).view(9, -1))                           # [9, L] entries
-        ctx.layer, ctx.constants = layer, (species, pair_i, pair_j, self_rbf)
+        ctx.layer, ctx.constants = layer, (species, self_rbf)  # no gradient; pair_i, pair_j are saved
         ctx.save_for_backward(edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, basis, z_pair, radial, geometry,
                               weights, X, norm, mean, rstd, scales, v, *pre_activations)
         return out.T.reshape(N, C, 3, 3)                                            # [N, C, 3, 3]
@@ -258,7 +258,7 @@ class FrozenEmbedding(torch.autograd.Function):
          mean, rstd, scales, v, *pre_activations) = ctx.saved_tensors
         layer, needs = ctx.layer, ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the reference
-            species, pair_i, pair_j, self_rbf = ctx.constants
+            species, self_rbf = ctx.constants
             return reference_gradients(
                 lambda e, u, r: layer._reference(species, e, u, r, pair_i, pair_j, self_rbf),
                 [edge_rbf, edge_envelope, edge_unit], needs, grad, num_args=8)
