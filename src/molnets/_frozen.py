@@ -34,7 +34,10 @@ def frozen_cached(cache: Dict[str, Tuple[tuple, Tensor]], name: str, weights: Se
     key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
     cached = cache.get(name)
     if cached is None or cached[0] != key:
-        cached = cache[name] = (key, build())
+        # A normal tensor even when the first call runs under torch.inference_mode(): an
+        # inference tensor kept here would break every later call that records a graph.
+        with torch.inference_mode(False):
+            cached = cache[name] = (key, build())
     return cached[1]
 
 

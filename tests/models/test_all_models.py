@@ -76,3 +76,28 @@ def test_fused_message_kernels_equal_plain_operations(name, monkeypatch):
         assert (a is None) == (b is None)
         if a is not None:
             assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("periodic", [False, True], ids=["molecule", "crystal"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_frozen_model_after_inference_mode(name, periodic):
+    """A frozen model (as calculators run one) keeps tensors between calls (``molnets._frozen``
+    caches, the TensorNet kernels' reused buffers). A first call under
+    ``torch.inference_mode()`` must not leave inference tensors there: later calls with forces
+    (which record a graph) run and give the numbers of a model that never saw inference mode;
+    and inference mode after a call with forces works too."""
+    from molnets.models import Potential
+
+    graph = testing.random_graph(10, cutoff=CUTOFF, periodic=periodic, seed=5)
+    expected = Potential(_model(name).double().requires_grad_(False))(graph)
+    potential = Potential(_model(name).double().requires_grad_(False))
+    with torch.inference_mode():
+        energy_first = Potential(potential.model, compute_forces=False)(graph)["energy"]
+    out = potential(graph)                                      # records a graph for the forces
+    with torch.inference_mode():
+        energy_again = Potential(potential.model, compute_forces=False)(graph)["energy"]
+    again = potential(graph)
+    for energy in (energy_first, energy_again, out["energy"], again["energy"]):
+        assert torch.allclose(energy, expected["energy"], rtol=1e-12, atol=1e-12)
+    for forces in (out["forces"], again["forces"]):
+        assert torch.allclose(forces, expected["forces"], rtol=1e-12, atol=1e-12)

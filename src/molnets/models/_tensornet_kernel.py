@@ -68,7 +68,8 @@ def _workspace(slot: int, shape: Tuple[int, ...], like: Tensor) -> Tensor:
     numel = math.prod(shape)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # reusable outside inference mode too
+            buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buffer[:numel].view(shape)
 
 
