@@ -428,7 +428,8 @@ def check_compile(model: nn.Module, *, species=None, cutoff=None, backend: str =
     and stress as one graph (``fullgraph=True`` raises on any graph break, so a pass means zero
     breaks) and gives the eager energies, forces and stress on two structures of different
     sizes; in training mode the gradient of a force and stress loss with respect to the
-    parameters (double backward through the compiled graph) equals the eager one.
+    parameters (double backward through the compiled graph) equals the eager one (not for a
+    frozen model, whose parameters need no gradient).
 
     Args:
         backend: ``torch.compile`` backend; "inductor" generates kernels (slow to compile on
@@ -447,24 +448,31 @@ def check_compile(model: nn.Module, *, species=None, cutoff=None, backend: str =
             for key in ("energy", "energies", "forces", "stress"):
                 _close(out[key], ref[key], f"compiled {key} differs from eager", rtol=1e-9, atol=1e-9)
 
-        eager.train()
-        compiled = torch.compile(eager, fullgraph=True, dynamic=True, backend=backend)
         params = [p for p in eager.parameters() if p.requires_grad]
-        grads = []
-        for potential in (eager, compiled):
-            out = potential(graph)
-            loss = out["forces"].square().sum() + out["stress"].square().sum()
-            grads.append(torch.autograd.grad(loss, params, allow_unused=True))
-        names = [name for name, p in eager.named_parameters() if p.requires_grad]
-        for name, param, ref, got in zip(names, params, *grads):
-            # A parameter the forces do not depend on (a last bias) may be unused on one side.
-            ref = torch.zeros_like(param) if ref is None else ref
-            got = torch.zeros_like(param) if got is None else got
-            _close(got, ref, f"compiled force-loss gradient of {name} differs from eager", rtol=1e-9, atol=1e-9)
+        if params:  # a frozen model (as calculators run one) has no parameter gradients to compare
+            _check_compiled_parameter_gradients(eager, params, graph, backend)
         breaks = dict(torch._dynamo.utils.counters["graph_break"])
         assert not breaks, f"graph breaks: {breaks}"
     finally:
         torch._dynamo.reset()
+
+
+def _check_compiled_parameter_gradients(eager: nn.Module, params: Sequence[Tensor], graph: AtomicGraph,
+                                        backend: str) -> None:
+    """``check_compile`` in training mode: the force-and-stress loss's parameter gradients."""
+    eager.train()
+    compiled = torch.compile(eager, fullgraph=True, dynamic=True, backend=backend)
+    grads = []
+    for potential in (eager, compiled):
+        out = potential(graph)
+        loss = out["forces"].square().sum() + out["stress"].square().sum()
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    names = [name for name, p in eager.named_parameters() if p.requires_grad]
+    for name, param, ref, got in zip(names, params, *grads):
+        # A parameter the forces do not depend on (a last bias) may be unused on one side.
+        ref = torch.zeros_like(param) if ref is None else ref
+        got = torch.zeros_like(param) if got is None else got
+        _close(got, ref, f"compiled force-loss gradient of {name} differs from eager", rtol=1e-9, atol=1e-9)
 
 
 class _FlatInputs(nn.Module):

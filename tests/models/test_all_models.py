@@ -101,3 +101,13 @@ def test_frozen_model_after_inference_mode(name, periodic):
         assert torch.allclose(energy, expected["energy"], rtol=1e-12, atol=1e-12)
     for forces in (out["forces"], again["forces"]):
         assert torch.allclose(forces, expected["forces"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_frozen_model_compiles_and_exports(name):
+    """A frozen model (parameters without gradients, as calculators run one) through
+    ``check_compile`` (energies, forces, stress; no parameter gradients to compare) and
+    ``check_export``; dynamo's "eager" backend, as in the suite above."""
+    model = _model(name).requires_grad_(False)
+    testing.check_compile(model, backend="eager")
+    testing.check_export(model)
