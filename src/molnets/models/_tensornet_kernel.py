@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._frozen import reference_gradients
-from ..layers.cartesian import PART_OF_COMPONENT
+from ..layers.cartesian import PART_OF_COMPONENT, PART_SLICES
 
 __all__ = ["FrozenInteraction", "FrozenEmbedding"]
 
@@ -71,6 +71,23 @@ def _workspace(slot: int, shape: Tuple[int, ...], like: Tensor) -> Tensor:
         with torch.inference_mode(False):  # reusable outside inference mode too
             buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buffer[:numel].view(shape)
+
+
+def _mul_parts(rows: Tensor, weights: Tensor, out: Tensor) -> Tensor:
+    """out[..., k, :] = rows[..., k, :] * weights[..., part(k), :], part by part: the weights are
+    never spread over the 9 rows (a [.., 9, C] tensor written and read again). rows [..., 9, C or
+    1], weights [..., 3, C], broadcastable to out [..., 9, C]; out may be rows. -> out"""
+    for part, (a, b) in enumerate(PART_SLICES):
+        torch.mul(rows[..., a:b, :], weights[..., part:part + 1, :], out=out[..., a:b, :])
+    return out
+
+
+def _sum_parts(rows: Tensor) -> Tensor:
+    """Σ over the rows of each part: [..., 9, C] -> [..., 3, C]."""
+    out = rows.new_empty(rows.shape[:-2] + (3, rows.shape[-1]))
+    for part, (a, b) in enumerate(PART_SLICES):
+        torch.sum(rows[..., a:b, :], dim=-2, out=out[..., part, :])
+    return out
 
 
 def _dense_chain(layer: nn.Module, h: Tensor, pre_activations: List[Tensor]) -> Tensor:
@@ -144,9 +161,8 @@ class FrozenInteraction(torch.autograd.Function):
         Y = torch.mm(basis.T, u.view(9, -1))                                        # [9, L] entries
         y = u.transpose(0, 1).contiguous()                                          # [N, 9, C]
         # both directions of every pair: one gather, one product, one sum
-        weights = torch.index_select(f, 1, _PART_OF_ROW.to(f.device), out=_workspace(1, (P, 9, C), f))  # [P, 9, C]
         messages = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=_workspace(0, (2 * P, 9, C), y))
-        messages.view(2, P, 9, C).mul_(weights)                                     # [2P, 9, C]
+        _mul_parts(messages.view(2, P, 9, C), f, out=messages.view(2, P, 9, C))     # [2P, 9, C]
         M = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_i, pair_j]), messages),
                           self_weights, y)                                          # [N, 9, C]
         M = torch.mm(basis.T, M.transpose(0, 1).reshape(9, -1))                     # [9, L] entries
@@ -179,13 +195,11 @@ class FrozenInteraction(torch.autograd.Function):
         grad_Y = _anticommutator(_transposed(M), _matrices(grad_A))                 # [9, L]
         grad_m = torch.mm(basis, grad_M).view(9, N, C).transpose(0, 1).contiguous()  # [N, 9, C]
         # the pair convolution's backward: gradients of the weights and of y (both directions)
-        part_of_row = _PART_OF_ROW.to(f.device)                                     # [9]
         grad_messages = torch.index_select(grad_m, 0, torch.cat([pair_i, pair_j]), out=_workspace(0, (2 * P, 9, C), y))
         products = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=_workspace(1, (2 * P, 9, C), y))
         products = products.mul_(grad_messages).view(2, P, 9, C)                    # [2, P, 9, C]
-        grad_f = f.new_zeros(P, 3, C).index_add_(1, part_of_row, torch.add(products[0], products[1],
-                                                                           out=_workspace(2, (P, 9, C), y)))
-        grad_messages.view(2, P, 9, C).mul_(torch.index_select(f, 1, part_of_row, out=_workspace(1, (P, 9, C), f)))
+        grad_f = _sum_parts(torch.add(products[0], products[1], out=_workspace(2, (P, 9, C), y)))  # [P, 3, C]
+        _mul_parts(grad_messages.view(2, P, 9, C), f, out=grad_messages.view(2, P, 9, C))  # [2P, 9, C]
         grad_y = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_j, pair_i]), grad_messages),
                                self_weights, grad_m)                                # [N, 9, C]
         grad_u = torch.addmm(grad_y.transpose(0, 1).reshape(9, -1), basis, grad_Y)  # [9, L] components
@@ -233,9 +247,8 @@ class FrozenEmbedding(torch.autograd.Function):
         f = (radial * edge_envelope[:, None]).view(P, 3, C)                         # [P, 3, C]
         geometry = layer.direction(edge_unit)                                       # [P, 9]
         geometry = torch.cat([geometry, geometry * layer.component_parity])         # [2P, 9]: to i, to j
-        weights = f.repeat(2, 1, 1).mul_(z_pair[:, None])                           # [2P, 3, C]
-        messages = torch.index_select(weights, 1, part_of_row, out=_workspace(0, (2 * P, 9, C), f))
-        messages.mul_(geometry[:, :, None])                                         # [2P, 9, C]
+        weights = torch.mul(f, z_pair.view(2, P, 1, C)).view(2 * P, 3, C)           # [2P, 3, C]
+        messages = _mul_parts(geometry[:, :, None], weights, out=_workspace(0, (2 * P, 9, C), f))  # [2P, 9, C]
         X = torch.zeros(N, 9, C, dtype=f.dtype, device=f.device).index_add_(0, pairs, messages)  # [N, 9, C]
         self_scalar = F.linear(self_rbf, layer.radial.weight[:C], layer.radial.bias[:C]) * (z_receiver + z_sender)
         X[:, 0] += math.sqrt(3.0) * self_scalar                                     # + s δ: c_0(δ) = √3
@@ -275,11 +288,9 @@ class FrozenEmbedding(torch.autograd.Function):
         grad_X = torch.addcmul(grad_X, X, grad_norm, value=2.0).transpose(0, 1)     # [N, 9, C]
         # the scatter of outer products: G_e = grad_X at each pair's receiving atom (both directions)
         G = torch.index_select(grad_X, 0, torch.cat([pair_i, pair_j]), out=_workspace(0, (2 * P, 9, C), grad_X))
-        spread = torch.index_select(weights, 1, part_of_row, out=_workspace(1, (2 * P, 9, C), grad_X))
-        grad_geometry = spread.mul_(G).sum(2)                                       # [2P, 9]
+        grad_geometry = _mul_parts(G, weights, out=_workspace(1, (2 * P, 9, C), grad_X)).sum(2)  # [2P, 9]
         grad_geometry = torch.addcmul(grad_geometry[:P], layer.component_parity, grad_geometry[P:])  # [P, 9]
-        grad_weights = torch.zeros(2 * P, 3, C, dtype=G.dtype, device=G.device).index_add_(
-            1, part_of_row, G.mul_(geometry[:, :, None]))                           # [2P, 3, C]
+        grad_weights = _sum_parts(G.mul_(geometry[:, :, None]))                     # [2P, 3, C]
         grad_f = (grad_weights.mul_(z_pair[:, None]).view(2, P, 3 * C).sum(0))      # [P, 3C]
         grad_envelope = (grad_f * radial).sum(1) if needs[1] else None              # [P]
         grad_rbf = (grad_f * edge_envelope[:, None]) @ layer.radial.weight if needs[0] else None  # [P, K]
