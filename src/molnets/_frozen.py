@@ -25,20 +25,30 @@ from torch import Tensor
 __all__ = ["frozen_cached", "frozen_kernel_applies", "reference_gradients"]
 
 
-def frozen_cached(cache: Dict[str, Tuple[tuple, Tensor]], name: str, weights: Sequence[Tensor],
-                  build: Callable[[], Tensor]) -> Tensor:
-    """``build()``, kept in ``cache[name]`` while ``weights`` are frozen and unchanged (module docstring)."""
+def frozen_cached(cache: Dict[str, Tuple[tuple, Tensor, Tuple[Tensor, ...]]], name: str, weights: Sequence[Tensor],
+                  build: Callable[[], Tensor], inputs: Sequence[Tensor] = ()) -> Tensor:
+    """``build()``, kept in ``cache[name]`` while ``weights`` are frozen and unchanged (module
+    docstring) and ``inputs`` (small tensors an argument of the call gives, not owned by the module,
+    e.g. a basis at r = 0) have the values of the cached build's: they are compared by value (a
+    fresh tensor may reuse the address of an earlier, different one), so keep them small."""
     if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or any(w.requires_grad for w in weights)):
+            or any(w.requires_grad for w in weights) or any(x.requires_grad for x in inputs)):
         return build()
     key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
     cached = cache.get(name)
-    if cached is None or cached[0] != key:
+    if cached is None or cached[0] != key or not _same_values(cached[2], inputs):
         # A normal tensor even when the first call runs under torch.inference_mode(): an
         # inference tensor kept here would break every later call that records a graph.
         with torch.inference_mode(False):
-            cached = cache[name] = (key, build())
+            cached = cache[name] = (key, build(), tuple(x.detach().clone() for x in inputs))
     return cached[1]
+
+
+def _same_values(kept: Sequence[Tensor], inputs: Sequence[Tensor]) -> bool:
+    """Whether ``inputs`` equal ``kept`` one by one: shape, dtype, device and every value."""
+    return len(kept) == len(inputs) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(kept, inputs))
 
 
 def frozen_kernel_applies(layer: torch.nn.Module, like: Tensor, num_pairs: int, message_numel: int,

@@ -122,12 +122,29 @@ def test_frozen_model_gives_the_same_energy_and_forces_call_after_call():
         torch.testing.assert_close(got["energy"], expected["energy"], atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(got["forces"], expected["forces"], atol=1e-12, rtol=1e-12)
     assert frozen.model.interactions[0].linear_in._frozen_weight  # the stack was kept
+    assert frozen.model.interactions[0]._frozen  # and the self pair's filter f(0)
     with torch.no_grad():
         for potential in (trainable, frozen):
             potential.model.interactions[1].linear_out.weight[2] *= -2.0
+            potential.model.interactions[0].radial[2].weight[0] *= 3.0  # changes f(0) too
     expected, got = trainable(base), frozen(base)
     torch.testing.assert_close(got["energy"], expected["energy"], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(got["forces"], expected["forces"], atol=1e-12, rtol=1e-12)
+
+
+def test_frozen_interaction_follows_its_self_pair_input():
+    """The frozen layer keeps f(0) = SiLU(MLP(e(0))) between calls, compared by the value of the
+    e(0) it is given (a new tensor may sit where an old one was): a different e(0) gives the
+    reference's result, not the kept one."""
+    from molnets.models.tensornet import TensorInteraction
+
+    layer = TensorInteraction(8, num_rbf=5).to(DTYPE).requires_grad_(False)
+    X, edge_rbf, envelope, pair_i, pair_j, self_rbf = _interaction_inputs(6, 9, 8, 5, seed=2)
+    for rbf in (self_rbf, 2.0 * self_rbf, self_rbf.clone()):
+        out = layer(X, edge_rbf, envelope, pair_i, pair_j, rbf)
+        expected = layer._reference(X, edge_rbf, envelope, pair_i, pair_j, layer._self_weights(rbf))
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    assert layer._frozen
 
 
 def _interaction_inputs(num_atoms: int, num_pairs: int, channels: int, num_rbf: int, seed: int):

@@ -57,7 +57,7 @@ from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import gather_rows, scatter_outer
-from .._frozen import frozen_kernel_applies
+from .._frozen import frozen_cached, frozen_kernel_applies
 from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction
 from .base import DesignSpace, count_parameters
 
@@ -189,14 +189,21 @@ class TensorInteraction(nn.Module):
         self.linear_in = TensorLinear(C, C)
         self.linear_out = TensorLinear(C, C)
         self.basis = ComponentBasis()
+        self._frozen: dict = {}
 
     def forward(self, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor,
                 self_rbf: Tensor) -> Tensor:
-        f_self = F.silu(self.radial(self_rbf)).unflatten(-1, (3, self.num_channels))     # [1, 3, C], φ(0) = 1
-        self_weights = expand_parts(f_self[0].T).T                                       # [9, C]
+        # f(0), the same at every call while the weights are frozen (then kept: molnets._frozen)
+        self_weights = frozen_cached(self._frozen, "self_weights", list(self.radial.parameters()),
+                                     lambda: self._self_weights(self_rbf), inputs=[self_rbf])  # [9, C]
         if frozen_kernel_applies(self, X, pair_i.shape[0], 9 * self.num_channels, [self_weights]):  # one node
             return FrozenInteraction.apply(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, self)
         return self._reference(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights)
+
+    def _self_weights(self, self_rbf: Tensor) -> Tensor:
+        """The self pair's filter f(0) = SiLU(MLP(e(0))) (φ(0) = 1) spread over the components. [9, C]"""
+        f_self = F.silu(self.radial(self_rbf)).unflatten(-1, (3, self.num_channels))     # [1, 3, C]
+        return expand_parts(f_self[0].T).T                                               # [9, C]
 
     def _reference(self, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor,
                    self_weights: Tensor) -> Tensor:
