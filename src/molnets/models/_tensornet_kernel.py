@@ -9,9 +9,13 @@ backward as written out below, in about 40 operations, with every 3x3 product do
 a stack of matrices stored as [9, L] (entry (a, b) of all L = N C matrices in one row), where
 (P Q)_ab = Σ_k P_ak Q_kb is a product and two multiply-adds of rows that run along L.
 Components [9, L] and entries [9, L] are one [9, 9] matrix product apart (the orthonormal basis
-of ``layers.cartesian``). The per-pair temporaries [2P, 9, C] live in buffers reused from call
-to call (``_workspace``). ``TensorInteraction._reference`` is the oracle; the tests compare the
-two (values and gradients, first and second order).
+of ``layers.cartesian``). Everything that acts part by part (the I, A and S rows of the 9
+components) does so on slices, never spreading a part's [.., 3, C] numbers over 9 rows first: the
+filters on the per-pair rows (``_mul_parts``, ``_sum_parts``) and the channel maps
+(``_linear_by_part``: three matrix products with the part's rows stacked). The per-pair
+temporaries [2P, 9, C] live in buffers reused from call to call (``_workspace``).
+``TensorInteraction._reference`` is the oracle; the tests compare the two (values and
+gradients, first and second order).
 
 Forward (paper Eqs. 7-11, see ``TensorInteraction``), with d_X = ||X|| + 1 and d_A = ||A|| + 1:
 
@@ -90,6 +94,20 @@ def _sum_parts(rows: Tensor) -> Tensor:
     return out
 
 
+def _linear_by_part(components: Tensor, weight: Tensor, adjoint: bool = False) -> Tensor:
+    """``TensorLinear``'s channel map on components [9, N, C] (or its adjoint, from [9, N, D]):
+    the rows of each part through that part's matrix of ``weight`` [3, D, C], as three matrix
+    products on the part's stacked rows (N, 3N and 5N of them). The layer's batched product over
+    the 9 components reads each part's matrix once per component; here once per part (in float64
+    on small molecules the weights' traffic is most of the product's time). -> [9, N, D or C]"""
+    rows = components.shape[1]
+    maps = weight if adjoint else weight.transpose(1, 2)                            # [3, in, out]
+    out = components.new_empty(9, rows, maps.shape[2])
+    for part, (a, b) in enumerate(PART_SLICES):
+        torch.mm(components[a:b].reshape((b - a) * rows, -1), maps[part], out=out[a:b].view((b - a) * rows, -1))
+    return out
+
+
 def _dense_chain(layer: nn.Module, h: Tensor, pre_activations: List[Tensor]) -> Tensor:
     """SiLU after every dense layer of an ``MLP`` (SiLU between its layers, and after the last as
     the models apply it); the pre-activations are appended to ``pre_activations``. [*, D_out]"""
@@ -157,7 +175,7 @@ class FrozenInteraction(torch.autograd.Function):
         f = (h * edge_envelope[:, None]).view(P, 3, C)                              # [P, 3, C]
         X_norm = X.square().sum((-2, -1)).view(-1) + 1                              # [L], L = N C
         X_hat = X.reshape(-1, 9).T / X_norm                                         # [9, L] entries
-        u = torch.bmm(torch.mm(basis, X_hat).view(9, N, C), layer.linear_in.component_weight())  # [9, N, C]
+        u = _linear_by_part(torch.mm(basis, X_hat).view(9, N, C), layer.linear_in.weight)  # [9, N, C]
         Y = torch.mm(basis.T, u.view(9, -1))                                        # [9, L] entries
         y = u.transpose(0, 1).contiguous()                                          # [N, 9, C]
         # both directions of every pair: one gather, one product, one sum
@@ -168,7 +186,7 @@ class FrozenInteraction(torch.autograd.Function):
         M = torch.mm(basis.T, M.transpose(0, 1).reshape(9, -1))                     # [9, L] entries
         A = _anticommutator(_matrices(M), _matrices(Y))                             # [9, L]
         A_norm = A.square().sum(0) + 1                                              # [L]
-        v = torch.bmm(torch.mm(basis, A / A_norm).view(9, N, C), layer.linear_out.component_weight())
+        v = _linear_by_part(torch.mm(basis, A / A_norm).view(9, N, C), layer.linear_out.weight)
         D = torch.mm(basis.T, v.view(9, -1))                                        # [9, L] entries
         out = X_hat + D + _product(_matrices(D), _matrices(D))                      # [9, L]
         ctx.layer = layer
@@ -188,8 +206,8 @@ class FrozenInteraction(torch.autograd.Function):
         (N, C), P = X.shape[:2], edge_rbf.shape[0]
         grad = grad.reshape(-1, 9).T                                                # [9, L] entries
         grad_D = grad + _anticommutator(_matrices(grad), _transposed(D))            # [9, L]
-        grad_A = torch.bmm(torch.mm(basis, grad_D).view(9, N, C),
-                           layer.linear_out.component_weight().transpose(1, 2))     # [9, N, C]
+        grad_A = _linear_by_part(torch.mm(basis, grad_D).view(9, N, C), layer.linear_out.weight,
+                                 adjoint=True)     # [9, N, C]
         grad_A = _normalized_gradient(torch.mm(basis.T, grad_A.view(9, -1)), A, A_norm)  # [9, L]
         grad_M = _anticommutator(_matrices(grad_A), _transposed(Y))                 # [9, L]
         grad_Y = _anticommutator(_transposed(M), _matrices(grad_A))                 # [9, L]
@@ -203,7 +221,7 @@ class FrozenInteraction(torch.autograd.Function):
         grad_y = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_j, pair_i]), grad_messages),
                                self_weights, grad_m)                                # [N, 9, C]
         grad_u = torch.addmm(grad_y.transpose(0, 1).reshape(9, -1), basis, grad_Y)  # [9, L] components
-        grad_X_hat = torch.bmm(grad_u.view(9, N, C), layer.linear_in.component_weight().transpose(1, 2))
+        grad_X_hat = _linear_by_part(grad_u.view(9, N, C), layer.linear_in.weight, adjoint=True)
         grad_X_hat = torch.addmm(grad, basis.T, grad_X_hat.view(9, -1))             # [9, L] entries
         grad_X = _normalized_gradient(grad_X_hat, X.reshape(-1, 9).T, X_norm)       # [9, L]
         grad_f = grad_f.view(P, 3 * C)                                              # [P, 3C]
@@ -259,7 +277,7 @@ class FrozenEmbedding(torch.autograd.Function):
         pre_activations: List[Tensor] = []
         gates = _dense_chain(layer.gates, normalized, pre_activations)              # [N, 3C]
         scales = gates.view(N, 3, C).index_select(1, part_of_row).transpose(0, 1)   # [9, N, C]
-        v = torch.bmm(X, layer.linear.component_weight())                           # [9, N, C]
+        v = _linear_by_part(X, layer.linear.weight)                           # [9, N, C]
         out = torch.mm(basis.T, (v * scales).view(9, -1))                           # [9, L] entries
         ctx.layer, ctx.constants = layer, (species, self_rbf)  # no gradient; pair_i, pair_j are saved
         ctx.save_for_backward(edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, basis, z_pair, radial, geometry,
@@ -284,7 +302,7 @@ class FrozenEmbedding(torch.autograd.Function):
         grad_normalized = _dense_chain_backward(layer.gates, grad_gates, pre_activations)  # [N, C]
         grad_norm = torch.ops.aten.native_layer_norm_backward(
             grad_normalized, norm, [C], mean, rstd, layer.norm.weight, layer.norm.bias, [True, False, False])[0]
-        grad_X = torch.bmm(grad * scales, layer.linear.component_weight().transpose(1, 2))  # [9, N, C]
+        grad_X = _linear_by_part(grad * scales, layer.linear.weight, adjoint=True)  # [9, N, C]
         grad_X = torch.addcmul(grad_X, X, grad_norm, value=2.0).transpose(0, 1)     # [N, 9, C]
         # the scatter of outer products: G_e = grad_X at each pair's receiving atom (both directions)
         G = torch.index_select(grad_X, 0, torch.cat([pair_i, pair_j]), out=_workspace(0, (2 * P, 9, C), grad_X))
