@@ -73,6 +73,19 @@ def test_unknown_element_and_config_validation():
     assert model_class("schnet") is SchNet
 
 
+def test_model_and_graph_of_different_dtypes_or_devices_is_a_clear_error():
+    """A float32 model on a float64 graph (or the other way round) names both dtypes; a graph on
+    another device than the model names both devices (a meta-device graph stands in for a GPU)."""
+    graph = random_graph(5, cutoff=3.5, species=SPECIES, seed=6)                   # float64
+    for compute_forces in (True, False):
+        with pytest.raises(ValueError, match="positions are torch.float64 but the model's parameters are torch.float32"):
+            Potential(_schnet().float(), compute_forces=compute_forces)(graph)
+    with pytest.raises(ValueError, match="positions are torch.float32 but the model's parameters are torch.float64"):
+        Potential(_schnet())(graph.to(dtype=torch.float32))
+    with pytest.raises(ValueError, match="the graph is on meta but the model is on cpu"):
+        Potential(_schnet())(graph.to("meta"))
+
+
 def test_schnet_parameter_count_and_design_space():
     """PEERS.md hyper-parameters: the count of PyG's SchNet (238,465 with its 100-row
     embedding) minus its embedding plus ours (S rows), counted by hand per layer."""

@@ -139,6 +139,7 @@ class Potential(nn.Module):
         self.compute_stress = bool(compute_stress)
 
     def forward(self, graph: AtomicGraph) -> Dict[str, Tensor]:
+        _check_model_matches_graph(self.model, graph)
         if not self.compute_forces:
             energies = self.model(graph)                                               # [N]
             energy = scatter_sum(energies, graph.batch, dim_size=graph.num_graphs)     # [B]
@@ -201,6 +202,19 @@ class Potential(nn.Module):
         """A ``Potential`` around the model of ``path`` (see ``load_model``)."""
         model = load_model(path, map_location=map_location, model_type=model_type)
         return cls(model, compute_forces=compute_forces, compute_stress=compute_stress)
+
+
+def _check_model_matches_graph(model: nn.Module, graph: AtomicGraph) -> None:
+    """Raise a ValueError naming the mismatch when the model's floating-point parameters and the
+    graph's positions differ in dtype or device (instead of an error from deep inside a layer)."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    positions = graph.positions
+    if param is not None and param.dtype != positions.dtype:
+        raise ValueError(f"the graph's positions are {positions.dtype} but the model's parameters are "
+                         f"{param.dtype}: convert one of them (graph.to(dtype=...) or model.to(...))")
+    if param is not None and param.device != positions.device:
+        raise ValueError(f"the graph is on {positions.device} but the model is on {param.device}: move one "
+                         "of them (graph.to(device) or model.to(device))")
 
 
 def save_model(model: nn.Module, path: Union[str, os.PathLike]) -> None:
