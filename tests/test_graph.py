@@ -96,3 +96,19 @@ def test_to_dtype_casts_only_floats():
 def test_from_ase_empty_list_raises():
     with pytest.raises(ValueError, match="at least one"):
         AtomicGraph.from_ase([], 3.0)
+
+
+def test_empty_structures_raise():
+    """A structure without atoms is an error naming it: alone, in a list of ase.Atoms, or a
+    structure of a batch (cell [B, 3, 3]) that no atom belongs to."""
+    import ase
+
+    water = ase.Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    with pytest.raises(ValueError, match="empty"):
+        AtomicGraph.from_ase(ase.Atoms(), 3.0)
+    with pytest.raises(ValueError, match=r"structure\(s\) \[1\] of the batch are empty"):
+        AtomicGraph.from_ase([water, ase.Atoms(), water], 3.0)
+    positions = torch.tensor(water.positions)
+    with pytest.raises(ValueError, match=r"structure\(s\) \[0, 2\] of the batch are empty"):
+        AtomicGraph.from_positions(positions, torch.tensor([8, 1, 1]), 3.0, cell=torch.zeros(3, 3, 3),
+                                   batch=torch.ones(3, dtype=torch.long))

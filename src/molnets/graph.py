@@ -81,9 +81,16 @@ class AtomicGraph(NamedTuple):
         Shapes:
             positions [N, 3], atomic_numbers [N], cell [3, 3] or [B, 3, 3],
             pbc [3] or [B, 3], batch [N]  ->  AtomicGraph
+
+        Raises:
+            ValueError: a structure without atoms (N = 0, or a structure of the batch that no atom
+                belongs to), besides the neighbor list's checks (NaN positions, a singular
+                periodic cell, atoms on top of each other, a cutoff <= 0).
         """
-        receivers, senders, shifts = neighbor_list(positions, cutoff, cell, pbc, batch, backend=backend)
         num_atoms = positions.shape[0]
+        if num_atoms == 0:
+            raise ValueError("the structure is empty (no atoms): a graph needs at least one atom")
+        receivers, senders, shifts = neighbor_list(positions, cutoff, cell, pbc, batch, backend=backend)
         if batch is None:
             batch = torch.zeros(num_atoms, dtype=torch.long, device=positions.device)
         if cell is None:
@@ -92,6 +99,10 @@ class AtomicGraph(NamedTuple):
         cell = torch.as_tensor(cell, dtype=positions.dtype, device=positions.device)
         if cell.dim() == 2:
             cell = cell.unsqueeze(0)
+        empty = (torch.bincount(batch, minlength=cell.shape[0]) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"structure(s) {empty} of the batch are empty (no atoms): every structure "
+                             "needs at least one atom")
         if pbc is None:
             pbc = torch.zeros(3, dtype=torch.bool)
         pbc = torch.as_tensor(pbc, dtype=torch.bool, device=positions.device).expand(cell.shape[0], 3)
