@@ -66,10 +66,19 @@ def _chunk_size(message_numel: int) -> int:
     return max(1, CHUNK_NUMEL * torch.get_num_threads() // max(message_numel, 1))
 
 
-def _scale_parts(buffer: Tensor, weights: Tensor, parts: Sequence[Tuple[int, int]]) -> None:
-    """buffer[:, a:b] *= weights[:, k] for part k = (a, b), in place. [p, n, C], [p, K, C]"""
+def scale_parts(rows: Tensor, weights: Tensor, parts: Sequence[Tuple[int, int]],
+                out: Optional[Tensor] = None) -> Tensor:
+    """out[..., a:b, :] = rows[..., a:b, :] * weights[..., k, :] for part k = (a, b): each part's
+    filter on its rows, slice by slice, never spread over the n rows first (a [.., n, C] tensor
+    written and read again). In place when ``out`` is None (or is ``rows``).
+
+    Shapes:
+        rows [..., n, C or 1], weights [..., K, C], broadcastable to out [..., n, C]  ->  out
+    """
+    out = rows if out is None else out
     for k, (start, stop) in enumerate(parts):
-        buffer[:, start:stop].mul_(weights[:, k:k + 1])
+        torch.mul(rows[..., start:stop, :], weights[..., k:k + 1, :], out=out[..., start:stop, :])
+    return out
 
 
 def forward_chunked(weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
@@ -85,7 +94,7 @@ def forward_chunked(weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
         messages = buffer[:stop - start]                                             # [p, n, C]
         for source, target in ((j, i), (i, j)):
             torch.index_select(x, 0, source, out=messages)
-            _scale_parts(messages, w, parts)
+            scale_parts(messages, w, parts)
             out.index_add_(0, target, messages)
     return out
 
@@ -111,9 +120,9 @@ def backward_chunked(grad_out: Tensor, weights: Tensor, x: Tensor, pair_i: Tenso
             for k, (a, b) in enumerate(parts):
                 torch.sum(products[:, a:b], dim=1, out=grad_w[start:stop, k])
         if grad_x is not None:
-            _scale_parts(gj, w, parts)
+            scale_parts(gj, w, parts)
             grad_x.index_add_(0, i, gj)
-            _scale_parts(gi, w, parts)
+            scale_parts(gi, w, parts)
             grad_x.index_add_(0, j, gi)
     return grad_w, grad_x
 

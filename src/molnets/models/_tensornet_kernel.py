@@ -11,7 +11,7 @@ a stack of matrices stored as [9, L] (entry (a, b) of all L = N C matrices in on
 Components [9, L] and entries [9, L] are one [9, 9] matrix product apart (the orthonormal basis
 of ``layers.cartesian``). Everything that acts part by part (the I, A and S rows of the 9
 components) does so on slices, never spreading a part's [.., 3, C] numbers over 9 rows first: the
-filters on the per-pair rows (``_mul_parts``, ``_sum_parts``) and the channel maps
+filters on the per-pair rows (``layers._message_kernels.scale_parts``, ``_sum_parts``) and the channel maps
 (``_linear_by_part``: three matrix products with the part's rows stacked). The per-pair
 temporaries [2P, 9, C] live in buffers reused from call to call (``_workspace``).
 ``TensorInteraction._reference`` is the oracle; the tests compare the two (values and
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._frozen import reference_gradients
+from ..layers._message_kernels import scale_parts
 from ..layers.cartesian import PART_OF_COMPONENT, PART_SLICES
 
 __all__ = ["FrozenInteraction", "FrozenEmbedding"]
@@ -75,15 +76,6 @@ def _workspace(slot: int, shape: Tuple[int, ...], like: Tensor) -> Tensor:
         with torch.inference_mode(False):  # reusable outside inference mode too
             buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buffer[:numel].view(shape)
-
-
-def _mul_parts(rows: Tensor, weights: Tensor, out: Tensor) -> Tensor:
-    """out[..., k, :] = rows[..., k, :] * weights[..., part(k), :], part by part: the weights are
-    never spread over the 9 rows (a [.., 9, C] tensor written and read again). rows [..., 9, C or
-    1], weights [..., 3, C], broadcastable to out [..., 9, C]; out may be rows. -> out"""
-    for part, (a, b) in enumerate(PART_SLICES):
-        torch.mul(rows[..., a:b, :], weights[..., part:part + 1, :], out=out[..., a:b, :])
-    return out
 
 
 def _sum_parts(rows: Tensor) -> Tensor:
@@ -179,7 +171,7 @@ class FrozenInteraction(torch.autograd.Function):
         y = u.transpose(0, 1).contiguous()                                          # [N, 9, C]
         # both directions of every pair: one gather, one product, one sum
         messages = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=_workspace(0, (2 * P, 9, C), y))
-        _mul_parts(messages.view(2, P, 9, C), f, out=messages.view(2, P, 9, C))     # [2P, 9, C]
+        scale_parts(messages.view(2, P, 9, C), f, PART_SLICES)                     # [2P, 9, C]
         M = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_i, pair_j]), messages),
                           self_weights, y)                                          # [N, 9, C]
         M = torch.mm(basis.T, M.transpose(0, 1).reshape(9, -1))                     # [9, L] entries
@@ -216,7 +208,7 @@ class FrozenInteraction(torch.autograd.Function):
         products = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=_workspace(1, (2 * P, 9, C), y))
         products = products.mul_(grad_messages).view(2, P, 9, C)                    # [2, P, 9, C]
         grad_f = _sum_parts(torch.add(products[0], products[1], out=_workspace(2, (P, 9, C), y)))  # [P, 3, C]
-        _mul_parts(grad_messages.view(2, P, 9, C), f, out=grad_messages.view(2, P, 9, C))  # [2P, 9, C]
+        scale_parts(grad_messages.view(2, P, 9, C), f, PART_SLICES)                # [2P, 9, C]
         grad_y = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_j, pair_i]), grad_messages),
                                self_weights, grad_m)                                # [N, 9, C]
         grad_u = torch.addmm(grad_y.transpose(0, 1).reshape(9, -1), basis, grad_Y)  # [9, L] components
@@ -265,7 +257,7 @@ class FrozenEmbedding(torch.autograd.Function):
         geometry = layer.direction(edge_unit)                                       # [P, 9]
         geometry = torch.cat([geometry, geometry * layer.component_parity])         # [2P, 9]: to i, to j
         weights = torch.mul(f, z_pair.view(2, P, 1, C)).view(2 * P, 3, C)           # [2P, 3, C]
-        messages = _mul_parts(geometry[:, :, None], weights, out=_workspace(0, (2 * P, 9, C), f))  # [2P, 9, C]
+        messages = scale_parts(geometry[:, :, None], weights, PART_SLICES, out=_workspace(0, (2 * P, 9, C), f))  # [2P, 9, C]
         X = torch.zeros(N, 9, C, dtype=f.dtype, device=f.device).index_add_(0, pairs, messages)  # [N, 9, C]
         self_scalar = F.linear(self_rbf, layer.radial.weight[:C], layer.radial.bias[:C]) * (z_receiver + z_sender)
         X[:, 0] += math.sqrt(3.0) * self_scalar                                     # + s δ: c_0(δ) = √3
@@ -305,7 +297,7 @@ class FrozenEmbedding(torch.autograd.Function):
         grad_X = torch.addcmul(grad_X, X, grad_norm, value=2.0).transpose(0, 1)     # [N, 9, C]
         # the scatter of outer products: G_e = grad_X at each pair's receiving atom (both directions)
         G = torch.index_select(grad_X, 0, torch.cat([pair_i, pair_j]), out=_workspace(0, (2 * P, 9, C), grad_X))
-        grad_geometry = _mul_parts(G, weights, out=_workspace(1, (2 * P, 9, C), grad_X)).sum(2)  # [2P, 9]
+        grad_geometry = scale_parts(G, weights, PART_SLICES, out=_workspace(1, (2 * P, 9, C), grad_X)).sum(2)  # [2P, 9]
         grad_geometry = torch.addcmul(grad_geometry[:P], layer.component_parity, grad_geometry[P:])  # [P, 9]
         grad_weights = _sum_parts(G.mul_(geometry[:, :, None]))                     # [2P, 3, C]
         grad_f = (grad_weights.mul_(z_pair[:, None]).view(2, P, 3 * C).sum(0))      # [P, 3C]
