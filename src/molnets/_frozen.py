@@ -10,9 +10,10 @@ rebuilds it when any weight changes: in place (its version counter), by a new st
 while a weight needs a gradient (training).
 
 Frozen weights also allow a layer to run as one autograd node whose backward gives the
-gradients of its geometric inputs only (``models._tensornet_kernel``): ``frozen_kernel_applies``
-says when such a kernel runs, ``reference_gradients`` is its backward when a graph of the
-backward is wanted (through the layer's differentiable reference).
+gradients of its geometric inputs only (``models._tensornet_kernel``; on large systems the
+filter networks, ``layers._message_kernels.FrozenFilter``): ``frozen_kernel_applies`` and
+``frozen_on_cpu_eager`` say when such a kernel runs, ``reference_gradients`` is its backward when
+a graph of the backward is wanted (through the layer's differentiable reference).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["frozen_cached", "frozen_kernel_applies", "reference_gradients"]
+__all__ = ["frozen_cached", "frozen_on_cpu_eager", "frozen_kernel_applies", "reference_gradients"]
 
 
 def frozen_cached(cache: Dict[str, Tuple[tuple, Tensor, Tuple[Tensor, ...]]], name: str, weights: Sequence[Tensor],
@@ -51,22 +52,27 @@ def _same_values(kept: Sequence[Tensor], inputs: Sequence[Tensor]) -> bool:
         for a, b in zip(kept, inputs))
 
 
-def frozen_kernel_applies(layer: torch.nn.Module, like: Tensor, num_pairs: int, message_numel: int,
-                          constants: Sequence[Tensor] = ()) -> bool:
-    """Whether a frozen-layer kernel (one autograd node with a hand-written backward, e.g.
-    ``models._tensornet_kernel``) runs for ``layer``: eager mode on the CPU, a small system (the
-    num_pairs messages of message_numel numbers fit in one chunk of ``layers._message_kernels``:
-    above that the chunked kernels of the reference are the fast way), no weight of ``layer``
-    and none of ``constants`` (inputs the kernel gives no gradient) needs a gradient, and
-    neither ``torch.compile``, ``torch.export`` nor a ``torch.func`` transform is tracing (they
-    need the reference's operations). Shapes and flags only."""
-    from .layers._message_kernels import _chunk_size  # (layers import this module)
-
+def frozen_on_cpu_eager(layer: torch.nn.Module, like: Tensor, constants: Sequence[Tensor] = ()) -> bool:
+    """The conditions every frozen-weight kernel shares: eager mode on the CPU (neither
+    ``torch.compile``, ``torch.export`` nor a ``torch.func`` transform tracing: they need the
+    reference's operations), no weight of ``layer`` and none of ``constants`` (inputs the kernel
+    gives no gradient) needs a gradient. Flags only."""
     return (like.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and num_pairs <= _chunk_size(message_numel)
             and not torch._C._are_functorch_transforms_active()
             and not any(c.requires_grad for c in constants)
             and not any(p.requires_grad for p in layer.parameters()))
+
+
+def frozen_kernel_applies(layer: torch.nn.Module, like: Tensor, num_pairs: int, message_numel: int,
+                          constants: Sequence[Tensor] = ()) -> bool:
+    """Whether a frozen-layer kernel of a small system (one autograd node with a hand-written
+    backward, e.g. ``models._tensornet_kernel``) runs for ``layer``: ``frozen_on_cpu_eager`` and
+    the num_pairs messages of message_numel numbers fit in one chunk of
+    ``layers._message_kernels`` (above that the chunked kernels of the reference are the fast
+    way). Shapes and flags only."""
+    from .layers._message_kernels import _chunk_size  # (layers import this module)
+
+    return frozen_on_cpu_eager(layer, like, constants) and num_pairs <= _chunk_size(message_numel)
 
 
 def reference_gradients(reference: Callable[..., Tensor], inputs: Sequence[Tensor], needs: Sequence[bool],

@@ -38,3 +38,35 @@ def test_silu_mlp_unchanged():
     mlp = MLP([3, 4, 2]).double()
     x = torch.randn(2, 3, dtype=torch.float64)
     torch.testing.assert_close(mlp(x), mlp[2](torch.nn.functional.silu(mlp[0](x))))
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("network", ["mlp", "linear"])
+def test_radial_filter_of_a_frozen_network_chunk_by_chunk_equals_plain_operations(network, activation, monkeypatch):
+    """radial_filter with frozen weights on large activations runs FrozenFilter (forward
+    chunk by chunk, backward recomputing each chunk): values and the gradients of e and u equal
+    the plain operations' to 1e-13, gradcheck and gradgradcheck (the double backward goes
+    through the plain operations); trainable weights take the plain operations."""
+    from torch.nn import functional as F
+
+    from molnets.layers import _message_kernels
+    from molnets.layers.mlp import radial_filter
+
+    monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 24)                  # a few rows per chunk
+    monkeypatch.setattr(_message_kernels, "FRESH_MAPPING_BYTES", 0)           # and on a small input
+    torch.manual_seed(0)
+    net = (MLP([5, 12, 16], activation="ssp") if network == "mlp" else nn.Linear(5, 16)).double()
+    sigma = None if activation is None else F.silu
+    e = torch.randn(23, 5, dtype=torch.float64, requires_grad=True)
+    u = torch.rand(23, dtype=torch.float64, requires_grad=True)
+    plain = radial_filter(net, e, u, sigma)                                   # trainable: plain operations
+    assert "FrozenFilter" not in type(plain.grad_fn).__name__
+    net.requires_grad_(False)
+    out = radial_filter(net, e, u, sigma)
+    assert type(out.grad_fn).__name__ == "FrozenFilterBackward"
+    torch.testing.assert_close(out, plain, atol=1e-13, rtol=1e-13)
+    g = torch.randn_like(out)
+    for got, expected in zip(torch.autograd.grad(out, [e, u], g), torch.autograd.grad(plain, [e, u], g)):
+        torch.testing.assert_close(got, expected, atol=1e-13, rtol=1e-13)
+    assert torch.autograd.gradcheck(lambda e, u: radial_filter(net, e, u, sigma), (e, u))
+    assert torch.autograd.gradgradcheck(lambda e, u: radial_filter(net, e, u, sigma), (e, u))

@@ -111,3 +111,26 @@ def test_frozen_model_compiles_and_exports(name):
     model = _model(name).requires_grad_(False)
     testing.check_compile(model, backend="eager")
     testing.check_export(model)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_frozen_model_chunked_kernels_equal_plain_operations(name, monkeypatch):
+    """A frozen model (as calculators run one) with tiny chunks runs the chunked kernels, the
+    filter networks chunk by chunk included (layers._message_kernels.FrozenFilter, SchNet- and
+    TensorNet-style): energy, forces and stress equal those with everything in one chunk."""
+    from molnets.layers import _message_kernels
+    from molnets.models import Potential
+
+    graph = testing.random_graph(12, cutoff=CUTOFF, periodic=True, seed=3)
+    calls = []
+    monkeypatch.setattr(_message_kernels.FrozenFilter, "forward", staticmethod(
+        lambda *args, _forward=_message_kernels.FrozenFilter.forward: calls.append(1) or _forward(*args)))
+    results = []
+    for chunk_numel, fresh_bytes in ((1 << 30, 1 << 62), (8, 0)):  # plain operations, then tiny chunks
+        monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", chunk_numel)
+        monkeypatch.setattr(_message_kernels, "FRESH_MAPPING_BYTES", fresh_bytes)
+        results.append(Potential(_model(name).double().requires_grad_(False), compute_stress=True)(graph))
+    plain, chunked = results
+    assert bool(calls) == (name != "mace")  # MACE's radial weights are not a radial_filter
+    for key in ("energy", "forces", "stress"):
+        assert torch.allclose(chunked[key], plain[key], atol=1e-11, rtol=1e-11), key

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..graph import AtomicGraph, edge_vectors, half_edge_graph
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
-from ..layers.mlp import MLP
+from ..layers.mlp import MLP, radial_filter
 from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, GaussianBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
@@ -94,7 +94,7 @@ class CFConvInteraction(nn.Module):
     def forward(
         self, node_feats: Tensor, edge_radial: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor
     ) -> Tensor:
-        filters = self.filter(edge_radial) * edge_envelope[:, None]                 # [P, C]
+        filters = radial_filter(self.filter, edge_radial, edge_envelope)            # [P, C]
         x = self.linear_in(node_feats)                                             # [N, C]
         messages = pair_convolution(filters[:, None], x[:, None], pair_i, pair_j)[:, 0]  # [N, C]
         return self.update(messages)                                               # [N, C]

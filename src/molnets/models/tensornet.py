@@ -52,7 +52,7 @@ from ..layers.cartesian import (
     to_components,
 )
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
-from ..layers.mlp import MLP
+from ..layers.mlp import MLP, radial_filter
 from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
@@ -143,7 +143,7 @@ class TensorEmbedding(nn.Module):
         C, num_atoms = self.num_channels, species.shape[0]
         z = self.species_embedding(species)                                              # [N, C]
         z_receiver, z_sender = self.pair_receiver(z), self.pair_sender(z)                # [N, C]
-        f = (self.radial(edge_rbf) * edge_envelope[:, None]).unflatten(-1, (3, C))       # [P, 3, C]
+        f = radial_filter(self.radial, edge_rbf, edge_envelope).unflatten(-1, (3, C))   # [P, 3, C]
         geometry = self.direction(edge_unit)                                             # [P, 9]
         z_ij = gather_rows(z_receiver, pair_i) + gather_rows(z_sender, pair_j)           # [P, C]
         z_ji = gather_rows(z_receiver, pair_j) + gather_rows(z_sender, pair_i)           # [P, C]
@@ -209,7 +209,7 @@ class TensorInteraction(nn.Module):
                    self_weights: Tensor) -> Tensor:
         """The layer in differentiable operations (``self_weights``: f(0) spread, [9, C])."""
         C = self.num_channels
-        f = (F.silu(self.radial(edge_rbf)) * edge_envelope[:, None]).unflatten(-1, (3, C))  # [P, 3, C]
+        f = radial_filter(self.radial, edge_rbf, edge_envelope, F.silu).unflatten(-1, (3, C))  # [P, 3, C]
         X = X / (tensor_norm(X) + 1)[..., None, None]                                    # [N, C, 3, 3]
         Y = self.linear_in(X)                                                            # [N, C, 3, 3]
         basis = self.basis(X)                                                            # [9, 3, 3]
