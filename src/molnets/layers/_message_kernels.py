@@ -31,6 +31,7 @@ chunk instead of keeping every hidden activation of every edge.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -391,9 +392,16 @@ class AtomicBasisMessages(torch.autograd.Function):
 # ------------------------------------------------- filter networks of frozen models, chunk by chunk
 
 
+_WIDEST: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
 def _widest(network: nn.Module) -> int:
-    """The widest output of a dense layer of ``network`` (its widest activation)."""
-    return max(m.out_features for m in network.modules() if isinstance(m, nn.Linear))
+    """The widest output of a dense layer of ``network`` (its widest activation), kept per
+    network (a module's layers do not change width; looked up at every call)."""
+    widest = _WIDEST.get(network)
+    if widest is None:
+        widest = _WIDEST[network] = max(m.out_features for m in network.modules() if isinstance(m, nn.Linear))
+    return widest
 
 
 # glibc's malloc serves a block above its largest mmap threshold (32 MiB) with a fresh mapping,
@@ -408,8 +416,10 @@ def filter_kernel_applies(network: nn.Module, radial: Tensor) -> bool:
     (``molnets._frozen.frozen_on_cpu_eager``), and its widest activation over all rows larger
     than ``FRESH_MAPPING_BYTES`` (below that, the backward's recomputation costs more than the
     activations it avoids keeping). Shapes and flags only."""
-    return (frozen_on_cpu_eager(network, radial)
-            and radial.shape[0] * _widest(network) * radial.element_size() > FRESH_MAPPING_BYTES)
+    # the cheap tests first: on a small molecule this runs per layer and call
+    return (radial.device.type == "cpu" and not torch.compiler.is_compiling()
+            and radial.shape[0] * _widest(network) * radial.element_size() > FRESH_MAPPING_BYTES
+            and frozen_on_cpu_eager(network, radial))
 
 
 def _filter(network: nn.Module, activation: Optional[Callable[[Tensor], Tensor]], radial: Tensor) -> Tensor:
