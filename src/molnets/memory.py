@@ -20,13 +20,26 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["reuse_freed_memory", "freed_memory_is_reused"]
 
 # mallopt parameters of glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+
+
+# set at start by the environment (MALLOC_MMAP_MAX_=0, as in the module docstring), or later by
+# reuse_freed_memory()
+_reused = os.environ.get("MALLOC_MMAP_MAX_") == "0"
+
+
+def freed_memory_is_reused() -> bool:
+    """Whether this process keeps freed memory for reuse: ``reuse_freed_memory()`` succeeded, or
+    the process started with ``MALLOC_MMAP_MAX_=0``. Then no block is a fresh mapping, and what
+    molnets does to avoid large fresh blocks (``layers._message_kernels.FrozenFilter``) is skipped."""
+    return _reused
 
 
 def reuse_freed_memory() -> bool:
@@ -51,4 +64,6 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    global _reused
+    _reused = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _reused

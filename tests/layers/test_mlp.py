@@ -54,6 +54,7 @@ def test_radial_filter_of_a_frozen_network_chunk_by_chunk_equals_plain_operation
 
     monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 24)                  # a few rows per chunk
     monkeypatch.setattr(_message_kernels, "FRESH_MAPPING_BYTES", 0)           # and on a small input
+    monkeypatch.setattr(_message_kernels, "freed_memory_is_reused", lambda: False)  # (`molnets md` in this process)
     torch.manual_seed(0)
     net = (MLP([5, 12, 16], activation="ssp") if network == "mlp" else nn.Linear(5, 16)).double()
     sigma = None if activation is None else F.silu

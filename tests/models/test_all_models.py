@@ -125,6 +125,7 @@ def test_frozen_model_chunked_kernels_equal_plain_operations(name, monkeypatch):
     calls = []
     monkeypatch.setattr(_message_kernels.FrozenFilter, "forward", staticmethod(
         lambda *args, _forward=_message_kernels.FrozenFilter.forward: calls.append(1) or _forward(*args)))
+    monkeypatch.setattr(_message_kernels, "freed_memory_is_reused", lambda: False)  # (`molnets md` in this process)
     results = []
     for chunk_numel, fresh_bytes in ((1 << 30, 1 << 62), (8, 0)):  # plain operations, then tiny chunks
         monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", chunk_numel)

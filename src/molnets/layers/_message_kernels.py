@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .._frozen import frozen_on_cpu_eager, reference_gradients
+from ..memory import freed_memory_is_reused
 
 # numbers per thread in the largest [chunk, n, C] buffer (1 MiB in float32): stays in cache
 # between the gather that writes it and the product and index_add that read it
@@ -407,19 +408,22 @@ def _widest(network: nn.Module) -> int:
 # glibc's malloc serves a block above its largest mmap threshold (32 MiB) with a fresh mapping,
 # faulted in page by page at every call (molnets.memory): the filter activations above this size
 # are what FrozenFilter saves. Measured (TensorNet-style, fcc Cu, 2 threads, A/B in one process):
-# widest activation 136 MB 1.48x, 57-68 MB 1.19x, 29 MB 1.00x, 8-17 MB 0.94x (the recomputation).
+# widest activation 136 MB 1.48x, 57-68 MB 1.19x, 29 MB 1.00x, 8-17 MB 0.94x (the recomputation);
+# with freed memory reused (no fresh mappings) 0.89x at 68 MB, so then it does not run.
 FRESH_MAPPING_BYTES = 32 << 20
 
 
 def filter_kernel_applies(network: nn.Module, radial: Tensor) -> bool:
     """Whether ``FrozenFilter`` runs: eager on the CPU, the network's weights frozen
-    (``molnets._frozen.frozen_on_cpu_eager``), and its widest activation over all rows larger
-    than ``FRESH_MAPPING_BYTES`` (below that, the backward's recomputation costs more than the
-    activations it avoids keeping). Shapes and flags only."""
+    (``molnets._frozen.frozen_on_cpu_eager``), its widest activation over all rows larger than
+    ``FRESH_MAPPING_BYTES`` (below that, the backward's recomputation costs more than the
+    activations it avoids keeping), and freed memory not kept for reuse
+    (``molnets.memory.freed_memory_is_reused``: then there are no fresh blocks to avoid).
+    Shapes and flags only."""
     # the cheap tests first: on a small molecule this runs per layer and call
     return (radial.device.type == "cpu" and not torch.compiler.is_compiling()
             and radial.shape[0] * _widest(network) * radial.element_size() > FRESH_MAPPING_BYTES
-            and frozen_on_cpu_eager(network, radial))
+            and not freed_memory_is_reused() and frozen_on_cpu_eager(network, radial))
 
 
 def _filter(network: nn.Module, activation: Optional[Callable[[Tensor], Tensor]], radial: Tensor) -> Tensor:

@@ -123,7 +123,8 @@ def radial_filter(network: nn.Module, radial: Tensor, envelope: Tensor,
     (SchNet's continuous filter, Schütt et al. 2018, Eqs. 11-12 with the cutoff; TensorNet's
     f = SiLU(MLP(e)) φ, Simeon & De Fabritiis 2023, Eq. 8.) With the network's weights frozen
     (as calculators run a model), eager on the CPU, and activations over all edges larger than
-    glibc's largest mmap threshold (32 MiB: a crystal of thousands of atoms), the same numbers
+    glibc's largest mmap threshold (32 MiB: a crystal of thousands of atoms; not when
+    ``molnets.memory.reuse_freed_memory`` keeps freed memory, which avoids the cost), the same numbers
     come from ``layers._message_kernels.FrozenFilter``, chunk by chunk of edges, keeping no hidden
     activation of every edge for the backward (TensorNet-style, 2048 atoms of Cu, float64:
     1.48x the whole call).
