@@ -124,10 +124,10 @@ def radial_filter(network: nn.Module, radial: Tensor, envelope: Tensor,
     f = SiLU(MLP(e)) φ, Simeon & De Fabritiis 2023, Eq. 8.) With the network's weights frozen
     (as calculators run a model), eager on the CPU, and activations over all edges larger than
     glibc's largest mmap threshold (32 MiB: a crystal of thousands of atoms; not when
-    ``molnets.memory.reuse_freed_memory`` keeps freed memory, which avoids the cost), the same numbers
-    come from ``layers._message_kernels.FrozenFilter``, chunk by chunk of edges, keeping no hidden
-    activation of every edge for the backward (TensorNet-style, 2048 atoms of Cu, float64:
-    1.48x the whole call).
+    ``molnets.memory.reuse_freed_memory`` keeps freed memory, which avoids that cost), the same
+    numbers come from ``layers._message_kernels.FrozenFilter``, chunk by chunk of edges, keeping
+    no hidden activation of every edge for the backward (TensorNet-style, 2048 atoms of Cu,
+    float64: 1.48x the whole call).
 
     Args:
         network: module mapping [E, K] to [E, D] (an ``MLP`` or an ``nn.Linear``).

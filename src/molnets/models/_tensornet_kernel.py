@@ -11,8 +11,8 @@ a stack of matrices stored as [9, L] (entry (a, b) of all L = N C matrices in on
 Components [9, L] and entries [9, L] are one [9, 9] matrix product apart (the orthonormal basis
 of ``layers.cartesian``). Everything that acts part by part (the I, A and S rows of the 9
 components) does so on slices, never spreading a part's [.., 3, C] numbers over 9 rows first: the
-filters on the per-pair rows (``layers._message_kernels.scale_parts``, ``_sum_parts``) and the channel maps
-(``_linear_by_part``: three matrix products with the part's rows stacked). The per-pair
+filters on the per-pair rows (``layers._message_kernels.scale_parts``, ``_sum_parts``) and the
+channel maps (``_linear_by_part``: three matrix products with the part's rows stacked). The per-pair
 temporaries [2P, 9, C] live in buffers reused from call to call (``_workspace``).
 ``TensorInteraction._reference`` is the oracle; the tests compare the two (values and
 gradients, first and second order).
@@ -171,7 +171,7 @@ class FrozenInteraction(torch.autograd.Function):
         y = u.transpose(0, 1).contiguous()                                          # [N, 9, C]
         # both directions of every pair: one gather, one product, one sum
         messages = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=_workspace(0, (2 * P, 9, C), y))
-        scale_parts(messages.view(2, P, 9, C), f, PART_SLICES)                     # [2P, 9, C]
+        scale_parts(messages.view(2, P, 9, C), f, PART_SLICES)                      # [2P, 9, C]
         M = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_i, pair_j]), messages),
                           self_weights, y)                                          # [N, 9, C]
         M = torch.mm(basis.T, M.transpose(0, 1).reshape(9, -1))                     # [9, L] entries
@@ -198,7 +198,7 @@ class FrozenInteraction(torch.autograd.Function):
         grad = grad.reshape(-1, 9).T                                                # [9, L] entries
         grad_D = grad + _anticommutator(_matrices(grad), _transposed(D))            # [9, L]
         grad_A = _linear_by_part(torch.mm(basis, grad_D).view(9, N, C), layer.linear_out.weight,
-                                 adjoint=True)     # [9, N, C]
+                                 adjoint=True)                                      # [9, N, C]
         grad_A = _normalized_gradient(torch.mm(basis.T, grad_A.view(9, -1)), A, A_norm)  # [9, L]
         grad_M = _anticommutator(_matrices(grad_A), _transposed(Y))                 # [9, L]
         grad_Y = _anticommutator(_transposed(M), _matrices(grad_A))                 # [9, L]
@@ -208,7 +208,7 @@ class FrozenInteraction(torch.autograd.Function):
         products = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=_workspace(1, (2 * P, 9, C), y))
         products = products.mul_(grad_messages).view(2, P, 9, C)                    # [2, P, 9, C]
         grad_f = _sum_parts(torch.add(products[0], products[1], out=_workspace(2, (P, 9, C), y)))  # [P, 3, C]
-        scale_parts(grad_messages.view(2, P, 9, C), f, PART_SLICES)                # [2P, 9, C]
+        scale_parts(grad_messages.view(2, P, 9, C), f, PART_SLICES)                 # [2P, 9, C]
         grad_y = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_j, pair_i]), grad_messages),
                                self_weights, grad_m)                                # [N, 9, C]
         grad_u = torch.addmm(grad_y.transpose(0, 1).reshape(9, -1), basis, grad_Y)  # [9, L] components
@@ -268,7 +268,7 @@ class FrozenEmbedding(torch.autograd.Function):
         pre_activations: List[Tensor] = []
         gates = _dense_chain(layer.gates, normalized, pre_activations)              # [N, 3C]
         scales = gates.view(N, 3, C).index_select(1, part_of_row).transpose(0, 1)   # [9, N, C]
-        v = _linear_by_part(X, layer.linear.weight)                           # [9, N, C]
+        v = _linear_by_part(X, layer.linear.weight)                                 # [9, N, C]
         out = torch.mm(basis.T, (v * scales).view(9, -1))                           # [9, L] entries
         ctx.layer, ctx.constants = layer, (species, self_rbf)  # no gradient; pair_i, pair_j are saved
         ctx.save_for_backward(edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, basis, z_pair, radial, geometry,
