@@ -40,9 +40,11 @@ def test_silu_mlp_unchanged():
     torch.testing.assert_close(mlp(x), mlp[2](torch.nn.functional.silu(mlp[0](x))))
 
 
+@pytest.mark.parametrize("with_envelope", [True, False], ids=["envelope", "no envelope"])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("network", ["mlp", "linear"])
-def test_radial_filter_of_a_frozen_network_chunk_by_chunk_equals_plain_operations(network, activation, monkeypatch):
+def test_radial_filter_of_a_frozen_network_chunk_by_chunk_equals_plain_operations(network, activation, with_envelope,
+                                                                                 monkeypatch):
     """radial_filter with frozen weights on large activations runs FrozenFilter (forward
     chunk by chunk, backward recomputing each chunk): values and the gradients of e and u equal
     the plain operations' to 1e-13, gradcheck and gradgradcheck (the double backward goes
@@ -59,7 +61,8 @@ def test_radial_filter_of_a_frozen_network_chunk_by_chunk_equals_plain_operation
     net = (MLP([5, 12, 16], activation="ssp") if network == "mlp" else nn.Linear(5, 16)).double()
     sigma = None if activation is None else F.silu
     e = torch.randn(23, 5, dtype=torch.float64, requires_grad=True)
-    u = torch.rand(23, dtype=torch.float64, requires_grad=True)
+    u = torch.rand(23, dtype=torch.float64, requires_grad=True) if with_envelope else None
+    inputs = (e, u) if with_envelope else (e,)
     plain = radial_filter(net, e, u, sigma)                                   # trainable: plain operations
     assert "FrozenFilter" not in type(plain.grad_fn).__name__
     net.requires_grad_(False)
@@ -67,7 +70,7 @@ def test_radial_filter_of_a_frozen_network_chunk_by_chunk_equals_plain_operation
     assert type(out.grad_fn).__name__ == "FrozenFilterBackward"
     torch.testing.assert_close(out, plain, atol=1e-13, rtol=1e-13)
     g = torch.randn_like(out)
-    for got, expected in zip(torch.autograd.grad(out, [e, u], g), torch.autograd.grad(plain, [e, u], g)):
+    for got, expected in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(plain, inputs, g)):
         torch.testing.assert_close(got, expected, atol=1e-13, rtol=1e-13)
-    assert torch.autograd.gradcheck(lambda e, u: radial_filter(net, e, u, sigma), (e, u))
-    assert torch.autograd.gradgradcheck(lambda e, u: radial_filter(net, e, u, sigma), (e, u))
+    assert torch.autograd.gradcheck(lambda e, u=None: radial_filter(net, e, u, sigma), inputs)
+    assert torch.autograd.gradgradcheck(lambda e, u=None: radial_filter(net, e, u, sigma), inputs)

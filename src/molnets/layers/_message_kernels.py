@@ -444,11 +444,12 @@ class FrozenFilter(torch.autograd.Function):
     (create_graph) the gradients come from the plain operations (differentiable again).
 
     Shapes:
-        radial e [E, K], envelope u [E], network (frozen), activation σ or None  ->  [E, D]
+        radial e [E, K], envelope u [E] or None (u = 1), network (frozen), activation σ or None
+        ->  [E, D]
     """
 
     @staticmethod
-    def forward(ctx: Any, radial: Tensor, envelope: Tensor, network: nn.Module,
+    def forward(ctx: Any, radial: Tensor, envelope: Optional[Tensor], network: nn.Module,
                 activation: Optional[Callable[[Tensor], Tensor]]) -> Tensor:
         rows = _chunk_size(_widest(network))
         out = None
@@ -456,7 +457,10 @@ class FrozenFilter(torch.autograd.Function):
             chunk = _filter(network, activation, radial[start:start + rows])         # [p, D]
             if out is None:
                 out = chunk.new_empty(radial.shape[0], chunk.shape[1])               # [E, D]
-            torch.mul(chunk, envelope[start:start + rows, None], out=out[start:start + rows])
+            if envelope is None:
+                out[start:start + rows] = chunk
+            else:
+                torch.mul(chunk, envelope[start:start + rows, None], out=out[start:start + rows])
         ctx.save_for_backward(radial, envelope)
         ctx.network, ctx.activation = network, activation
         return out
@@ -467,6 +471,9 @@ class FrozenFilter(torch.autograd.Function):
         network, activation = ctx.network, ctx.activation
         needs = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the plain operations
+            if envelope is None:
+                return reference_gradients(lambda e: _filter(network, activation, e), [radial], needs[:1], grad,
+                                           num_args=4)
             return reference_gradients(lambda e, u: _filter(network, activation, e) * u[:, None],
                                        [radial, envelope], needs, grad, num_args=4)
         grad_radial = torch.empty_like(radial) if needs[0] else None                # [E, K]
@@ -480,5 +487,6 @@ class FrozenFilter(torch.autograd.Function):
             if grad_envelope is not None:
                 torch.sum(grad[start:stop] * chunk.detach(), dim=1, out=grad_envelope[start:stop])
             if grad_radial is not None:
-                (grad_radial[start:stop],) = torch.autograd.grad(chunk, [e], grad[start:stop] * envelope[start:stop, None])
+                grad_chunk = grad[start:stop] if envelope is None else grad[start:stop] * envelope[start:stop, None]
+                (grad_radial[start:stop],) = torch.autograd.grad(chunk, [e], grad_chunk)
         return grad_radial, grad_envelope, None, None

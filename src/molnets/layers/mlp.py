@@ -114,11 +114,12 @@ def _bias_after_ssp(layer: nn.Linear) -> Tensor:
     return shift.neg() if layer.bias is None else layer.bias - shift
 
 
-def radial_filter(network: nn.Module, radial: Tensor, envelope: Tensor,
+def radial_filter(network: nn.Module, radial: Tensor, envelope: Optional[Tensor] = None,
                   activation: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Edge filters from a filter-generating network on a radial basis, times the cutoff envelope:
 
-        W_e = σ(network(e(r_e))) u(r_e)
+        W_e = σ(network(e(r_e))) u(r_e)      (u = 1 without an envelope: MACE's radial weights,
+                                               whose basis carries the cutoff already)
 
     (SchNet's continuous filter, Schütt et al. 2018, Eqs. 11-12 with the cutoff; TensorNet's
     f = SiLU(MLP(e)) φ, Simeon & De Fabritiis 2023, Eq. 8.) With the network's weights frozen
@@ -132,7 +133,7 @@ def radial_filter(network: nn.Module, radial: Tensor, envelope: Tensor,
     Args:
         network: module mapping [E, K] to [E, D] (an ``MLP`` or an ``nn.Linear``).
         radial: e(r) [E, K].
-        envelope: u(r) [E].
+        envelope: u(r) [E], or None.
         activation: σ after the network's last layer, or None.
 
     Shapes:
@@ -146,4 +147,5 @@ def radial_filter(network: nn.Module, radial: Tensor, envelope: Tensor,
     if filter_kernel_applies(network, radial):
         return FrozenFilter.apply(radial, envelope, network, activation)
     out = network(radial)                                                               # [E, D]
-    return (out if activation is None else activation(out)) * envelope[:, None]         # [E, D]
+    out = out if activation is None else activation(out)
+    return out if envelope is None else out * envelope[:, None]                         # [E, D]

@@ -28,6 +28,7 @@ from molnets._ace_coupling import irreps_slices
 from molnets._constants import float64_constant, register_constant, restore_constants
 from molnets.ace import AtomicBasis
 from molnets.layers._message_kernels import atomic_basis
+from molnets.layers.mlp import radial_filter
 
 __all__ = ["PairAtomicBasis"]
 
@@ -91,7 +92,7 @@ class PairAtomicBasis(nn.Module):
         # Channels last inside (contiguous for the elementwise products), [N, C, M] outside.
         basis = self.basis
         N, P, C = h.shape[0], edge_radial.shape[0], basis.num_channels
-        R = basis.radial_weights(edge_radial).reshape(P, C, basis.num_paths).transpose(1, 2)  # [P, paths, C]
+        R = radial_filter(basis.radial_weights, edge_radial).reshape(P, C, basis.num_paths).transpose(1, 2)  # [P, paths, C]
         K = (edge_sh @ self.coupling).view(edge_sh.shape[0], self.num_components, self.num_rows)  # [E, M, rows]: C · Y
         radial, node_feats = [], []
         for b, ((start, stop, mul, dim), W) in enumerate(zip(basis.in_slices, basis.channel_weights)):
