@@ -426,8 +426,9 @@ def filter_kernel_applies(network: nn.Module, radial: Tensor) -> bool:
             and not freed_memory_is_reused() and frozen_on_cpu_eager(network, radial))
 
 
-def _filter(network: nn.Module, activation: Optional[Callable[[Tensor], Tensor]], radial: Tensor) -> Tensor:
-    """σ(network(e)), or network(e) without an activation. [rows, D]"""
+def network_output(network: nn.Module, activation: Optional[Callable[[Tensor], Tensor]], radial: Tensor) -> Tensor:
+    """σ(network(e)), or network(e) without an activation (``mlp.radial_filter`` before the
+    envelope). [rows, D]"""
     out = network(radial)
     return out if activation is None else activation(out)
 
@@ -454,7 +455,7 @@ class FrozenFilter(torch.autograd.Function):
         rows = _chunk_size(_widest(network))
         out = None
         for start in range(0, radial.shape[0], rows):
-            chunk = _filter(network, activation, radial[start:start + rows])         # [p, D]
+            chunk = network_output(network, activation, radial[start:start + rows])  # [p, D]
             if out is None:
                 out = chunk.new_empty(radial.shape[0], chunk.shape[1])               # [E, D]
             if envelope is None:
@@ -472,9 +473,9 @@ class FrozenFilter(torch.autograd.Function):
         needs = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the plain operations
             if envelope is None:
-                return reference_gradients(lambda e: _filter(network, activation, e), [radial], needs[:1], grad,
-                                           num_args=4)
-            return reference_gradients(lambda e, u: _filter(network, activation, e) * u[:, None],
+                return reference_gradients(lambda e: network_output(network, activation, e), [radial], needs[:1],
+                                           grad, num_args=4)
+            return reference_gradients(lambda e, u: network_output(network, activation, e) * u[:, None],
                                        [radial, envelope], needs, grad, num_args=4)
         grad_radial = torch.empty_like(radial) if needs[0] else None                # [E, K]
         grad_envelope = torch.empty_like(envelope) if needs[1] else None             # [E]
@@ -483,7 +484,7 @@ class FrozenFilter(torch.autograd.Function):
             stop = min(start + rows, radial.shape[0])
             with torch.enable_grad():
                 e = radial[start:stop].detach().requires_grad_(needs[0])              # [p, K]
-                chunk = _filter(network, activation, e)                              # [p, D]
+                chunk = network_output(network, activation, e)                       # [p, D]
             if grad_envelope is not None:
                 torch.sum(grad[start:stop] * chunk.detach(), dim=1, out=grad_envelope[start:stop])
             if grad_radial is not None:

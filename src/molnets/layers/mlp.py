@@ -142,10 +142,9 @@ def radial_filter(network: nn.Module, radial: Tensor, envelope: Optional[Tensor]
     >>> radial_filter(MLP([3, 4, 2]), torch.zeros(5, 3), torch.ones(5)).shape
     torch.Size([5, 2])
     """
-    from ._message_kernels import FrozenFilter, filter_kernel_applies
+    from ._message_kernels import FrozenFilter, filter_kernel_applies, network_output
 
     if filter_kernel_applies(network, radial):
         return FrozenFilter.apply(radial, envelope, network, activation)
-    out = network(radial)                                                               # [E, D]
-    out = out if activation is None else activation(out)
+    out = network_output(network, activation, radial)                                   # [E, D]
     return out if envelope is None else out * envelope[:, None]                         # [E, D]
