@@ -135,3 +135,21 @@ def test_frozen_model_chunked_kernels_equal_plain_operations(name, monkeypatch):
     assert calls  # the filter networks ran chunk by chunk
     for key in ("energy", "forces", "stress"):
         assert torch.allclose(chunked[key], plain[key], atol=1e-11, rtol=1e-11), key
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torch_func_hessian_equals_autograd_hessian(name, frozen):
+    """torch.func transforms (here jacrev of grad: the Hessian of the energy in the positions)
+    work on every model, trainable or frozen (the frozen kernels and the spherical harmonics'
+    autograd.Function step aside for them), and give autograd's double-backward Hessian."""
+    model = _model(name).double().requires_grad_(not frozen)
+    graph = testing.random_graph(6, cutoff=CUTOFF, seed=1)
+
+    def energy(positions):
+        return model(graph._replace(positions=positions)).sum()
+
+    expected = torch.autograd.functional.hessian(energy, graph.positions)             # [6, 3, 6, 3]
+    got = torch.func.jacrev(torch.func.grad(energy))(graph.positions)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)

@@ -512,10 +512,10 @@ class _SphericalHarmonicsFn(torch.autograd.Function):
 
 def _evaluate(vectors: Tensor, lmax: int, normalize: bool, tensors: List[Tensor]) -> Tensor:
     flat = vectors if vectors.dim() == 2 else vectors.reshape(-1, 3)  # no view node for [E, 3]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         # Plain differentiable ops: the compiler derives the backward itself and fuses both
         # (and dynamo need not trace the autograd.Function, which torch 2.11's inductor
-        # could not on CUDA).
+        # could not on CUDA); torch.func transforms (grad, jacrev, vmap) differentiate them too.
         sh = _forward_plain(flat, lmax, normalize, tuple(tensors))              # [E, M]
     elif torch.is_grad_enabled() and flat.requires_grad:
         sh = _SphericalHarmonicsFn.apply(flat, lmax, normalize, tuple(tensors))   # [E, M]
