@@ -115,6 +115,49 @@ def test_pair_atomic_basis_equals_the_reference():
         torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
 
 
+def _graph_nodes(output: torch.Tensor) -> set:
+    """The names of every autograd node that ``output`` depends on."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in seen:
+            seen.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
+def test_frozen_pair_atomic_basis_takes_the_kernel_in_one_chunk():
+    """Frozen weights: from FROZEN_KERNEL_BYTES of messages on, the chunked kernel runs even when
+    the pairs fit in one chunk (a molecule), with the reference's values and gradients;
+    trainable weights (a training step may want the graph of the backward) keep the reference."""
+    from molnets.layers import _message_kernels
+
+    torch.manual_seed(0)
+    N, P, C = 12, 200, 32
+    reference = AtomicBasis(
+        o3.Irreps(f"{C}x0e + {C}x1o"), o3.Irreps.spherical_harmonics(3), o3.Irreps(f"{C}x0e + {C}x1o + {C}x2e + {C}x3o"),
+        num_basis=5, avg_num_neighbors=3.0, radial_hidden=(8,)).double()
+    trainable = PairAtomicBasis(reference)
+    h = torch.randn(N, reference.irreps_in.dim, dtype=torch.float64, requires_grad=True)
+    edge_sh = torch.randn(2 * P, 16, dtype=torch.float64, requires_grad=True)
+    edge_radial = torch.randn(P, 5, dtype=torch.float64, requires_grad=True)
+    senders, receivers = torch.randint(0, N, (2 * P,)), torch.randint(0, N, (2 * P,))
+    rows = 4 + 6 * 3  # (path, m2) rows of X: 4 paths from 0e, 6 from 1o
+    assert P * rows * C * 8 >= _message_kernels.FROZEN_KERNEL_BYTES  # the messages are above the threshold
+    assert not _message_kernels.kernel_applies(P, rows * C, h)  # and fit in one chunk
+    args = (h, edge_sh, edge_radial, senders, receivers)
+    expected = trainable(*args)
+    assert "AtomicBasisMessagesBackward" not in _graph_nodes(expected)
+    frozen = PairAtomicBasis(reference).requires_grad_(False)
+    ours = frozen(*args)
+    assert "AtomicBasisMessagesBackward" in _graph_nodes(ours)
+    torch.testing.assert_close(ours, expected, atol=1e-12, rtol=1e-12)
+    v = torch.randn_like(ours)
+    for g, g_ref in zip(torch.autograd.grad(ours, [h, edge_sh, edge_radial], v),
+                        torch.autograd.grad(expected, [h, edge_sh, edge_radial], v)):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+
+
 def test_loads_files_that_saved_the_coupling_tensors(tmp_path):
     """Files saved by earlier 0.1.0 builds kept the product basis' U in the state dict ([T, ..., K]);
     they load, and the model computes the same energies as the one that was saved."""

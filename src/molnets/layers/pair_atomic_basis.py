@@ -15,7 +15,8 @@ which it wraps), computed with less work:
   paths into A: no [E, C, Q] intermediate, no gathers, no dense path-summing product.
 - On the CPU in eager mode, X, the per-edge messages and their gradients are built chunk by chunk
   of pairs in reused buffers (``_message_kernels.AtomicBasisMessages``, tested equal to
-  ``atomic_basis_messages``): no [E, M, C] tensor in memory.
+  ``atomic_basis_messages``): no [E, M, C] tensor in memory. With frozen weights also on a
+  molecule whose messages fit in one chunk, from 1 MiB of them on (``FROZEN_KERNEL_BYTES``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from molnets._ace_coupling import irreps_slices
 from molnets._constants import float64_constant, register_constant, restore_constants
+from molnets._frozen import frozen_on_cpu_eager
 from molnets.ace import AtomicBasis
 from molnets.layers._message_kernels import atomic_basis
 from molnets.layers.mlp import radial_filter
@@ -99,7 +101,8 @@ class PairAtomicBasis(nn.Module):
             h_b = h[:, start:stop].reshape(N, mul, dim).transpose(1, 2).reshape(N * dim, mul)   # [N d, u]
             node_feats.append((h_b @ W).view(N, dim, W.shape[1]))  # [N, 2 l2 + 1, C]: Σ_u h_{n u b} W_{u c}
             radial.append(_select_paths(R, getattr(self, f"paths_of{b}")))  # [P, n_b, C]: the paths from this irrep
-        A = atomic_basis(K, senders, receivers, N, radial, node_feats)  # [N, M, C]
+        frozen = frozen_on_cpu_eager(self, h)
+        A = atomic_basis(K, senders, receivers, N, radial, node_feats, frozen=frozen)  # [N, M, C]
         return A.transpose(1, 2) * basis.inv_avg_num_neighbors  # [N, C, M]
 
 
