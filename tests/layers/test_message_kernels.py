@@ -167,3 +167,18 @@ def test_atomic_basis_kernel_gradients_equal_reference_and_twice_differentiable(
     small = [t.requires_grad_() for t in [K, radial[0], node_feats[0], radial[1], node_feats[1]]]
     assert torch.autograd.gradcheck(kernel, small)
     assert torch.autograd.gradgradcheck(kernel, small)
+
+
+def test_sum_parts_is_the_adjoint_of_spread_over_rows():
+    """<spread(w), r> = <w, sum_parts(r)> for any w, r; and each part's rows summed, into ``out`` too."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    r = torch.randn(5, 9, 4, generator=g, dtype=torch.float64)
+    summed = _message_kernels.sum_parts(r, TENSORNET_PARTS)
+    for k, (a, b) in enumerate(TENSORNET_PARTS):
+        torch.testing.assert_close(summed[:, k], r[:, a:b].sum(1), atol=1e-14, rtol=0)
+    spread = _message_kernels.spread_over_rows(w, TENSORNET_PARTS)
+    torch.testing.assert_close((spread * r).sum(), (w * summed).sum(), atol=1e-12, rtol=0)
+    out = torch.full((5, 3, 4), float("nan"), dtype=torch.float64)
+    assert _message_kernels.sum_parts(r, TENSORNET_PARTS, out=out) is out
+    torch.testing.assert_close(out, summed, atol=0, rtol=0)

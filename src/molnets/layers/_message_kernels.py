@@ -32,7 +32,7 @@ chunk instead of keeping every hidden activation of every edge.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -64,9 +64,34 @@ def spread_over_rows(weights: Tensor, parts: Sequence[Tuple[int, int]]) -> Tenso
         return weights                                                              # [E, 1, C]
     if torch.compiler.is_compiling():
         return torch.cat([weights[:, k:k + 1].expand(-1, b - a, -1) for k, (a, b) in enumerate(parts)], dim=1)
-    part_of_row = torch.tensor([k for k, (a, b) in enumerate(parts) for _ in range(a, b)],
-                               device=weights.device)                               # [n]
-    return weights.index_select(1, part_of_row)                                     # [E, n, C]
+    return weights.index_select(1, _part_of_row(parts, weights.device))              # [E, n, C]
+
+
+def sum_parts(rows: Tensor, parts: Sequence[Tuple[int, int]], out: Optional[Tensor] = None) -> Tensor:
+    """Σ over the rows of each part, the adjoint of ``spread_over_rows``: one index_add over the
+    row axis (1.3-2x faster than a sum per part at [150-300, 9, 128]); differentiable, or into
+    ``out`` (overwritten). Used by the kernels (eager).
+
+    Shapes:
+        rows [..., n, C]  ->  [..., K, C]
+    """
+    out = rows.new_zeros(rows.shape[:-2] + (len(parts), rows.shape[-1])) if out is None else out.zero_()
+    index = _part_of_row(parts, rows.device)                                        # [n]
+    return out.index_add_(-2, index, rows)
+
+
+_PART_OF_ROW: Dict[Tuple[Tuple[Tuple[int, int], ...], torch.device], Tensor] = {}
+
+
+def _part_of_row(parts: Sequence[Tuple[int, int]], device: torch.device) -> Tensor:
+    """The part k of every row n, [n] (long), kept per parts and device."""
+    key = (tuple((int(a), int(b)) for a, b in parts), torch.device(device))
+    index = _PART_OF_ROW.get(key)
+    if index is None:
+        with torch.inference_mode(False):  # usable outside inference mode (saved for a backward)
+            index = _PART_OF_ROW[key] = torch.tensor(
+                [k for k, (a, b) in enumerate(key[0]) for _ in range(a, b)], device=device)
+    return index
 
 
 def _chunk_size(message_numel: int) -> int:
@@ -124,9 +149,7 @@ def backward_chunked(grad_out: Tensor, weights: Tensor, x: Tensor, pair_i: Tenso
         gi, gj = torch.index_select(grad_out, 0, i, out=g_i[:p]), torch.index_select(grad_out, 0, j, out=g_j[:p])
         if grad_w is not None:
             xi, xj = torch.index_select(x, 0, i, out=x_i[:p]), torch.index_select(x, 0, j, out=x_j[:p])
-            products = xj.mul_(gi).addcmul_(gj, xi)                                  # [p, n, C]
-            for k, (a, b) in enumerate(parts):
-                torch.sum(products[:, a:b], dim=1, out=grad_w[start:stop, k])
+            sum_parts(xj.mul_(gi).addcmul_(gj, xi), parts, out=grad_w[start:stop])   # [p, K, C]
         if grad_x is not None:
             scale_parts(gj, w, parts)
             grad_x.index_add_(0, i, gj)
@@ -140,7 +163,7 @@ def weight_gradient(grad_out: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
     """dw of the module docstring in differentiable operations. -> [P, K, C]"""
     products = (grad_out.index_select(0, pair_i) * x.index_select(0, pair_j)
                 + grad_out.index_select(0, pair_j) * x.index_select(0, pair_i))     # [P, n, C]
-    return torch.stack([products[:, a:b].sum(1) for a, b in parts], dim=1)          # [P, K, C]
+    return sum_parts(products, parts)                                               # [P, K, C]
 
 
 class PairConvolution(torch.autograd.Function):
@@ -191,8 +214,7 @@ def _outer_grads(G: Tensor, u: Tensor, weights: Tensor, parts: Sequence[Tuple[in
     """(du, dweights) from the gathered output gradient G [E, n, C] (module docstring)."""
     grad_u = torch.cat([(G[:, a:b] * weights[:, k:k + 1]).sum(-1)
                         for k, (a, b) in enumerate(parts)], dim=1) if need_u else None       # [E, n]
-    grad_w = torch.stack([(G[:, a:b] * u[:, a:b, None]).sum(1)
-                          for a, b in parts], dim=1) if need_weights else None               # [E, K, C]
+    grad_w = sum_parts(G * u[:, :, None], parts) if need_weights else None                  # [E, K, C]
     return grad_u, grad_w
 
 
