@@ -326,12 +326,14 @@ FROZEN_KERNEL_BYTES = 1 << 20
 def atomic_basis(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
                  radial: Sequence[Tensor], node_feats: Sequence[Tensor], frozen: bool = False) -> Tensor:
     """``atomic_basis_messages``, by the chunked kernel where ``kernel_applies``, or, for a
-    frozen layer (``frozen``: ``_frozen.frozen_on_cpu_eager``, whose graph of the backward is
-    never wanted in training), also in one chunk from FROZEN_KERNEL_BYTES of messages on: its
-    backward, one pass without autograd's per-operation nodes, then beats the reference's.
+    frozen layer (``frozen``: ``_frozen.frozen_on_cpu_eager``), also in one chunk from
+    FROZEN_KERNEL_BYTES of messages on: its backward, one pass without autograd's per-operation
+    nodes, then beats the reference's. A trainable layer keeps the reference there (a training
+    step wants the graph of the backward, which the kernel builds by running the reference again).
     -> [N, M, C]"""
     num_pairs, numel = K.shape[0] // 2, _atomic_basis_message_numel(K, node_feats)
-    if kernel_applies(num_pairs, numel, K) or (frozen and num_pairs * numel * K.element_size() >= FROZEN_KERNEL_BYTES):
+    frozen_and_large = frozen and num_pairs * numel * K.element_size() >= FROZEN_KERNEL_BYTES
+    if kernel_applies(num_pairs, numel, K) or frozen_and_large:
         tensors = [t for pair in zip(radial, node_feats) for t in pair]
         return AtomicBasisMessages.apply(K, senders, receivers, num_atoms, *tensors)
     return atomic_basis_messages(K, senders, receivers, num_atoms, radial, node_feats)
