@@ -150,3 +150,18 @@ def test_mismatched_cutoffs_rejected_and_shapes():
     emb = RadialEmbedding(GaussianBasis(5.0, 7), CosineEnvelope(5.0, power=2))
     assert emb(torch.rand(11) * 6).shape == (11, 7) and emb.num_basis == 7 and emb.cutoff == 5.0
     assert PolynomialEnvelope(5.0)(torch.tensor([0.0]))[0] == 1.0
+
+
+@pytest.mark.parametrize("module", [lambda: GaussianBasis(CUTOFF, 6), lambda: CosineEnvelope(CUTOFF),
+                                    lambda: CosineEnvelope(CUTOFF, power=3)],
+                         ids=["gaussian", "cosine1", "cosine3"])
+def test_with_derivative_equals_the_forward_and_its_autograd_derivative(module):
+    """``with_derivative`` (for kernels with a hand-written backward): the forward's values and
+    their derivative by autograd, inside the cutoff, at it and beyond (zero there)."""
+    module = module()
+    r = torch.tensor(np.r_[np.linspace(0.0, CUTOFF * 1.3, 41), CUTOFF])
+    values, slopes = module.with_derivative(r)
+    expected, first, _ = derivatives(module, r)
+    torch.testing.assert_close(values, module(r), atol=1e-15, rtol=1e-14)
+    torch.testing.assert_close(slopes, first.reshape(slopes.shape), atol=1e-14, rtol=1e-13)
+    assert slopes.abs().max() > 0.1

@@ -18,6 +18,7 @@ force derivatives). Every envelope is exactly 0 beyond r_c, with zero gradients 
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +124,13 @@ class GaussianBasis(nn.Module):
     def forward(self, lengths: Tensor) -> Tensor:
         offsets = lengths[:, None] - self.centers.to(lengths.dtype)            # [E, K]
         return torch.exp(offsets.square() * (-0.5 / self.width**2))            # [E, K]
+
+    def with_derivative(self, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """e_k(r) and de_k/dr = -(r - mu_k) e_k(r) / sigma^2 (in 1/Å), for kernels with a
+        hand-written backward. [E, K] each"""
+        offsets = lengths[:, None] - self.centers.to(lengths.dtype)            # [E, K]
+        values = torch.exp(offsets.square() * (-0.5 / self.width**2))          # [E, K]
+        return values, offsets.mul_(values).mul_(-1.0 / self.width**2)        # [E, K]
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, num_basis={self.num_basis}, width={self.width:.4g}"
@@ -244,6 +252,18 @@ class CosineEnvelope(nn.Module):
         if self.power > 1:
             u = u**self.power
         return torch.where(inside, u, torch.zeros_like(u))                     # [E]
+
+    def with_derivative(self, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """u(r) and du/dr = -n (pi / (2 r_c)) sin(pi x) c^(n-1) (c = (cos(pi x) + 1) / 2; in 1/Å; 0
+        beyond r_c), for kernels with a hand-written backward. [E] each"""
+        inside = lengths < self.cutoff                                         # [E]
+        angle = lengths * (math.pi / self.cutoff)                              # [E]
+        c = torch.cos(angle).add_(1.0).mul_(0.5)                               # [E]
+        slope = torch.sin(angle).mul_(-0.5 * math.pi / self.cutoff * self.power)  # [E]
+        if self.power > 1:
+            slope = slope * c ** (self.power - 1)
+            c = c**self.power
+        return c.masked_fill_(~inside, 0.0), slope.masked_fill_(~inside, 0.0)  # [E], [E]
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, power={self.power}"

@@ -29,12 +29,14 @@ from typing import ClassVar, Tuple
 
 from torch import Tensor, nn
 
+from .._frozen import frozen_cached, frozen_kernel_applies, parameters_of
 from ..graph import AtomicGraph, edge_vectors, half_edge_graph
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP, radial_filter
 from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, GaussianBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
+from ._schnet_kernel import FrozenInteractions, arranged_weights, kernel_supports
 from .base import DesignSpace, count_parameters
 
 __all__ = ["SchNetConfig", "SchNet", "CFConvInteraction"]
@@ -127,17 +129,32 @@ class SchNet(nn.Module):
         self.head = EnergyHead([c.num_channels, c.num_channels // 2 or 1, 1], activation="ssp")
         self.scale_shift = ScaleShift()
         self.reference_energies = AtomicReferenceEnergies(c.species)
+        self._frozen: dict = {}  # the kernel's arranged weights while frozen (molnets._frozen)
 
     def forward(self, graph: AtomicGraph) -> Tensor:
         species = self.species_index(graph.atomic_numbers)                           # [N]
         pair_graph = half_edge_graph(graph)                                          # P = E // 2 edges
-        edge_len = edge_vectors(pair_graph).norm(dim=-1)                             # [P]
+        pair_i, pair_j = pair_graph.receivers, pair_graph.senders                    # [P]
+        edge_vec = edge_vectors(pair_graph)                                          # [P, 3]
+        h = self.embedding(species)                                                  # [N, C]
+        parameters = parameters_of(self)
+        if (frozen_kernel_applies(self, edge_vec, pair_i.shape[0], self.config.num_channels, parameters=parameters)
+                and kernel_supports(self)):
+            weights = frozen_cached(self._frozen, "kernel", parameters, lambda: arranged_weights(self))
+            h = FrozenInteractions.apply(edge_vec, h, pair_i, pair_j, self, weights)  # one node, same numbers
+        else:
+            h = self._interactions(edge_vec, h, pair_i, pair_j)                      # [N, C]
+        return self.scale_shift(self.head(h)) + self.reference_energies(species)     # [N]
+
+    def _interactions(self, edge_vec: Tensor, h: Tensor, pair_i: Tensor, pair_j: Tensor) -> Tensor:
+        """The node features after the T interaction blocks, in differentiable operations (the
+        oracle of ``_schnet_kernel.FrozenInteractions``). [P, 3], [N, C]  ->  [N, C]"""
+        edge_len = edge_vec.norm(dim=-1)                                             # [P]
         edge_radial = self.radial(edge_len)                                          # [P, K]
         edge_envelope = self.envelope(edge_len)                                      # [P]
-        h = self.embedding(species)                                                  # [N, C]
         for interaction in self.interactions:
-            h = h + interaction(h, edge_radial, edge_envelope, pair_graph.receivers, pair_graph.senders)  # [N, C]
-        return self.scale_shift(self.head(h)) + self.reference_energies(species)     # [N]
+            h = h + interaction(h, edge_radial, edge_envelope, pair_i, pair_j)        # [N, C]
+        return h
 
     def design_space(self) -> DesignSpace:
         """Invariant scalar messages of body order 2, T layers, receptive field T r_c."""
