@@ -1,5 +1,5 @@
-"""SchNet-style model: its frozen kernel (one autograd node for the interaction blocks) against
-the differentiable reference (float64)."""
+"""SchNet-style model: its frozen kernel (one autograd node for the interaction blocks and the
+energy head) against the differentiable reference (float64)."""
 
 import copy
 
@@ -10,6 +10,7 @@ from molnets import testing
 from molnets.graph import edge_vectors, half_edge_graph
 from molnets.layers.mlp import MLP
 from molnets.layers.radial import CosineEnvelope
+from molnets.layers.readout import EnergyHead
 from molnets.models import _schnet_kernel
 from molnets.models.base import Potential
 from molnets.models.schnet import SchNet, SchNetConfig
@@ -35,12 +36,12 @@ def _kernel_inputs(model: SchNet, seed: int, periodic: bool = False):
 
 
 def _uses_kernel(out: torch.Tensor) -> bool:
-    return type(out.grad_fn).__name__ == "FrozenInteractionsBackward"
+    return type(out.grad_fn).__name__ == "FrozenSchNetBackward"
 
 
 def test_frozen_interactions_kernel_equals_the_reference(assert_kernel_equals_reference):
-    """FrozenInteractions (one autograd node, hand-written backward) against
-    ``SchNet._interactions``: values and gradients with respect to the edge vectors and the
+    """FrozenSchNet (one autograd node, hand-written backward) against the model's
+    ``head(_interactions(...))``: values and gradients with respect to the edge vectors and the
     node features to 1e-12, gradcheck and gradgradcheck (the double backward goes through the
     reference); with an envelope of power 2 too."""
     for envelope_power in (1, 2):
@@ -50,9 +51,9 @@ def test_frozen_interactions_kernel_equals_the_reference(assert_kernel_equals_re
         weights = _schnet_kernel.arranged_weights(model)
 
         def call(edge_vec, h):
-            return _schnet_kernel.FrozenInteractions.apply(edge_vec, h, pair_i, pair_j, model, weights)
+            return _schnet_kernel.FrozenSchNet.apply(edge_vec, h, pair_i, pair_j, model, weights)
 
-        out, expected = call(edge_vec, h), model._interactions(edge_vec, h, pair_i, pair_j)
+        out, expected = call(edge_vec, h), model.head(model._interactions(edge_vec, h, pair_i, pair_j))
         assert _uses_kernel(out) and not _uses_kernel(expected)
         assert_kernel_equals_reference(call, out, expected, (edge_vec, h))
 
@@ -65,8 +66,8 @@ def test_frozen_model_takes_the_kernel_only_where_it_reads_every_module(monkeypa
 
     graph = testing.random_graph(num_atoms=8, cutoff=CUTOFF, seed=1, dtype=DTYPE)
     calls = []
-    monkeypatch.setattr(_schnet_kernel.FrozenInteractions, "forward", staticmethod(
-        lambda *args, forward=_schnet_kernel.FrozenInteractions.forward: calls.append(1) or forward(*args)))
+    monkeypatch.setattr(_schnet_kernel.FrozenSchNet, "forward", staticmethod(
+        lambda *args, forward=_schnet_kernel.FrozenSchNet.forward: calls.append(1) or forward(*args)))
 
     def runs_kernel(model) -> bool:
         calls.clear()
@@ -78,6 +79,9 @@ def test_frozen_model_takes_the_kernel_only_where_it_reads_every_module(monkeypa
     swapped = small_model()
     swapped.interactions[1].filter = MLP([6, 8, 8], activation="silu").to(DTYPE)
     assert not runs_kernel(swapped.requires_grad_(False))                    # a user's filter network
+    swapped = small_model()
+    swapped.head = EnergyHead([8, 1], activation="ssp").to(DTYPE)
+    assert not runs_kernel(swapped.requires_grad_(False))                    # a user's head
     monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 8)
     assert not runs_kernel(small_model().requires_grad_(False))              # messages beyond one chunk
 
@@ -108,14 +112,15 @@ def test_frozen_model_follows_weights_changed_in_place():
             for potential in (trainable, frozen):
                 potential.model.interactions[step].filter[2].bias.add_(0.5)   # a folded bias
                 potential.model.interactions[2 - step].filter[0].weight.mul_(1.5)  # a stacked weight
+                potential.model.head.mlp[2].bias.sub_(0.25)                        # the head's folded bias
 
 
 def test_frozen_model_passes_the_model_suite(monkeypatch):
     """The frozen model (the kernel's path) through molnets.testing: O(3), translation and
     permutation invariance, batching, finite-difference forces and stress, cutoff smoothness."""
     calls = []
-    monkeypatch.setattr(_schnet_kernel.FrozenInteractions, "forward", staticmethod(
-        lambda *args, forward=_schnet_kernel.FrozenInteractions.forward: calls.append(1) or forward(*args)))
+    monkeypatch.setattr(_schnet_kernel.FrozenSchNet, "forward", staticmethod(
+        lambda *args, forward=_schnet_kernel.FrozenSchNet.forward: calls.append(1) or forward(*args)))
     testing.check_model(small_model().requires_grad_(False), skip=("check_compile", "check_export"))
     assert calls  # the checks ran through the kernel
 
@@ -129,9 +134,8 @@ def test_frozen_kernel_at_overlapping_atoms_gives_finite_forces(periodic):
     edge_vec = torch.cat([edge_vec.detach(), torch.zeros(1, 3, dtype=DTYPE)]).requires_grad_(True)
     pair_i, pair_j = torch.cat([pair_i, pair_i[:1]]), torch.cat([pair_j, pair_i[:1]])
     frozen = copy.deepcopy(model).requires_grad_(False)
-    out = _schnet_kernel.FrozenInteractions.apply(edge_vec, h, pair_i, pair_j, frozen,
-                                                  _schnet_kernel.arranged_weights(frozen))
-    expected = model._interactions(edge_vec, h, pair_i, pair_j)
+    out = _schnet_kernel.FrozenSchNet.apply(edge_vec, h, pair_i, pair_j, frozen, _schnet_kernel.arranged_weights(frozen))
+    expected = model.head(model._interactions(edge_vec, h, pair_i, pair_j))
     got_grad, = torch.autograd.grad(out.sum(), edge_vec)
     want_grad, = torch.autograd.grad(expected.sum(), edge_vec)
     assert torch.isfinite(got_grad).all()

@@ -1,30 +1,36 @@
-"""Frozen SchNet-style interactions in one autograd node (private; small systems, CPU, eager).
+"""A frozen SchNet-style model in one autograd node (private; small systems, CPU, eager).
 
 On a molecule of 9-21 atoms every tensor of the model has a few hundred rows, and a call is some
-300 small torch operations (forward, backward and their autograd nodes) of a few µs each: most
-of the time is their fixed cost, not arithmetic. When the weights are frozen (as calculators run
-a model: forces need gradients with respect to the geometry only), ``FrozenInteractions`` takes
-the edge vectors to the node features after the last interaction block without recording a
-graph, and its backward is written out below: about half the operations, and none of autograd's
-per-operation bookkeeping. It also evaluates the first dense layer of every block's filter
-network as one matrix product (the filters depend on the distances only, not on the node
-features). ``SchNet._interactions`` is the oracle; the tests compare the two (values and
-gradients, first and second order).
+250 small torch operations (forward, backward and their autograd nodes) of a few µs each: most
+of the time is their fixed cost, not arithmetic (a 3-atom molecule at 1 channel costs 0.8 ms of
+the 1.3 ms of ethanol at 128). When the weights are frozen (as calculators run a model: forces
+need gradients with respect to the geometry only), ``FrozenSchNet`` takes the edge vectors and
+the species embeddings to the energy head's per-atom outputs without recording a graph, and its
+backward is written out below: far fewer operations, and none of autograd's per-operation
+bookkeeping. The filter networks depend on the distances only, so all T of them run together:
+their first layers as one matrix product, their second as one batched product. The model's
+``head(_interactions(...))`` is the oracle; the tests compare the two (values and gradients,
+first and second order).
 
 Forward (``schnet`` module docstring; ssp(x) = softplus(x) - ln 2, whose shift is folded into
 the next dense layer's bias, ``layers.mlp._bias_after_ssp``), for blocks t = 1..T:
 
     r = ||v||,   e = e(r) [P, K],   u = u(r) [P]
-    a = W_1 e + b_1  (all T filter networks' first layers stacked: [P, T C])
-    W_t(r) = (W_2,t softplus(a_t) + b'_2,t) u                                        [P, C]
+    a = W_1 e + b_1  (the T filter networks' first layers stacked: [P, T C])
+    W_t(r) = (W_2,t softplus(a_t) + b'_2,t) u                                        [T, P, C]
     x = W_in,t h,   m_i = Σ_pairs W_t(r_ij) ∘ x_j (both directions)                   [N, C]
     h <- h + U_2,t softplus(U_1,t m + c_1,t) + c'_2,t
+    out = w_o · softplus(H h + b_H) + b'_o                                             [N]
 
-Backward, from g = ∂L/∂h_T (σ the logistic sigmoid, softplus' = σ), block by block in reverse:
+Backward, from g = ∂L/∂out (σ the logistic sigmoid, softplus' = σ); g_h = Hᵀ (σ(H h + b_H) ∘
+w_o g), then block by block in reverse:
 
-    g_m = U_1ᵀ (σ(U_1 m + c_1) ∘ U_2ᵀ g),   g_W(pair ij) = g_m[i] ∘ x_j + g_m[j] ∘ x_i
-    g <- g + W_inᵀ Σ_pairs W_t ∘ g_m (both directions)
-    g_u += Σ_c g_W ∘ W_2 softplus(a_t) + b'_2,   g_(a_t) = σ(a_t) ∘ W_2ᵀ (u g_W)
+    g_m = U_1ᵀ (σ(U_1 m + c_1) ∘ U_2ᵀ g_h),   g_W,t(pair ij) = g_m[i] ∘ x_j + g_m[j] ∘ x_i
+    g_h <- g_h + W_inᵀ Σ_pairs W_t ∘ g_m (both directions)
+
+and for all T filter networks at once:
+
+    g_u = Σ_t,c g_W,t ∘ (W_2,t softplus(a_t) + b'_2,t),   g_(a_t) = σ(a_t) ∘ W_2,tᵀ (u g_W,t)
     g_r = Σ_k (W_1ᵀ g_a)_k de_k/dr + g_u du/dr,   g_v = g_r v / r
 """
 
@@ -39,21 +45,50 @@ from torch.nn import functional as F
 from .._frozen import reference_gradients
 from ..layers.mlp import MLP, ShiftedSoftplus, _bias_after_ssp
 from ..layers.radial import CosineEnvelope, GaussianBasis
+from ..layers.readout import EnergyHead
 
-__all__ = ["FrozenInteractions", "KernelWeights", "kernel_supports", "arranged_weights"]
+__all__ = ["FrozenSchNet", "KernelWeights", "kernel_inputs", "arranged_weights", "dense_enough"]
 
 _SSP_MLP = [nn.Linear, ShiftedSoftplus, nn.Linear]
 
 
-def kernel_supports(model: nn.Module) -> bool:
-    """Whether ``model`` (a SchNet) is made of the modules the kernel reads: a ``GaussianBasis``,
-    a ``CosineEnvelope`` and blocks whose filter and update networks are two dense layers around
-    a shifted softplus (a subclass that swaps one of them runs its own modules). Types only."""
+def kernel_inputs(model: nn.Module) -> Optional[List[Tensor]]:
+    """The parameters ``FrozenSchNet`` reads from ``model`` (a SchNet), or None when the model is
+    not made of the modules the kernel knows (a subclass that swaps one runs its own): a
+    ``GaussianBasis``, a ``CosineEnvelope``, blocks whose filter and update networks are two
+    dense layers around a shifted softplus, and such an ``EnergyHead``. Types and dictionaries
+    only: a fixed cost of every call."""
     from .schnet import CFConvInteraction  # (schnet imports this module)
 
-    return (type(model.radial) is GaussianBasis and type(model.envelope) is CosineEnvelope
-            and all(type(block) is CFConvInteraction and _is_ssp_mlp(block.filter) and _is_ssp_mlp(block.update)
-                    for block in model.interactions))
+    modules = model._modules
+    head = modules["head"]
+    if not (type(modules["radial"]) is GaussianBasis and type(modules["envelope"]) is CosineEnvelope
+            and type(head) is EnergyHead and _is_ssp_mlp(head._modules["mlp"])):
+        return None
+    networks = [head._modules["mlp"]]
+    linears = []
+    for block in modules["interactions"]._modules.values():
+        if type(block) is not CFConvInteraction:
+            return None
+        parts = block._modules
+        if not (_is_ssp_mlp(parts["filter"]) and _is_ssp_mlp(parts["update"])):
+            return None
+        networks += [parts["filter"], parts["update"]]
+        linears.append(parts["linear_in"])
+    found = [p for p in modules["radial"]._parameters.values() if p is not None]
+    for network in networks:
+        for layer in network._modules.values():
+            found += [p for p in layer._parameters.values() if p is not None]
+    return found + [linear._parameters["weight"] for linear in linears]
+
+
+def dense_enough(num_atoms: int, num_pairs: int) -> bool:
+    """Whether the kernel's dense pair arrays ([T, N, N, C]) hold at most twice the numbers of the
+    pair messages ([2P, C] per block): N^2 <= 4P, a molecule within a few cutoffs. On such
+    systems the dense products beat gathers and scatters of the pairs (ethanol: 2x, forward); on
+    sparser ones (a crystal of 32 atoms and more) the reference's fused kernels are as fast.
+    Shapes only."""
+    return num_atoms * num_atoms <= 4 * num_pairs
 
 
 def _is_ssp_mlp(network: nn.Module) -> bool:
@@ -61,12 +96,9 @@ def _is_ssp_mlp(network: nn.Module) -> bool:
 
 
 class _Block(NamedTuple):
-    """One interaction block's weights as the kernel reads them: each dense map W [out, in] with
-    its transpose (a view), the biases after a shifted softplus with its shift folded in."""
+    """One interaction block's node-side weights: each dense map W [out, in] with its transpose
+    (a view), the bias after a shifted softplus with its shift folded in."""
 
-    filter_out: Tensor        # W_2 [C, C]
-    filter_out_t: Tensor
-    filter_bias: Tensor       # b'_2 [C]
     linear_in: Tensor         # W_in [C, C]
     linear_in_t: Tensor
     update_in: Tensor         # U_1 [C, C]
@@ -78,84 +110,103 @@ class _Block(NamedTuple):
 
 
 class KernelWeights(NamedTuple):
-    """The weights of ``FrozenInteractions`` (``arranged_weights``)."""
+    """The weights of ``FrozenSchNet`` (``arranged_weights``)."""
 
     first: Tensor             # W_1 of every block's filter network, stacked [T C, K]
     first_t: Tensor
     first_bias: Tensor        # b_1 [T C]
+    second: Tensor            # W_2 of every filter network [T, C, C]
+    second_t: Tensor
+    second_bias: Tensor       # b'_2 [T, 1, C]
     blocks: Tuple[_Block, ...]
+    head: Tensor              # H [C_h, C]
+    head_t: Tensor
+    head_bias: Tensor         # b_H [C_h]
+    head_out: Tensor          # w_o [C_h]
+    head_out_bias: Tensor     # b'_o [1]
 
 
 def arranged_weights(model: nn.Module) -> KernelWeights:
     """The weights as the kernel reads them, built once while frozen (``molnets._frozen``): the
-    first layers of all filter networks stacked, every dense map with its transpose, and the
-    shift of each shifted softplus folded into the next layer's bias (``layers.mlp._bias_after_ssp``)."""
-    first = torch.cat([block.filter[0].weight for block in model.interactions])           # [T C, K]
+    filter networks' layers stacked, every dense map with its transpose, and the shift of each
+    shifted softplus folded into the next layer's bias (``layers.mlp._bias_after_ssp``)."""
+    filters = [block.filter for block in model.interactions]
+    first = torch.cat([f[0].weight for f in filters])                                     # [T C, K]
+    second = torch.stack([f[2].weight for f in filters])                                  # [T, C, C]
     blocks = tuple(
-        _Block(b.filter[2].weight, b.filter[2].weight.T, _bias_after_ssp(b.filter[2]),
-               b.linear_in.weight, b.linear_in.weight.T,
-               b.update[0].weight, b.update[0].weight.T, b.update[0].bias,
+        _Block(b.linear_in.weight, b.linear_in.weight.T, b.update[0].weight, b.update[0].weight.T, b.update[0].bias,
                b.update[2].weight, b.update[2].weight.T, _bias_after_ssp(b.update[2]))
         for b in model.interactions)
-    return KernelWeights(first, first.T, torch.cat([block.filter[0].bias for block in model.interactions]), blocks)
+    head = model.head.mlp
+    return KernelWeights(first, first.T, torch.cat([f[0].bias for f in filters]),
+                         second, second.transpose(1, 2), torch.stack([_bias_after_ssp(f[2]) for f in filters])[:, None],
+                         blocks, head[0].weight, head[0].weight.T, head[0].bias, head[2].weight[0], _bias_after_ssp(head[2]))
 
 
-class FrozenInteractions(torch.autograd.Function):
-    """A SchNet's T interaction blocks with frozen weights as one autograd node (module docstring).
+class FrozenSchNet(torch.autograd.Function):
+    """A SchNet's interaction blocks and energy head with frozen weights as one autograd node
+    (module docstring).
 
     Shapes:
-        edge_vec [P, 3] (Å, one edge per pair), h [N, C], pair_i [P], pair_j [P], model,
-        weights (``arranged_weights(model)``)  ->  [N, C]
+        edge_vec [P, 3] (Å, one edge per pair), h [N, C] (species embeddings), pair_i [P],
+        pair_j [P], model, weights (``arranged_weights(model)``)  ->  head outputs [N]
     """
 
     @staticmethod
     def forward(ctx: Any, edge_vec: Tensor, h: Tensor, pair_i: Tensor, pair_j: Tensor, model: nn.Module,
                 weights: KernelWeights) -> Tensor:
-        (N, C), P = h.shape, edge_vec.shape[0]
+        (N, C), P, T = h.shape, edge_vec.shape[0], len(weights.blocks)
         inputs = h
         lengths = torch.linalg.vector_norm(edge_vec, dim=1)                             # [P]
         radial, radial_slope = model.radial.with_derivative(lengths)                     # [P, K]
         envelope, envelope_slope = model.envelope.with_derivative(lengths)               # [P]
         first = torch.addmm(weights.first_bias, radial, weights.first_t)                 # [P, T C]
-        hidden = F.softplus(first)                                                       # [P, T C]
-        receiving, sending = torch.cat([pair_i, pair_j]), torch.cat([pair_j, pair_i])    # [2P]: both directions
+        hidden = F.softplus(first).view(P, T, C).transpose(0, 1)                         # [T, P, C]
+        unscaled = torch.baddbmm(weights.second_bias, hidden, weights.second_t)          # [T, P, C]
+        filters = unscaled * envelope[:, None]                                           # [T, P, C]
+        # W_t as a dense [N, N, C] array, both directions of every pair (and the images of a
+        # periodic system summed): m = Σ_j W[i, j] ∘ x_j is then one product and one sum
+        ij, ji = pair_i * N + pair_j, pair_j * N + pair_i                                # [P]: flat (i, j), (j, i)
+        dense = filters.new_zeros(T, N * N, C).index_add_(1, ij, filters).index_add_(1, ji, filters)
+        dense = dense.view(T, N, N, C)                                                   # [T, N, N, C]
         saved: List[Tensor] = []
-        for t, w in enumerate(weights.blocks):
-            unscaled = torch.addmm(w.filter_bias, hidden[:, t * C:(t + 1) * C], w.filter_out_t)  # [P, C]
-            filters = unscaled * envelope[:, None]                                       # [P, C]
-            sources = torch.mm(h, w.linear_in_t).index_select(0, sending)                # [2P, C]: x_j, x_i
-            products = sources.view(2, P, C) * filters                                   # [2, P, C]
-            messages = torch.zeros_like(h).index_add_(0, receiving, products.view(2 * P, C))  # [N, C]
+        for w, block_filters in zip(weights.blocks, dense):
+            x = torch.mm(h, w.linear_in_t)                                               # [N, C]
+            messages = (block_filters * x).sum(1)                                        # [N, C]
             update = torch.addmm(w.update_in_bias, messages, w.update_in_t)              # [N, C]
             h = torch.addmm(h, F.softplus(update), w.update_out_t).add_(w.update_bias)   # [N, C]
-            saved += [unscaled, filters, sources, update]
+            saved += [x, update]
+        head = torch.addmm(weights.head_bias, h, weights.head_t)                         # [N, C_h]
+        out = torch.addmv(weights.head_out_bias, F.softplus(head), weights.head_out)     # [N]
         ctx.model, ctx.weights = model, weights
         ctx.save_for_backward(edge_vec, inputs, pair_i, pair_j, lengths, radial_slope, envelope, envelope_slope,
-                              first, receiving, sending, *saved)
-        return h
+                              first, unscaled, ij, ji, dense, head, *saved)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        (edge_vec, inputs, pair_i, pair_j, lengths, radial_slope, envelope, envelope_slope, first, receiving, sending,
-         *saved) = ctx.saved_tensors
+        (edge_vec, inputs, pair_i, pair_j, lengths, radial_slope, envelope, envelope_slope, first, unscaled, ij, ji,
+         dense, head, *saved) = ctx.saved_tensors
         model, weights, needs = ctx.model, ctx.weights, ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the reference
-            return reference_gradients(lambda v, h: model._interactions(v, h, pair_i, pair_j),
+            return reference_gradients(lambda v, h: model.head(model._interactions(v, h, pair_i, pair_j)),
                                        [edge_vec, inputs], needs, grad, num_args=6)
-        (N, C), P = grad.shape, edge_vec.shape[0]
-        grad_envelope = torch.zeros_like(envelope)                                       # [P]
-        grad_hidden: List[Tensor] = []
-        for t in reversed(range(len(weights.blocks))):
-            w, (unscaled, filters, sources, update) = weights.blocks[t], saved[4 * t:4 * t + 4]
+        (T, N, _, C), P = dense.shape, edge_vec.shape[0]
+        grad_head = torch.ops.aten.softplus_backward(torch.outer(grad, weights.head_out), head, 1.0, 20.0)
+        grad = torch.mm(grad_head, weights.head)                                         # [N, C]
+        grad_dense = torch.empty_like(dense)                                             # [T, N, N, C]
+        for t in reversed(range(T)):
+            w, (x, update) = weights.blocks[t], saved[2 * t:2 * t + 2]
             grad_update = torch.ops.aten.softplus_backward(torch.mm(grad, w.update_out), update, 1.0, 20.0)
-            grad_messages = torch.mm(grad_update, w.update_in).index_select(0, receiving).view(2, P, C)
-            grad_filters = torch.mul(grad_messages[0], sources[:P]).addcmul_(grad_messages[1], sources[P:])  # [P, C]
-            grad_sources = grad_messages.mul_(filters).view(2 * P, C)                    # [2P, C]
-            grad_x = torch.zeros_like(grad).index_add_(0, sending, grad_sources)         # [N, C]
+            grad_messages = torch.mm(grad_update, w.update_in)[:, None]                  # [N, 1, C]
+            torch.mul(grad_messages, x, out=grad_dense[t])                               # [N, N, C]
+            grad_x = (dense[t] * grad_messages).sum(0)                                   # [N, C]: Σ_i W[i, j] g_m[i]
             grad = torch.addmm(grad, grad_x, w.linear_in)                                # [N, C]: + the residual
-            grad_envelope += (grad_filters * unscaled).sum(1)                            # [P]
-            grad_hidden.append(torch.mm(grad_filters.mul_(envelope[:, None]), w.filter_out))  # [P, C]
-        grad_first = torch.ops.aten.softplus_backward(torch.cat(grad_hidden[::-1], 1), first, 1.0, 20.0)  # [P, T C]
+        grad_dense = grad_dense.view(T, N * N, C)
+        grad_filters = grad_dense.index_select(1, ij).add_(grad_dense.index_select(1, ji))  # [T, P, C]
+        grad_envelope = (grad_filters * unscaled).sum((0, 2))                            # [P]
+        grad_hidden = torch.bmm(grad_filters.mul_(envelope[:, None]), weights.second)    # [T, P, C]
+        grad_first = torch.ops.aten.softplus_backward(grad_hidden.transpose(0, 1).reshape(P, T * C), first, 1.0, 20.0)
         grad_lengths = (torch.mm(grad_first, weights.first) * radial_slope).sum(1).addcmul_(grad_envelope, envelope_slope)
         # d||v||/dv = v / ||v||, 0 at v = 0 (as torch's norm backward)
         grad_vec = edge_vec * grad_lengths.div_(lengths).masked_fill_(lengths == 0, 0.0)[:, None]  # [P, 3]

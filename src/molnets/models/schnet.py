@@ -29,14 +29,14 @@ from typing import ClassVar, Tuple
 
 from torch import Tensor, nn
 
-from .._frozen import frozen_cached, frozen_kernel_applies, parameters_of
+from .._frozen import frozen_cached, frozen_kernel_applies
 from ..graph import AtomicGraph, edge_vectors, half_edge_graph
 from ..layers.embedding import SpeciesEmbedding, SpeciesIndex
 from ..layers.mlp import MLP, radial_filter
 from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, GaussianBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
-from ._schnet_kernel import FrozenInteractions, arranged_weights, kernel_supports
+from ._schnet_kernel import FrozenSchNet, arranged_weights, dense_enough, kernel_inputs
 from .base import DesignSpace, count_parameters
 
 __all__ = ["SchNetConfig", "SchNet", "CFConvInteraction"]
@@ -137,18 +137,18 @@ class SchNet(nn.Module):
         pair_i, pair_j = pair_graph.receivers, pair_graph.senders                    # [P]
         edge_vec = edge_vectors(pair_graph)                                          # [P, 3]
         h = self.embedding(species)                                                  # [N, C]
-        parameters = parameters_of(self)
-        if (frozen_kernel_applies(self, edge_vec, pair_i.shape[0], self.config.num_channels, parameters=parameters)
-                and kernel_supports(self)):
-            weights = frozen_cached(self._frozen, "kernel", parameters, lambda: arranged_weights(self))
-            h = FrozenInteractions.apply(edge_vec, h, pair_i, pair_j, self, weights)  # one node, same numbers
+        kernel_weights = kernel_inputs(self)  # None unless the modules are the kernel's
+        if (kernel_weights is not None and dense_enough(h.shape[0], pair_i.shape[0]) and frozen_kernel_applies(
+                self, edge_vec, pair_i.shape[0], self.config.num_channels, parameters=kernel_weights)):
+            weights = frozen_cached(self._frozen, "kernel", kernel_weights, lambda: arranged_weights(self))
+            out = FrozenSchNet.apply(edge_vec, h, pair_i, pair_j, self, weights)     # one node, same numbers
         else:
-            h = self._interactions(edge_vec, h, pair_i, pair_j)                      # [N, C]
-        return self.scale_shift(self.head(h)) + self.reference_energies(species)     # [N]
+            out = self.head(self._interactions(edge_vec, h, pair_i, pair_j))         # [N]
+        return self.scale_shift(out) + self.reference_energies(species)              # [N]
 
     def _interactions(self, edge_vec: Tensor, h: Tensor, pair_i: Tensor, pair_j: Tensor) -> Tensor:
         """The node features after the T interaction blocks, in differentiable operations (the
-        oracle of ``_schnet_kernel.FrozenInteractions``). [P, 3], [N, C]  ->  [N, C]"""
+        oracle of ``_schnet_kernel.FrozenSchNet``, with the head). [P, 3], [N, C]  ->  [N, C]"""
         edge_len = edge_vec.norm(dim=-1)                                             # [P]
         edge_radial = self.radial(edge_len)                                          # [P, K]
         edge_envelope = self.envelope(edge_len)                                      # [P]
