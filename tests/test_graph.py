@@ -9,7 +9,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from molnets.graph import AtomicGraph, batch_graphs, edge_vectors, split_graphs
+from molnets.graph import AtomicGraph, batch_graphs, edge_vectors, edge_vectors_backward, split_graphs
 
 
 def structures():
@@ -49,6 +49,22 @@ def test_edge_vectors_gradcheck_positions_and_cell():
     expected = torch.zeros_like(grad_cell)
     expected.index_add_(0, graph.batch[graph.receivers], graph.shifts.double()[:, :, None] * torch.tensor([1.0, 0, 0], dtype=torch.float64))
     torch.testing.assert_close(grad_cell, expected)
+
+
+def test_edge_vectors_backward_is_the_adjoint_of_edge_vectors():
+    """edge_vectors_backward (for kernels with a hand-written backward) equals autograd's
+    gradients of positions and cell, for a batch of molecules and periodic cells."""
+    graph = AtomicGraph.from_ase(structures(), 3.0, dtype=torch.float64)
+    grad = torch.randn(graph.num_edges, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    positions = graph.positions.clone().requires_grad_(True)
+    cell = graph.cell.clone().requires_grad_(True)
+    expected = torch.autograd.grad(edge_vectors(graph._replace(positions=positions, cell=cell)), (positions, cell), grad)
+    got = edge_vectors_backward(graph, grad)
+    assert graph.cell.abs().sum() > 0 and graph.shifts.abs().sum() > 0  # images are in the test
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-13, rtol=1e-13)
+    assert edge_vectors_backward(graph, grad, cell=False)[1] is None
+    assert edge_vectors_backward(graph, grad, positions=False)[0] is None
 
 
 def test_from_ase_to_ase_round_trip():

@@ -11,7 +11,7 @@ j in N(i). Non-periodic structures have zero shifts (their cell may be zero).
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torch import Tensor
 from .layers.pairs import half_edges
 from .neighbors import Backend, neighbor_list
 
-__all__ = ["AtomicGraph", "batch_graphs", "split_graphs", "edge_vectors", "half_edge_graph"]
+__all__ = ["AtomicGraph", "batch_graphs", "split_graphs", "edge_vectors", "edge_vectors_backward", "half_edge_graph"]
 
 
 class AtomicGraph(NamedTuple):
@@ -180,6 +180,29 @@ def edge_vectors(graph: AtomicGraph) -> Tensor:
     offset = torch.bmm(graph.shifts.to(cell.dtype)[:, None], cell)[:, 0]              # [E, 3]: S_e @ cell
     positions = graph.positions
     return positions.index_select(0, graph.senders) - positions.index_select(0, graph.receivers) + offset  # [E, 3]
+
+
+def edge_vectors_backward(graph: AtomicGraph, grad: Tensor, positions: bool = True,
+                          cell: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The gradients of positions and cell from that of ``edge_vectors(graph)`` (its adjoint, for
+    kernels with a hand-written backward): with r_ij = x[j] - x[i] + S_ij @ cell,
+
+        ∂L/∂x_k = Σ_(edges with j = k) g_ij - Σ_(edges with i = k) g_ij,
+        ∂L/∂cell_b = Σ_(edges ij of structure b) S_ijᵀ g_ij
+
+    (None for what is not asked).
+
+    Shapes:
+        graph with N atoms, E edges, B structures, grad [E, 3]  ->  [N, 3], [B, 3, 3]
+    """
+    grad_positions = grad_cell = None
+    if positions:
+        grad_positions = torch.zeros_like(graph.positions).index_add_(0, graph.senders, grad)   # [N, 3]
+        grad_positions.index_add_(0, graph.receivers, grad, alpha=-1)
+    if cell:
+        outer = graph.shifts.to(grad.dtype)[:, :, None] * grad[:, None, :]                 # [E, 3, 3]
+        grad_cell = torch.zeros_like(graph.cell).index_add_(0, graph.batch.index_select(0, graph.receivers), outer)
+    return grad_positions, grad_cell
 
 
 def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:

@@ -256,14 +256,14 @@ class CosineEnvelope(nn.Module):
     def with_derivative(self, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         """u(r) and du/dr = -n (pi / (2 r_c)) sin(pi x) c^(n-1) (c = (cos(pi x) + 1) / 2; in 1/Å; 0
         beyond r_c), for kernels with a hand-written backward. [E] each"""
-        inside = lengths < self.cutoff                                         # [E]
+        outside = lengths >= self.cutoff                                       # [E]
         angle = lengths * (math.pi / self.cutoff)                              # [E]
         c = torch.cos(angle).add_(1.0).mul_(0.5)                               # [E]
         slope = torch.sin(angle).mul_(-0.5 * math.pi / self.cutoff * self.power)  # [E]
         if self.power > 1:
             slope = slope * c ** (self.power - 1)
             c = c**self.power
-        return c.masked_fill_(~inside, 0.0), slope.masked_fill_(~inside, 0.0)  # [E], [E]
+        return c.masked_fill_(outside, 0.0), slope.masked_fill_(outside, 0.0)  # [E], [E]
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, power={self.power}"

@@ -1,37 +1,40 @@
-"""A frozen SchNet-style model in one autograd node (private; small systems, CPU, eager).
+"""A frozen SchNet-style model in one autograd node (private; small molecules, CPU, eager).
 
 On a molecule of 9-21 atoms every tensor of the model has a few hundred rows, and a call is some
 250 small torch operations (forward, backward and their autograd nodes) of a few µs each: most
 of the time is their fixed cost, not arithmetic (a 3-atom molecule at 1 channel costs 0.8 ms of
 the 1.3 ms of ethanol at 128). When the weights are frozen (as calculators run a model: forces
-need gradients with respect to the geometry only), ``FrozenSchNet`` takes the edge vectors and
-the species embeddings to the energy head's per-atom outputs without recording a graph, and its
-backward is written out below: far fewer operations, and none of autograd's per-operation
-bookkeeping. The filter networks depend on the distances only, so all T of them run together:
-their first layers as one matrix product, their second as one batched product. The model's
-``head(_interactions(...))`` is the oracle; the tests compare the two (values and gradients,
-first and second order).
+need gradients with respect to the geometry only), ``FrozenSchNet`` takes positions and cell to
+the per-atom energies without recording a graph, and its backward is written out below: far
+fewer operations, and none of autograd's per-operation bookkeeping. The filter networks depend
+on the distances only, so all T of them run together (their first layers as one matrix product,
+their second as one batched product), and on a molecule within a few cutoffs the pair filters
+are one dense [T, N, N, C] array, so that a block's messages are one product and one sum instead
+of a gather and a scatter of the pairs. ``SchNet._energies`` is the oracle; the tests compare the
+two (values and gradients, first and second order).
 
 Forward (``schnet`` module docstring; ssp(x) = softplus(x) - ln 2, whose shift is folded into
 the next dense layer's bias, ``layers.mlp._bias_after_ssp``), for blocks t = 1..T:
 
-    r = ||v||,   e = e(r) [P, K],   u = u(r) [P]
+    v = x_j - x_i + S cell (``graph.edge_vectors``),   r = ||v||,   e = e(r) [P, K],   u = u(r) [P]
     a = W_1 e + b_1  (the T filter networks' first layers stacked: [P, T C])
     W_t(r) = (W_2,t softplus(a_t) + b'_2,t) u                                        [T, P, C]
-    x = W_in,t h,   m_i = Σ_pairs W_t(r_ij) ∘ x_j (both directions)                   [N, C]
+    x = W_in,t h,   m_i = Σ_j W_t[i, j] ∘ x_j  (W_t dense, both directions)           [N, C]
     h <- h + U_2,t softplus(U_1,t m + c_1,t) + c'_2,t
-    out = w_o · softplus(H h + b_H) + b'_o                                             [N]
+    E_i = s w_o · softplus(H h + b_H) + (s b'_o + shift + E0[s_i])                     [N]
 
-Backward, from g = ∂L/∂out (σ the logistic sigmoid, softplus' = σ); g_h = Hᵀ (σ(H h + b_H) ∘
-w_o g), then block by block in reverse:
+Backward, from g = ∂L/∂E (σ the logistic sigmoid, softplus' = σ); g_h = Hᵀ (σ(H h + b_H) ∘
+s w_o g), then block by block in reverse:
 
-    g_m = U_1ᵀ (σ(U_1 m + c_1) ∘ U_2ᵀ g_h),   g_W,t(pair ij) = g_m[i] ∘ x_j + g_m[j] ∘ x_i
-    g_h <- g_h + W_inᵀ Σ_pairs W_t ∘ g_m (both directions)
+    g_m = U_1ᵀ (σ(U_1 m + c_1) ∘ U_2ᵀ g_h),   g_W,t[i, j] = g_m[i] ∘ x_j
+    g_h <- g_h + W_inᵀ Σ_i W_t[i, j] ∘ g_m[i]
 
-and for all T filter networks at once:
+and for all T filter networks at once (g_W of a pair: its two entries of the dense array):
 
     g_u = Σ_t,c g_W,t ∘ (W_2,t softplus(a_t) + b'_2,t),   g_(a_t) = σ(a_t) ∘ W_2,tᵀ (u g_W,t)
     g_r = Σ_k (W_1ᵀ g_a)_k de_k/dr + g_u du/dr,   g_v = g_r v / r
+
+and g_v to positions and cell by ``graph.edge_vectors_backward``.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .._frozen import reference_gradients
+from .._frozen import parameters_of, reference_gradients
+from ..graph import AtomicGraph, edge_vectors, edge_vectors_backward
 from ..layers.mlp import MLP, ShiftedSoftplus, _bias_after_ssp
 from ..layers.radial import CosineEnvelope, GaussianBasis
-from ..layers.readout import EnergyHead
+from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 
 __all__ = ["FrozenSchNet", "KernelWeights", "kernel_inputs", "arranged_weights", "dense_enough"]
 
@@ -53,17 +57,18 @@ _SSP_MLP = [nn.Linear, ShiftedSoftplus, nn.Linear]
 
 
 def kernel_inputs(model: nn.Module) -> Optional[List[Tensor]]:
-    """The parameters ``FrozenSchNet`` reads from ``model`` (a SchNet), or None when the model is
-    not made of the modules the kernel knows (a subclass that swaps one runs its own): a
-    ``GaussianBasis``, a ``CosineEnvelope``, blocks whose filter and update networks are two
-    dense layers around a shifted softplus, and such an ``EnergyHead``. Types and dictionaries
-    only: a fixed cost of every call."""
+    """The parameters and buffers ``FrozenSchNet`` reads from ``model`` (a SchNet), or None when
+    the model is not made of the modules the kernel knows (a subclass that swaps one runs its
+    own): a ``GaussianBasis``, a ``CosineEnvelope``, blocks whose filter and update networks are
+    two dense layers around a shifted softplus, such an ``EnergyHead``, a ``ScaleShift`` and
+    ``AtomicReferenceEnergies``. Types and dictionaries only: a fixed cost of every call."""
     from .schnet import CFConvInteraction  # (schnet imports this module)
 
     modules = model._modules
-    head = modules["head"]
+    head, scale_shift, reference = modules["head"], modules["scale_shift"], modules["reference_energies"]
     if not (type(modules["radial"]) is GaussianBasis and type(modules["envelope"]) is CosineEnvelope
-            and type(head) is EnergyHead and _is_ssp_mlp(head._modules["mlp"])):
+            and type(head) is EnergyHead and _is_ssp_mlp(head._modules["mlp"])
+            and type(scale_shift) is ScaleShift and type(reference) is AtomicReferenceEnergies):
         return None
     networks = [head._modules["mlp"]]
     linears = []
@@ -75,11 +80,13 @@ def kernel_inputs(model: nn.Module) -> Optional[List[Tensor]]:
             return None
         networks += [parts["filter"], parts["update"]]
         linears.append(parts["linear_in"])
-    found = [p for p in modules["radial"]._parameters.values() if p is not None]
+    found = parameters_of(modules["embedding"]) + [p for p in modules["radial"]._parameters.values() if p is not None]
     for network in networks:
         for layer in network._modules.values():
             found += [p for p in layer._parameters.values() if p is not None]
-    return found + [linear._parameters["weight"] for linear in linears]
+    buffers = scale_shift._buffers
+    return found + [linear._parameters["weight"] for linear in linears] + [
+        buffers["scale"], buffers["shift"], reference._buffers["energies"]]
 
 
 def dense_enough(num_atoms: int, num_pairs: int) -> bool:
@@ -122,15 +129,17 @@ class KernelWeights(NamedTuple):
     head: Tensor              # H [C_h, C]
     head_t: Tensor
     head_bias: Tensor         # b_H [C_h]
-    head_out: Tensor          # w_o [C_h]
-    head_out_bias: Tensor     # b'_o [1]
+    head_out: Tensor          # s w_o [C_h]: times the energy scale s
+    species_bias: Tensor      # s b'_o + shift + E0 [S]: the per-atom energy's constant, by species
 
 
 def arranged_weights(model: nn.Module) -> KernelWeights:
     """The weights as the kernel reads them, built once while frozen (``molnets._frozen``): the
-    filter networks' layers stacked, every dense map with its transpose, and the shift of each
-    shifted softplus folded into the next layer's bias (``layers.mlp._bias_after_ssp``)."""
+    filter networks' layers stacked, every dense map with its transpose, the shift of each
+    shifted softplus folded into the next layer's bias (``layers.mlp._bias_after_ssp``), and the
+    energy scale, shift and reference energies folded into the head's last layer."""
     filters = [block.filter for block in model.interactions]
+    scale, shift = model.scale_shift.scale, model.scale_shift.shift
     first = torch.cat([f[0].weight for f in filters])                                     # [T C, K]
     second = torch.stack([f[2].weight for f in filters])                                  # [T, C, C]
     blocks = tuple(
@@ -140,23 +149,27 @@ def arranged_weights(model: nn.Module) -> KernelWeights:
     head = model.head.mlp
     return KernelWeights(first, first.T, torch.cat([f[0].bias for f in filters]),
                          second, second.transpose(1, 2), torch.stack([_bias_after_ssp(f[2]) for f in filters])[:, None],
-                         blocks, head[0].weight, head[0].weight.T, head[0].bias, head[2].weight[0], _bias_after_ssp(head[2]))
+                         blocks, head[0].weight, head[0].weight.T, head[0].bias, scale * head[2].weight[0],
+                         scale * _bias_after_ssp(head[2]) + shift + model.reference_energies.energies)
 
 
 class FrozenSchNet(torch.autograd.Function):
-    """A SchNet's interaction blocks and energy head with frozen weights as one autograd node
-    (module docstring).
+    """A SchNet with frozen weights as one autograd node, from positions and cell to per-atom
+    energies (module docstring).
 
     Shapes:
-        edge_vec [P, 3] (Å, one edge per pair), h [N, C] (species embeddings), pair_i [P],
-        pair_j [P], model, weights (``arranged_weights(model)``)  ->  head outputs [N]
+        positions [N, 3] (Å), cell [B, 3, 3] (Å), pair_graph (``half_edge_graph``: P pairs; its
+        own positions and cell are not read), species [N], model, weights
+        (``arranged_weights(model)``)  ->  [N], eV
     """
 
     @staticmethod
-    def forward(ctx: Any, edge_vec: Tensor, h: Tensor, pair_i: Tensor, pair_j: Tensor, model: nn.Module,
-                weights: KernelWeights) -> Tensor:
+    def forward(ctx: Any, positions: Tensor, cell: Tensor, pair_graph: AtomicGraph, species: Tensor,
+                model: nn.Module, weights: KernelWeights) -> Tensor:
+        edge_vec = edge_vectors(pair_graph._replace(positions=positions, cell=cell))     # [P, 3]
+        pair_i, pair_j = pair_graph.receivers, pair_graph.senders                         # [P]
+        h = model.embedding(species)                                                     # [N, C]
         (N, C), P, T = h.shape, edge_vec.shape[0], len(weights.blocks)
-        inputs = h
         lengths = torch.linalg.vector_norm(edge_vec, dim=1)                             # [P]
         radial, radial_slope = model.radial.with_derivative(lengths)                     # [P, K]
         envelope, envelope_slope = model.envelope.with_derivative(lengths)               # [P]
@@ -177,20 +190,21 @@ class FrozenSchNet(torch.autograd.Function):
             h = torch.addmm(h, F.softplus(update), w.update_out_t).add_(w.update_bias)   # [N, C]
             saved += [x, update]
         head = torch.addmm(weights.head_bias, h, weights.head_t)                         # [N, C_h]
-        out = torch.addmv(weights.head_out_bias, F.softplus(head), weights.head_out)     # [N]
-        ctx.model, ctx.weights = model, weights
-        ctx.save_for_backward(edge_vec, inputs, pair_i, pair_j, lengths, radial_slope, envelope, envelope_slope,
+        energies = torch.addmv(weights.species_bias.index_select(0, species), F.softplus(head), weights.head_out)
+        ctx.model, ctx.weights, ctx.pair_graph = model, weights, pair_graph
+        ctx.save_for_backward(positions, cell, species, edge_vec, lengths, radial_slope, envelope, envelope_slope,
                               first, unscaled, ij, ji, dense, head, *saved)
-        return out
+        return energies                                                                  # [N]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        (edge_vec, inputs, pair_i, pair_j, lengths, radial_slope, envelope, envelope_slope, first, unscaled, ij, ji,
+        (positions, cell, species, edge_vec, lengths, radial_slope, envelope, envelope_slope, first, unscaled, ij, ji,
          dense, head, *saved) = ctx.saved_tensors
-        model, weights, needs = ctx.model, ctx.weights, ctx.needs_input_grad[:2]
+        model, weights, pair_graph, needs = ctx.model, ctx.weights, ctx.pair_graph, ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the reference
-            return reference_gradients(lambda v, h: model.head(model._interactions(v, h, pair_i, pair_j)),
-                                       [edge_vec, inputs], needs, grad, num_args=6)
+            return reference_gradients(
+                lambda positions, cell: model._energies(pair_graph._replace(positions=positions, cell=cell), species),
+                [positions, cell], needs, grad, num_args=6)
         (T, N, _, C), P = dense.shape, edge_vec.shape[0]
         grad_head = torch.ops.aten.softplus_backward(torch.outer(grad, weights.head_out), head, 1.0, 20.0)
         grad = torch.mm(grad_head, weights.head)                                         # [N, C]
@@ -210,4 +224,4 @@ class FrozenSchNet(torch.autograd.Function):
         grad_lengths = (torch.mm(grad_first, weights.first) * radial_slope).sum(1).addcmul_(grad_envelope, envelope_slope)
         # d||v||/dv = v / ||v||, 0 at v = 0 (as torch's norm backward)
         grad_vec = edge_vec * grad_lengths.div_(lengths).masked_fill_(lengths == 0, 0.0)[:, None]  # [P, 3]
-        return (grad_vec if needs[0] else None, grad if needs[1] else None, None, None, None, None)
+        return edge_vectors_backward(pair_graph, grad_vec, *needs) + (None, None, None, None)

@@ -134,27 +134,24 @@ class SchNet(nn.Module):
     def forward(self, graph: AtomicGraph) -> Tensor:
         species = self.species_index(graph.atomic_numbers)                           # [N]
         pair_graph = half_edge_graph(graph)                                          # P = E // 2 edges
-        pair_i, pair_j = pair_graph.receivers, pair_graph.senders                    # [P]
-        edge_vec = edge_vectors(pair_graph)                                          # [P, 3]
-        h = self.embedding(species)                                                  # [N, C]
+        num_pairs = pair_graph.receivers.shape[0]
         kernel_weights = kernel_inputs(self)  # None unless the modules are the kernel's
-        if (kernel_weights is not None and dense_enough(h.shape[0], pair_i.shape[0]) and frozen_kernel_applies(
-                self, edge_vec, pair_i.shape[0], self.config.num_channels, parameters=kernel_weights)):
+        if (kernel_weights is not None and dense_enough(species.shape[0], num_pairs) and frozen_kernel_applies(
+                self, graph.positions, num_pairs, self.config.num_channels, parameters=kernel_weights)):
             weights = frozen_cached(self._frozen, "kernel", kernel_weights, lambda: arranged_weights(self))
-            out = FrozenSchNet.apply(edge_vec, h, pair_i, pair_j, self, weights)     # one node, same numbers
-        else:
-            out = self.head(self._interactions(edge_vec, h, pair_i, pair_j))         # [N]
-        return self.scale_shift(out) + self.reference_energies(species)              # [N]
+            return FrozenSchNet.apply(graph.positions, graph.cell, pair_graph, species, self, weights)  # one node
+        return self._energies(pair_graph, species)                                   # [N]
 
-    def _interactions(self, edge_vec: Tensor, h: Tensor, pair_i: Tensor, pair_j: Tensor) -> Tensor:
-        """The node features after the T interaction blocks, in differentiable operations (the
-        oracle of ``_schnet_kernel.FrozenSchNet``, with the head). [P, 3], [N, C]  ->  [N, C]"""
-        edge_len = edge_vec.norm(dim=-1)                                             # [P]
+    def _energies(self, pair_graph: AtomicGraph, species: Tensor) -> Tensor:
+        """Per-atom energies [N] in differentiable operations, from the half-edge graph and the
+        species indices: the model's definition, and the oracle of ``_schnet_kernel.FrozenSchNet``."""
+        edge_len = edge_vectors(pair_graph).norm(dim=-1)                             # [P]
         edge_radial = self.radial(edge_len)                                          # [P, K]
         edge_envelope = self.envelope(edge_len)                                      # [P]
+        h = self.embedding(species)                                                  # [N, C]
         for interaction in self.interactions:
-            h = h + interaction(h, edge_radial, edge_envelope, pair_i, pair_j)        # [N, C]
-        return h
+            h = h + interaction(h, edge_radial, edge_envelope, pair_graph.receivers, pair_graph.senders)  # [N, C]
+        return self.scale_shift(self.head(h)) + self.reference_energies(species)     # [N]
 
     def design_space(self) -> DesignSpace:
         """Invariant scalar messages of body order 2, T layers, receptive field T r_c."""
