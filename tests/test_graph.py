@@ -128,3 +128,29 @@ def test_empty_structures_raise():
     with pytest.raises(ValueError, match=r"structure\(s\) \[0, 2\] of the batch are empty"):
         AtomicGraph.from_positions(positions, torch.tensor([8, 1, 1]), 3.0, cell=torch.zeros(3, 3, 3),
                                    batch=torch.ones(3, dtype=torch.long))
+
+
+def test_half_edge_graph_keeps_the_last_list_and_compares_it_by_value():
+    """The last edge list's half is kept (per thread) and returned for an equal list, new
+    tensors with the same values included; a list changed in place after the call, or a
+    different one, is split and checked anew (an asymmetric one still raises)."""
+    from molnets import graph as graph_module
+    from molnets.graph import half_edge_graph
+
+    graph = AtomicGraph.from_ase(molecule("CH3CH2OH"), 4.0, dtype=torch.float64)
+    graph = graph._replace(receivers=graph.receivers.clone(), senders=graph.senders.clone())
+    first = half_edge_graph(graph)
+    again = half_edge_graph(graph._replace(receivers=graph.receivers.clone(), shifts=graph.shifts.clone()))
+    assert all(a is b for a, b in zip(first, again))  # equal values: the kept half
+    other = AtomicGraph.from_ase(molecule("CH4"), 4.0, dtype=torch.float64)
+    fresh = half_edge_graph(other)
+    assert fresh.receivers is not first.receivers and fresh.receivers.shape == (other.num_edges // 2,)
+    torch.testing.assert_close(edge_vectors(fresh).norm(dim=1).sort().values,
+                               edge_vectors(other).norm(dim=1).sort().values[::2])
+    half_edge_graph(graph)
+    e = int(torch.nonzero(graph.receivers > graph.senders)[0])
+    graph.senders[e] = graph.receivers[e]  # in place, after the call: no longer symmetric
+    with pytest.raises(ValueError, match="symmetric"):
+        half_edge_graph(graph)
+    kept_edges = graph_module._LAST_HALF.edges[0]
+    assert all(a is not b for a, b in zip(kept_edges, (graph.receivers, graph.senders, graph.shifts)))  # copies

@@ -11,6 +11,7 @@ j in N(i). Non-periodic structures have zero shifts (their cell may be zero).
 
 from __future__ import annotations
 
+import threading
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -213,14 +214,36 @@ def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
     message both ways (see :func:`molnets.layers.pairs.half_edges`). Static shapes: compiles
     and exports.
 
+    Eager mode keeps the last edge list and its half (per thread): the next call with the same
+    edges (compared by value: three equality tests) returns the kept half without the sort, the
+    symmetry check and the gathers, some 30 small operations (~80 µs on the CPU). A molecule's
+    list stays the same from step to step of a simulation.
+
     Shapes:
         graph with E edges  ->  graph with P = E // 2 edges (receivers, senders, shifts [P, 3])
     """
-    pairs = half_edges(graph.receivers, graph.senders, graph.shifts)  # [P]
-    return graph._replace(
-        receivers=graph.receivers.index_select(0, pairs), senders=graph.senders.index_select(0, pairs),
-        shifts=graph.shifts.index_select(0, pairs),
-    )
+    edges = (graph.receivers, graph.senders, graph.shifts)
+    eager = not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                 or torch._C._are_functorch_transforms_active())
+    kept = getattr(_LAST_HALF, "edges", None) if eager else None
+    if kept is None or not _same_edges(kept[0], edges):
+        pairs = half_edges(*edges)                                                    # [P]
+        half = tuple(x.index_select(0, pairs) for x in edges)
+        if not eager:
+            return graph._replace(receivers=half[0], senders=half[1], shifts=half[2])
+        with torch.inference_mode(False):  # usable outside inference mode too
+            kept = _LAST_HALF.edges = (tuple(x.clone() for x in edges), tuple(x.clone() for x in half))
+    receivers, senders, shifts = kept[1]
+    return graph._replace(receivers=receivers, senders=senders, shifts=shifts)
+
+
+_LAST_HALF = threading.local()
+
+
+def _same_edges(kept: Sequence[Tensor], edges: Sequence[Tensor]) -> bool:
+    """Whether two edge lists (receivers, senders, shifts) are equal: shapes, dtypes, devices, values."""
+    return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+               for a, b in zip(kept, edges))
 
 
 def batch_graphs(graphs: Sequence[AtomicGraph]) -> AtomicGraph:

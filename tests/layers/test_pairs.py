@@ -37,24 +37,3 @@ def test_half_edges_rejects_a_list_with_a_reverse_edge_replaced(periodic):
         with pytest.raises(ValueError, match="symmetric"):
             half_edges(receivers, senders, shifts)
 
-
-def test_half_edges_keeps_the_last_list_and_compares_it_by_value():
-    """The last edge list's split is kept (per thread) and returned for an equal list, a new
-    tensor with the same values included; a list changed in place after the call, or a
-    different one, is split and checked anew (an asymmetric one still raises)."""
-    from molnets.layers import pairs as pairs_module
-
-    graph = AtomicGraph.from_ase(ase.build.molecule("CH3CH2OH"), 4.0, dtype=torch.float64)
-    receivers, senders, shifts = graph.receivers.clone(), graph.senders.clone(), graph.shifts.clone()
-    first = half_edges(receivers, senders, shifts)
-    assert half_edges(receivers.clone(), senders.clone(), shifts.clone()) is first  # equal values: kept
-    other = AtomicGraph.from_ase(ase.build.molecule("CH4"), 4.0, dtype=torch.float64)
-    fresh = half_edges(other.receivers, other.senders, other.shifts)
-    assert fresh is not first and fresh.shape == (other.num_edges // 2,)
-    half_edges(receivers, senders, shifts)
-    e = int(torch.nonzero(receivers > senders)[0])
-    senders[e] = receivers[e]  # in place, after the call: no longer symmetric
-    with pytest.raises(ValueError, match="symmetric"):
-        half_edges(receivers, senders, shifts)
-    kept_edges = pairs_module._LAST_SPLIT.edges[0]
-    assert all(a is not b for a, b in zip(kept_edges, (receivers, senders, shifts)))  # copies are kept

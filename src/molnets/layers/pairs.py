@@ -9,7 +9,6 @@ TensorNet-style models use this to halve their dominant cost (dense layers per e
 
 from __future__ import annotations
 
-import threading
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -33,19 +32,9 @@ def half_edges(receivers: Tensor, senders: Tensor, shifts: Tensor) -> Tensor:
     to direction, compared by count and by the wrapping sum of a 64-bit mix of the key (an
     asymmetric list passes only by a hash collision, odds ~2^-64).
 
-    Eager mode keeps the last edge list and its result (per thread): the next call with the same
-    edges (compared by value: three equality tests) returns it without the sort and the check,
-    some 30 small operations (~80 µs on the CPU). A molecule's list stays the same from step to
-    step of a simulation.
-
     Shapes:
         receivers [E], senders [E], shifts [E, 3]  ->  edge indices [P], P = E // 2
     """
-    eager = not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                 or torch._C._are_functorch_transforms_active())
-    last = getattr(_LAST_SPLIT, "edges", None) if eager else None
-    if last is not None and _same_edges(last[0], (receivers, senders, shifts)):
-        return last[1]
     num_edges = receivers.shape[0]
     # For |S| < 2^20 per component the sign of this weighted sum is that of S's first nonzero
     # component, and the sum names S uniquely.
@@ -54,21 +43,7 @@ def half_edges(receivers: Tensor, senders: Tensor, shifts: Tensor) -> Tensor:
     order = torch.sort(flip.to(torch.uint8), stable=True).indices                       # [E]
     if not torch.compiler.is_compiling():
         _check_symmetric(receivers, senders, shifts, shift_key, flip)
-    pairs = order[: num_edges // 2]                                                    # [P]
-    if eager:
-        with torch.inference_mode(False):  # usable outside inference mode too
-            pairs = pairs.clone()
-            _LAST_SPLIT.edges = (tuple(x.clone() for x in (receivers, senders, shifts)), pairs)
-    return pairs
-
-
-_LAST_SPLIT = threading.local()
-
-
-def _same_edges(kept: Tuple[Tensor, ...], edges: Tuple[Tensor, ...]) -> bool:
-    """Whether two edge lists (receivers, senders, shifts) are equal: shapes, dtypes, devices, values."""
-    return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-               for a, b in zip(kept, edges))
+    return order[: num_edges // 2]                                                     # [P]
 
 
 def _check_symmetric(receivers: Tensor, senders: Tensor, shifts: Tensor, shift_key: Tensor, flip: Tensor) -> None:
