@@ -19,6 +19,14 @@ Pair symmetry: the filter depends on |r_ij| only and a neighbor list holds both 
 sends its message both ways (``layers.pair_convolution``, a fused kernel on large systems on
 the CPU). This halves the dominant cost (two dense layers per edge) and changes no number
 beyond float rounding order.
+
+Frozen weights (as calculators run a model) on a molecule within a few cutoffs (N^2 <= 4P), eager
+on the CPU: the whole model, positions and cell to per-atom energies, runs as one autograd node
+with its backward written out (``_schnet_kernel.FrozenSchNet``; the pair filters of all layers as
+one dense [T, N, N, C] array), about half the torch operations of the differentiable layers and
+none of autograd's bookkeeping per operation, which is most of a call on 9-21 atoms. A model with
+a module the kernel does not know (a user's head or filter network) runs its own modules;
+``SchNet._energies`` is the definition.
 """
 
 from __future__ import annotations
@@ -136,8 +144,9 @@ class SchNet(nn.Module):
         pair_graph = half_edge_graph(graph)                                          # P = E // 2 edges
         num_pairs = pair_graph.receivers.shape[0]
         kernel_weights = kernel_inputs(self)  # None unless the modules are the kernel's
-        if (kernel_weights is not None and dense_enough(species.shape[0], num_pairs) and frozen_kernel_applies(
-                self, graph.positions, num_pairs, self.config.num_channels, parameters=kernel_weights)):
+        if (kernel_weights is not None and frozen_kernel_applies(  # (False when compiling: no shape guard below)
+                self, graph.positions, num_pairs, self.config.num_channels, parameters=kernel_weights)
+                and dense_enough(species.shape[0], num_pairs)):
             weights = frozen_cached(self._frozen, "kernel", kernel_weights, lambda: arranged_weights(self))
             return FrozenSchNet.apply(graph.positions, graph.cell, pair_graph, species, self, weights)  # one node
         return self._energies(pair_graph, species)                                   # [N]
