@@ -130,10 +130,11 @@ def test_empty_structures_raise():
                                    batch=torch.ones(3, dtype=torch.long))
 
 
-def test_half_edge_graph_keeps_the_last_list_and_compares_it_by_value():
+def test_half_edge_graph_keeps_the_last_list_and_compares_it_by_value(monkeypatch):
     """The last edge list's half is kept (per thread) and returned for an equal list, new
     tensors with the same values included; a list changed in place after the call, or a
-    different one, is split and checked anew (an asymmetric one still raises)."""
+    different one, is split and checked anew (an asymmetric one still raises); a list longer
+    than KEEP_MAX_EDGES is not kept."""
     from molnets import graph as graph_module
     from molnets.graph import half_edge_graph
 
@@ -154,3 +155,7 @@ def test_half_edge_graph_keeps_the_last_list_and_compares_it_by_value():
         half_edge_graph(graph)
     kept_edges = graph_module._LAST_HALF.edges[0]
     assert all(a is not b for a, b in zip(kept_edges, (graph.receivers, graph.senders, graph.shifts)))  # copies
+    graph_module._LAST_HALF.edges = None
+    monkeypatch.setattr(graph_module, "KEEP_MAX_EDGES", other.num_edges - 1)  # longer lists are not kept
+    torch.testing.assert_close(half_edge_graph(other).receivers, fresh.receivers)
+    assert graph_module._LAST_HALF.edges is None

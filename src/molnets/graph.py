@@ -214,10 +214,12 @@ def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
     message both ways (see :func:`molnets.layers.pairs.half_edges`). Static shapes: compiles
     and exports.
 
-    Eager mode keeps the last edge list and its half (per thread): the next call with the same
-    edges (compared by value: three equality tests) returns the kept half without the sort, the
-    symmetry check and the gathers, some 30 small operations (~80 µs on the CPU). A molecule's
-    list stays the same from step to step of a simulation.
+    Eager mode keeps the last edge list and its half (per thread) when it has at most
+    ``KEEP_MAX_EDGES`` edges: the next call with the same edges (compared by value: three equality
+    tests) returns the kept half without the sort, the symmetry check and the gathers, some 30
+    small operations (~80 µs on the CPU). A molecule's list stays the same from step to step of a
+    simulation. Longer lists are not kept (their split costs under 1% of a model's call: 1.2 ms
+    at 88k edges, a copy of them would stay in memory).
 
     Shapes:
         graph with E edges  ->  graph with P = E // 2 edges (receivers, senders, shifts [P, 3])
@@ -225,11 +227,12 @@ def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
     edges = (graph.receivers, graph.senders, graph.shifts)
     eager = not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
                  or torch._C._are_functorch_transforms_active())
-    kept = getattr(_LAST_HALF, "edges", None) if eager else None
+    keep = eager and graph.receivers.shape[0] <= KEEP_MAX_EDGES
+    kept = getattr(_LAST_HALF, "edges", None) if keep else None
     if kept is None or not _same_edges(kept[0], edges):
         pairs = half_edges(*edges)                                                    # [P]
         half = tuple(x.index_select(0, pairs) for x in edges)
-        if not eager:
+        if not keep:
             return graph._replace(receivers=half[0], senders=half[1], shifts=half[2])
         with torch.inference_mode(False):  # usable outside inference mode too
             kept = _LAST_HALF.edges = (tuple(x.clone() for x in edges), tuple(x.clone() for x in half))
@@ -238,6 +241,7 @@ def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
 
 
 _LAST_HALF = threading.local()
+KEEP_MAX_EDGES = 1 << 16  # edge lists up to this long are kept by half_edge_graph (a molecule, a small cell)
 
 
 def _same_edges(kept: Sequence[Tensor], edges: Sequence[Tensor]) -> bool:

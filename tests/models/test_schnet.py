@@ -1,5 +1,5 @@
-"""SchNet-style model: its frozen kernel (one autograd node for the interaction blocks and the
-energy head) against the differentiable reference (float64)."""
+"""SchNet-style model: its frozen kernel (the whole model, positions and cell to per-atom energies,
+as one autograd node) against the differentiable reference (float64)."""
 
 import copy
 
