@@ -9,11 +9,13 @@ rebuilds it when any weight changes: in place (its version counter), by a new st
 ``torch.compile`` or ``torch.export`` (there the tensor is built in the traced graph), never
 while a weight needs a gradient (training).
 
-Frozen weights also allow a layer to run as one autograd node whose backward gives the
-gradients of its geometric inputs only (``models._tensornet_kernel``; on large systems the
-filter networks, ``layers._message_kernels.FrozenFilter``): ``frozen_kernel_applies`` and
-``frozen_on_cpu_eager`` say when such a kernel runs, ``reference_gradients`` is its backward when
-a graph of the backward is wanted (through the layer's differentiable reference).
+Frozen weights also allow a layer (or a whole small model) to run as one autograd node whose
+backward gives the gradients of its geometric inputs only (``models._tensornet_kernel``,
+``models._schnet_kernel``; on large systems the filter networks,
+``layers._message_kernels.FrozenFilter``): ``frozen_kernel_applies`` and ``frozen_on_cpu_eager``
+say when such a kernel runs (``parameters_of`` walks the weights they test),
+``reference_gradients`` is its backward when a graph of the backward is wanted (through the
+layer's differentiable reference).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["frozen_cached", "parameters_of", "frozen_on_cpu_eager", "frozen_kernel_applies", "reference_gradients"]
+__all__ = ["frozen_cached", "same_values", "traced", "parameters_of", "frozen_on_cpu_eager", "frozen_kernel_applies",
+           "reference_gradients"]
 
 
 Built = TypeVar("Built")
@@ -40,7 +43,7 @@ def frozen_cached(cache: Dict[str, Tuple[tuple, Any, Tuple[Tensor, ...]]], name:
         return build()
     key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
     cached = cache.get(name)
-    if cached is None or cached[0] != key or not _same_values(cached[2], inputs):
+    if cached is None or cached[0] != key or not same_values(cached[2], inputs):
         # A normal tensor even when the first call runs under torch.inference_mode(): an
         # inference tensor kept here would break every later call that records a graph.
         with torch.inference_mode(False):
@@ -48,11 +51,18 @@ def frozen_cached(cache: Dict[str, Tuple[tuple, Any, Tuple[Tensor, ...]]], name:
     return cached[1]
 
 
-def _same_values(kept: Sequence[Tensor], inputs: Sequence[Tensor]) -> bool:
+def same_values(kept: Sequence[Tensor], inputs: Sequence[Tensor]) -> bool:
     """Whether ``inputs`` equal ``kept`` one by one: shape, dtype, device and every value."""
     return len(kept) == len(inputs) and all(
         a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
         for a, b in zip(kept, inputs))
+
+
+def traced() -> bool:
+    """Whether ``torch.compile``, ``torch.export`` or a ``torch.func`` transform is tracing the
+    caller: then the plain operations run, and nothing is kept between calls."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch._C._are_functorch_transforms_active())
 
 
 def parameters_of(module: torch.nn.Module) -> List[Tensor]:
@@ -76,8 +86,7 @@ def frozen_on_cpu_eager(layer: torch.nn.Module, like: Tensor, constants: Sequenc
     reference's operations), no weight of ``layer`` and none of ``constants`` (inputs the kernel
     gives no gradient) needs a gradient (``parameters``: ``parameters_of(layer)`` when the caller
     has it already). Flags only."""
-    return (like.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and not torch._C._are_functorch_transforms_active()
+    return (like.device.type == "cpu" and not traced()
             and not any(c.requires_grad for c in constants)
             and not any(p.requires_grad for p in (parameters_of(layer) if parameters is None else parameters)))
 

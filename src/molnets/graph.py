@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._frozen import same_values, traced
 from .layers.pairs import half_edges
 from .neighbors import Backend, neighbor_list
 
@@ -202,7 +203,8 @@ def edge_vectors_backward(graph: AtomicGraph, grad: Tensor, positions: bool = Tr
         grad_positions.index_add_(0, graph.receivers, grad, alpha=-1)
     if cell:
         outer = graph.shifts.to(grad.dtype)[:, :, None] * grad[:, None, :]                 # [E, 3, 3]
-        grad_cell = torch.zeros_like(graph.cell).index_add_(0, graph.batch.index_select(0, graph.receivers), outer)
+        structure = graph.batch.index_select(0, graph.receivers)                           # [E]
+        grad_cell = torch.zeros_like(graph.cell).index_add_(0, structure, outer)           # [B, 3, 3]
     return grad_positions, grad_cell
 
 
@@ -225,11 +227,9 @@ def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
         graph with E edges  ->  graph with P = E // 2 edges (receivers, senders, shifts [P, 3])
     """
     edges = (graph.receivers, graph.senders, graph.shifts)
-    eager = not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                 or torch._C._are_functorch_transforms_active())
-    keep = eager and graph.receivers.shape[0] <= KEEP_MAX_EDGES
+    keep = not traced() and graph.receivers.shape[0] <= KEEP_MAX_EDGES
     kept = getattr(_LAST_HALF, "edges", None) if keep else None
-    if kept is None or not _same_edges(kept[0], edges):
+    if kept is None or not same_values(kept[0], edges):
         pairs = half_edges(*edges)                                                    # [P]
         half = tuple(x.index_select(0, pairs) for x in edges)
         if not keep:
@@ -242,12 +242,6 @@ def half_edge_graph(graph: AtomicGraph) -> AtomicGraph:
 
 _LAST_HALF = threading.local()
 KEEP_MAX_EDGES = 1 << 16  # edge lists up to this long are kept by half_edge_graph (a molecule, a small cell)
-
-
-def _same_edges(kept: Sequence[Tensor], edges: Sequence[Tensor]) -> bool:
-    """Whether two edge lists (receivers, senders, shifts) are equal: shapes, dtypes, devices, values."""
-    return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-               for a, b in zip(kept, edges))
 
 
 def batch_graphs(graphs: Sequence[AtomicGraph]) -> AtomicGraph:

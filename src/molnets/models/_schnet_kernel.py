@@ -181,7 +181,7 @@ class FrozenSchNet(torch.autograd.Function):
         # W_t as a dense [N, N, C] array, both directions of every pair (and the images of a
         # periodic system summed): m = Σ_j W[i, j] ∘ x_j is then one product and one sum
         ij, ji = pair_i * N + pair_j, pair_j * N + pair_i                                # [P]: flat (i, j), (j, i)
-        dense = filters.new_zeros(T, N * N, C).index_add_(1, ij, filters).index_add_(1, ji, filters)
+        dense = filters.new_zeros(T, N * N, C).index_add_(1, ij, filters).index_add_(1, ji, filters)  # [T, N N, C]
         dense = dense.view(T, N, N, C)                                                   # [T, N, N, C]
         saved: List[Tensor] = []
         for w, block_filters in zip(weights.blocks, dense):
@@ -191,7 +191,7 @@ class FrozenSchNet(torch.autograd.Function):
             h = torch.addmm(h, F.softplus(update), w.update_out_t).add_(w.update_bias)   # [N, C]
             saved += [x, update]
         head = torch.addmm(weights.head_bias, h, weights.head_t)                         # [N, C_h]
-        energies = torch.addmv(weights.species_bias.index_select(0, species), F.softplus(head), weights.head_out)
+        energies = torch.addmv(weights.species_bias.index_select(0, species), F.softplus(head), weights.head_out)  # [N]
         ctx.model, ctx.weights, ctx.pair_graph = model, weights, pair_graph
         ctx.save_for_backward(positions, cell, species, edge_vec, lengths, radial_slope, envelope, envelope_slope,
                               first, unscaled, ij, ji, dense, head, *saved)
@@ -207,22 +207,24 @@ class FrozenSchNet(torch.autograd.Function):
                 lambda positions, cell: model._energies(pair_graph._replace(positions=positions, cell=cell), species),
                 [positions, cell], needs, grad, num_args=6)
         (T, N, _, C), P = dense.shape, edge_vec.shape[0]
-        grad_head = torch.ops.aten.softplus_backward(torch.outer(grad, weights.head_out), head, 1.0, 20.0)
+        grad_head = torch.ops.aten.softplus_backward(torch.outer(grad, weights.head_out), head, 1.0, 20.0)  # [N, C_h]
         grad = torch.mm(grad_head, weights.head)                                         # [N, C]
         grad_dense = torch.empty_like(dense)                                             # [T, N, N, C]
         for t in reversed(range(T)):
             w, (x, update) = weights.blocks[t], saved[2 * t:2 * t + 2]
-            grad_update = torch.ops.aten.softplus_backward(torch.mm(grad, w.update_out), update, 1.0, 20.0)
+            grad_update = torch.ops.aten.softplus_backward(torch.mm(grad, w.update_out), update, 1.0, 20.0)  # [N, C]
             grad_messages = torch.mm(grad_update, w.update_in)[:, None]                  # [N, 1, C]
             torch.mul(grad_messages, x, out=grad_dense[t])                               # [N, N, C]
             grad_x = (dense[t] * grad_messages).sum(0)                                   # [N, C]: Σ_i W[i, j] g_m[i]
             grad = torch.addmm(grad, grad_x, w.linear_in)                                # [N, C]: + the residual
-        grad_dense = grad_dense.view(T, N * N, C)
+        grad_dense = grad_dense.view(T, N * N, C)                                        # [T, N N, C]
         grad_filters = grad_dense.index_select(1, ij).add_(grad_dense.index_select(1, ji))  # [T, P, C]
         grad_envelope = (grad_filters * unscaled).sum((0, 2))                            # [P]
         grad_hidden = torch.bmm(grad_filters.mul_(envelope[:, None]), weights.second)    # [T, P, C]
-        grad_first = torch.ops.aten.softplus_backward(grad_hidden.transpose(0, 1).reshape(P, T * C), first, 1.0, 20.0)
-        grad_lengths = (torch.mm(grad_first, weights.first) * radial_slope).sum(1).addcmul_(grad_envelope, envelope_slope)
+        grad_first = torch.ops.aten.softplus_backward(
+            grad_hidden.transpose(0, 1).reshape(P, T * C), first, 1.0, 20.0)             # [P, T C]
+        grad_lengths = (torch.mm(grad_first, weights.first) * radial_slope).sum(1).addcmul_(
+            grad_envelope, envelope_slope)                                               # [P]
         # d||v||/dv = v / ||v||, 0 at v = 0 (as torch's norm backward)
         grad_vec = edge_vec * grad_lengths.div_(lengths).masked_fill_(lengths == 0, 0.0)[:, None]  # [P, 3]
         return edge_vectors_backward(pair_graph, grad_vec, *needs) + (None, None, None, None)
