@@ -140,7 +140,7 @@ def _nve(atoms: ase.Atoms, model: SchNet, timestep_fs: float, duration_fs: float
 
 
 @pytest.mark.parametrize("system", ["ethanol", "fcc Cu 32"])
-def test_nve_energy_conservation(system):
+def test_nve_energy_conservation(system, monkeypatch):
     """Velocity Verlet conserves a shadow Hamiltonian H + O(dt²): with forces that are exactly
     -∇E, the total energy only oscillates, by an amount that falls 4x when dt halves, and does
     not drift. Bounds (measured values are ~4x below them):
@@ -149,10 +149,19 @@ def test_nve_energy_conservation(system):
     - halving dt divides that deviation by 3..5 (second order; a force inconsistent with the
       energy would leave an error that does not vanish with dt);
     - linear drift over the 100 fs below 2e-4 of the potential-energy range.
+
+    The calculator's frozen model runs the SchNet kernel (``models._schnet_kernel``) on both:
+    the crystal's 32 atoms with periodic images within 4 Å fill its dense pair arrays enough.
     """
+    from molnets.models import _schnet_kernel
+
+    kernel_calls = []
+    monkeypatch.setattr(_schnet_kernel.FrozenSchNet, "forward", staticmethod(
+        lambda *args, forward=_schnet_kernel.FrozenSchNet.forward: kernel_calls.append(1) or forward(*args)))
     atoms = ase.build.molecule("CH3CH2OH") if system == "ethanol" else _crystal()
     model = _model()
     runs = {dt: _nve(atoms, model, dt, 100.0) for dt in (1.0, 0.5)}
+    assert kernel_calls
     potential, total = runs[1.0]
     scale = np.ptp(potential)
     assert scale > 1e-2, f"the trajectory hardly moves (E_pot range {scale} eV)"

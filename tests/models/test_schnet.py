@@ -31,7 +31,7 @@ def dense_graph(periodic: bool = False):
     (``_schnet_kernel.dense_enough``)."""
     graph = testing.random_graph(num_atoms=8 if not periodic else 9, cutoff=CUTOFF, seed=1 if not periodic else 5,
                                  periodic=periodic, dtype=DTYPE)
-    assert _schnet_kernel.dense_enough(graph.num_atoms, graph.num_edges // 2)
+    assert _schnet_kernel.dense_enough(graph.num_atoms, graph.num_edges // 2, 8, 8)
     return graph
 
 
@@ -86,8 +86,8 @@ def test_frozen_kernel_equals_the_reference(assert_kernel_equals_reference, peri
 def test_frozen_model_takes_the_kernel_only_where_it_reads_every_module(monkeypatch, kernel_calls):
     """The model runs the kernel when frozen, on the CPU, eager, with the modules the kernel
     reads, on a molecule within a few cutoffs; a trainable model, a swapped filter network or
-    head (a user's own), a sparse graph (N^2 > 4P) or more pairs than one chunk of
-    ``layers._message_kernels`` run the reference."""
+    head (a user's own), a sparse graph (N^2 > 4P), a dense array above DENSE_MAX_BYTES or more
+    pairs than one chunk of ``layers._message_kernels`` run the reference."""
     from molnets.layers import _message_kernels
 
     def runs_kernel(model, graph=dense_graph()) -> bool:
@@ -104,8 +104,13 @@ def test_frozen_model_takes_the_kernel_only_where_it_reads_every_module(monkeypa
     swapped.head = EnergyHead([8, 1], activation="ssp").to(DTYPE)
     assert not runs_kernel(swapped.requires_grad_(False))                    # a user's head
     sparse = testing.random_graph(num_atoms=9, cutoff=CUTOFF, seed=5, dtype=DTYPE)
-    assert not _schnet_kernel.dense_enough(sparse.num_atoms, sparse.num_edges // 2)
+    assert not _schnet_kernel.dense_enough(sparse.num_atoms, sparse.num_edges // 2, 8, 8)
     assert not runs_kernel(small_model().requires_grad_(False), sparse)      # sparse: the reference
+    largest = _schnet_kernel.DENSE_MAX_BYTES
+    monkeypatch.setattr(_schnet_kernel, "DENSE_MAX_BYTES", 8 * 8 * 8 * 8 - 1)  # N^2 C bytes of dense_graph - 1
+    assert not runs_kernel(small_model().requires_grad_(False))              # a dense array too large
+    monkeypatch.setattr(_schnet_kernel, "DENSE_MAX_BYTES", largest)
+    assert runs_kernel(small_model().requires_grad_(False))
     monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 8)
     assert not runs_kernel(small_model().requires_grad_(False))              # messages beyond one chunk
 

@@ -89,14 +89,21 @@ def kernel_inputs(model: nn.Module) -> Optional[List[Tensor]]:
         buffers["scale"], buffers["shift"], reference._buffers["energies"]]
 
 
-def dense_enough(num_atoms: int, num_pairs: int) -> bool:
-    """Whether the kernel's dense pair arrays ([T, N, N, C]) hold at most twice the numbers of the
-    pair messages ([2P, C] per block): N^2 <= 4P, a molecule within a few cutoffs. On such
-    systems the dense products beat gathers and scatters of the pairs (ethanol: 2x, forward). On
-    sparser ones the reference runs: the kernel with gathered and scattered pairs instead
-    measured 0.89-0.97x the reference (with its fused pair kernels) on 32-108 atoms of Cu.
-    Shapes only."""
-    return num_atoms * num_atoms <= 4 * num_pairs
+# The largest dense pair array of one block [N, N, C] the kernel builds. Measured (A/B against the
+# reference in one process): ethanol and aspirin (83-452 KB in float64) 1.3-1.45x, 32 atoms of Cu
+# within 5 Å 1.09x in float32 (524 KB) but 0.95x in float64 (1 MB).
+DENSE_MAX_BYTES = 768 << 10
+
+
+def dense_enough(num_atoms: int, num_pairs: int, num_channels: int, itemsize: int) -> bool:
+    """Whether the kernel's dense pair arrays pay: they hold at most twice the numbers of the pair
+    messages (N^2 <= 4P: [N, N, C] against [2P, C] per block, a molecule within a few cutoffs)
+    and one block's array stays within ``DENSE_MAX_BYTES``. There the dense products beat
+    gathers and scatters of the pairs (ethanol: 2x, forward). Elsewhere the reference runs: the
+    kernel with gathered and scattered pairs instead measured 0.89-0.97x the reference (with its
+    fused pair kernels) on 32-108 atoms of Cu. Shapes only."""
+    return (num_atoms * num_atoms <= 4 * num_pairs
+            and num_atoms * num_atoms * num_channels * itemsize <= DENSE_MAX_BYTES)
 
 
 def _is_ssp_mlp(network: nn.Module) -> bool:

@@ -20,8 +20,8 @@ sends its message both ways (``layers.pair_convolution``, a fused kernel on larg
 the CPU). This halves the dominant cost (two dense layers per edge) and changes no number
 beyond float rounding order.
 
-Frozen weights (as calculators run a model) on a molecule within a few cutoffs (N^2 <= 4P), eager
-on the CPU: the whole model, positions and cell to per-atom energies, runs as one autograd node
+Frozen weights (as calculators run a model) on a molecule within a few cutoffs (N^2 <= 4P, and
+the dense arrays below within ``_schnet_kernel.DENSE_MAX_BYTES`` a layer), eager on the CPU: the whole model, positions and cell to per-atom energies, runs as one autograd node
 with its backward written out (``_schnet_kernel.FrozenSchNet``; the pair filters of all layers as
 one dense [T, N, N, C] array), about half the torch operations of the differentiable layers and
 none of autograd's bookkeeping per operation, which is most of a call on 9-21 atoms. A model with
@@ -146,7 +146,8 @@ class SchNet(nn.Module):
         kernel_weights = kernel_inputs(self)  # None unless the modules are the kernel's
         if (kernel_weights is not None and frozen_kernel_applies(  # (False when compiling: no shape guard below)
                 self, graph.positions, num_pairs, self.config.num_channels, parameters=kernel_weights)
-                and dense_enough(species.shape[0], num_pairs)):
+                and dense_enough(species.shape[0], num_pairs, self.config.num_channels,
+                                 graph.positions.element_size())):
             weights = frozen_cached(self._frozen, "kernel", kernel_weights, lambda: arranged_weights(self))
             return FrozenSchNet.apply(graph.positions, graph.cell, pair_graph, species, self, weights)  # one node
         return self._energies(pair_graph, species)                                   # [N]
