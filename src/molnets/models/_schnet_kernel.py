@@ -220,9 +220,11 @@ class FrozenSchNet(torch.autograd.Function):
         for t in reversed(range(T)):
             w, (x, update) = weights.blocks[t], saved[2 * t:2 * t + 2]
             grad_update = torch.ops.aten.softplus_backward(torch.mm(grad, w.update_out), update, 1.0, 20.0)  # [N, C]
-            grad_messages = torch.mm(grad_update, w.update_in)[:, None]                  # [N, 1, C]
-            torch.mul(grad_messages, x, out=grad_dense[t])                               # [N, N, C]
-            grad_x = (dense[t] * grad_messages).sum(0)                                   # [N, C]: Σ_i W[i, j] g_m[i]
+            grad_messages = torch.mm(grad_update, w.update_in)                           # [N, C]
+            torch.mul(grad_messages[:, None], x, out=grad_dense[t])                      # [N, N, C]
+            # Σ_i W[i, j] g_m[i] = Σ_i W[j, i] g_m[i]: W is symmetric (both directions of every
+            # pair), and a sum over the inner pair axis is 2x faster than over the outer one
+            grad_x = (dense[t] * grad_messages).sum(1)                                   # [N, C]
             grad = torch.addmm(grad, grad_x, w.linear_in)                                # [N, C]: + the residual
         grad_dense = grad_dense.view(T, N * N, C)                                        # [T, N N, C]
         grad_filters = grad_dense.index_select(1, ij).add_(grad_dense.index_select(1, ji))  # [T, P, C]
