@@ -21,11 +21,12 @@ the CPU). This halves the dominant cost (two dense layers per edge) and changes 
 beyond float rounding order.
 
 Frozen weights (as calculators run a model) on a molecule within a few cutoffs (N^2 <= 4P, and
-the dense arrays below within ``_schnet_kernel.DENSE_MAX_BYTES`` a layer), eager on the CPU: the whole model, positions and cell to per-atom energies, runs as one autograd node
-with its backward written out (``_schnet_kernel.FrozenSchNet``; the pair filters of all layers as
-one dense [T, N, N, C] array), about half the torch operations of the differentiable layers and
-none of autograd's bookkeeping per operation, which is most of a call on 9-21 atoms. A model with
-a module the kernel does not know (a user's head or filter network) runs its own modules;
+the dense arrays below within ``_schnet_kernel.DENSE_MAX_BYTES`` a layer), eager on the CPU: the
+whole model, positions and cell to per-atom energies, runs as one autograd node with its backward
+written out (``_schnet_kernel.FrozenSchNet``; the pair filters of all layers as one dense
+[T, N, N, C] array), about half the torch operations of the differentiable layers and none of
+autograd's bookkeeping per operation, which is most of a call on 9-21 atoms. A model with a
+module the kernel does not know (a user's head or filter network) runs its own modules;
 ``SchNet._energies`` is the definition.
 """
 
