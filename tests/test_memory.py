@@ -67,3 +67,61 @@ def test_reused_freed_memory_is_known_and_turns_off_the_chunked_filter(how):
     before, runs_before, after, runs_after = done.stdout.split()
     assert (before, runs_before) == (("True", "False") if how == "environment" else ("False", "True"))
     assert (after, runs_after) == ("True", "False")
+
+
+# Blocks under the mmap threshold (raised to 1 MiB by freeing a 1 MiB block first) come from
+# the heap; 16 of 512 KiB freed together leave 8 MiB free at the heap's top, above the trim
+# threshold (2 MiB), so glibc gives them back and the next step faults them in again. malloc
+# and free directly, and memory.py loaded alone: importing torch frees blocks of its own, which
+# leaves the thresholds at sizes that differ from run to run.
+_HEAP_SCRIPT = """
+import ctypes, importlib.util, resource, sys
+spec = importlib.util.spec_from_file_location("memory", sys.argv[2])
+memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(memory)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(2**20))
+if sys.argv[1] == "keep":
+    assert memory.keep_heap_between_calls()
+def step():
+    blocks = [libc.malloc(2**19) for _ in range(16)]
+    for block in blocks:
+        ctypes.memset(block, 1, 2**19)
+    for block in blocks:
+        libc.free(block)
+for _ in range(4):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+HEAP_PAGES = 16 * 2**19 // 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what this changes")
+def test_kept_heap_is_not_trimmed_between_calls():
+    import molnets.memory
+
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _HEAP_SCRIPT, mode, molnets.memory.__file__],
+                              capture_output=True, text=True, check=True)
+        return int(done.stdout.split()[-1])
+
+    assert faults("default") > 3 * HEAP_PAGES   # trimmed at every step: its pages faulted in again
+    assert faults("keep") < HEAP_PAGES // 8     # kept: the same pages again
+
+
+@pytest.mark.parametrize("keep_heap, device, calls", [(True, "cpu", 1), (False, "cpu", 0)])
+def test_calculator_keeps_the_heap_on_the_cpu_unless_told_not_to(monkeypatch, keep_heap, device, calls):
+    import molnets.calculator
+    from molnets import MolnetsCalculator, SchNet, SchNetConfig
+
+    made = []
+    monkeypatch.setattr(molnets.calculator, "keep_heap_between_calls", lambda: made.append(1) or True)
+    MolnetsCalculator(SchNet(SchNetConfig(species=(1,), num_channels=4, num_layers=1)), device=device,
+                      keep_heap=keep_heap)
+    assert len(made) == calls

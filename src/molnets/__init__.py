@@ -4,7 +4,9 @@ The data path of every model: ``ase.Atoms`` -> :class:`AtomicGraph` (with the ne
 :func:`neighbor_list`) -> a model's per-atom energies -> :class:`Potential` (energy, forces,
 stress) -> :class:`MolnetsCalculator` for ASE. Layers live in :mod:`molnets.layers`, the ACE
 block in :mod:`molnets.ace`, training in :mod:`molnets.training`, the reusable model test suite
-in :mod:`molnets.testing`; :func:`molnets.memory.reuse_freed_memory` for large systems on the CPU.
+in :mod:`molnets.testing`; :mod:`molnets.memory` keeps freed memory for the next call on the CPU
+(:func:`molnets.memory.keep_heap_between_calls`, which the calculator makes, and
+:func:`molnets.memory.reuse_freed_memory` for large systems).
 """
 
 from . import ace, layers, memory, models, neighbors, testing, training

@@ -16,7 +16,7 @@ which it wraps), computed with less work:
 - On the CPU in eager mode, X, the per-edge messages and their gradients are built chunk by chunk
   of pairs in reused buffers (``_message_kernels.AtomicBasisMessages``, tested equal to
   ``atomic_basis_messages``): no [E, M, C] tensor in memory. With frozen weights also on a
-  molecule whose messages fit in one chunk, from 1 MiB of them on (``FROZEN_KERNEL_BYTES``).
+  molecule whose messages fit in one chunk, from 512 KiB of them on (``FROZEN_KERNEL_BYTES``).
 """
 
 from __future__ import annotations
