@@ -1,9 +1,20 @@
-"""molnets.memory.reuse_freed_memory: a freed large tensor's pages are reused without faults."""
+"""molnets.memory: freed memory is reused without page faults (reuse_freed_memory, keep_heap_between_calls)."""
 
 import subprocess
 import sys
 
 import pytest
+
+# The end of each script below: run its step() four times (the heap settles), then print the
+# minor page faults of four more.
+_COUNT_FAULTS = """
+for _ in range(4):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
 
 # Allocate, touch and free a 64 MB tensor (above glibc's largest mmap threshold, 32 MB) a few
 # times, then count the minor page faults of four more rounds (the heap settles in the first).
@@ -12,16 +23,10 @@ import resource, sys, torch
 import molnets.memory
 if sys.argv[1] == "reuse":
     assert molnets.memory.reuse_freed_memory()
-def touch():
+def step():
     x = torch.ones(16 * 2**20)  # 64 MB of float32
     del x
-for _ in range(4):
-    touch()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    touch()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
+""" + _COUNT_FAULTS
 
 PAGES = 64 * 2**20 // 4096
 
@@ -91,13 +96,7 @@ def step():
         ctypes.memset(block, 1, 2**19)
     for block in blocks:
         libc.free(block)
-for _ in range(4):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
+""" + _COUNT_FAULTS
 
 HEAP_PAGES = 16 * 2**19 // 4096
 
