@@ -16,8 +16,9 @@ Two settings, both process-wide:
   below 32 MiB are then reused by the next step instead of being faulted in again. Small
   molecules, energy + forces (2 threads): SchNet-style aspirin float64 150-260 page faults a
   call before, ~1 after; TensorNet-style aspirin float64 570-670, ~4; MACE-style aspirin
-  float32 190-290, ~5. A fault costs ~2.4 µs on the project's CPU machines (a page first
-  touched against one touched again), so 0.4-1.6 ms a call, 5-25% of these calls.
+  float32 190-290, ~5 (~2.2 µs of kernel time each). Six processes each way, one after the
+  other: the median call 1.13x faster (TensorNet-style) and 1.06x (SchNet-style), the best
+  call 0-4%: what an MD run gains, more than a best-of benchmark shows.
   ``MolnetsCalculator`` makes it on the CPU unless told not to (``keep_heap=False``). Cost:
   up to 64 MiB of freed memory stays with the process.
 - ``reuse_freed_memory()`` also keeps blocks above 32 MiB in the heap and never trims it: for
@@ -82,7 +83,7 @@ def keep_heap_between_calls() -> bool:
     switched off (a process started with ``MALLOC_*`` thresholds, which fix them, is left as
     it is). What it saves: the page faults of a call's temporaries, which the heap's trimming
     at every call's end otherwise brings back (module docstring: hundreds a call on a small
-    molecule, 5-25% of its time). Calling it again does nothing more.
+    molecule; its median call 1.06-1.13x faster). Calling it again does nothing more.
 
     Returns:
         True where the C library is glibc's (the block was allocated and freed), else False.
