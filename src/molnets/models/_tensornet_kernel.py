@@ -1,11 +1,10 @@
 """Frozen TensorNet-style layers in one autograd node each (private; small systems, CPU, eager).
 
-``TensorInteraction`` in plain operations records some 120 autograd nodes per layer, and its 3x3
-matrix products are batched products of [N C] tiny matrices (~50 ns each in PyTorch's small-matrix
-path). On a small molecule that is most of a call. When the layer's weights are frozen (as
-calculators run a model: forces need gradients with respect to the geometry only) and the system
-is small, ``FrozenInteraction`` computes the same forward without recording a graph and its
-backward as written out below, in about 40 operations, with every 3x3 product done "entry-major":
+``TensorInteraction`` in plain operations records ~120 autograd nodes per layer, and its 3x3 products
+are batched products of [N C] tiny matrices (~50 ns each): most of a call on a small molecule. With
+frozen weights (as calculators run a model) on a small system, ``FrozenInteraction`` computes the
+same forward without recording a graph and its backward as written out below, in about 40
+operations, with every 3x3 product done "entry-major":
 a stack of matrices stored as [9, L] (entry (a, b) of all L = N C matrices in one row), where
 (P Q)_ab = Σ_k P_ak Q_kb is a product and two multiply-adds of rows that run along L.
 Components [9, L] and entries [9, L] are one [9, 9] matrix product apart (the orthonormal basis
