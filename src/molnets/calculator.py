@@ -32,10 +32,10 @@ class MolnetsCalculator(Calculator):
     rebuilt for each new geometry. On the CPU it lets glibc keep up to 64 MiB of freed heap
     between steps (``molnets.memory.keep_heap_between_calls``, process-wide, glibc's own state
     after any 32 MiB block is freed): one step's temporaries are reused by the next instead of
-    being faulted in again (hundreds of page faults a step on a small molecule; the median step 1.06-1.13x
-    faster on aspirin). For systems of thousands of
-    atoms, also call ``molnets.memory.reuse_freed_memory()`` once first (a process-wide setting
-    this calculator does not make on its own): it keeps the cost per atom flat in N.
+    being faulted in again (hundreds of page faults a step on a small molecule; the median step
+    1.06-1.13x faster on aspirin). For systems of thousands of atoms, also call
+    ``molnets.memory.reuse_freed_memory()`` once first (a process-wide setting this calculator
+    does not make on its own): it keeps the cost per atom flat in N.
 
     Args:
         model_or_path: a per-atom energy model, a ``Potential`` (its model is used) or the
