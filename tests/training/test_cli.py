@@ -95,6 +95,21 @@ def test_demo_quick_writes_everything_into_one_folder(tmp_path, capsys):
     assert len(trajectory) >= 2 and len(trajectory[0]) == 8
 
 
+def test_every_command_keeps_the_heap_between_steps(tmp_path, monkeypatch, capsys):
+    """The molnets command's process is its own: it lets glibc keep freed heap for the next step
+    (molnets.memory.keep_heap_between_calls) before it runs a subcommand."""
+    import molnets.memory
+    from molnets.models import SchNet, SchNetConfig
+    from molnets.models.base import save_model
+
+    made = []
+    monkeypatch.setattr(molnets.memory, "keep_heap_between_calls", lambda: made.append(1) or True)
+    save_model(SchNet(SchNetConfig(species=(29,), cutoff=4.5, num_channels=4, num_basis=4, num_layers=1)),
+               tmp_path / "m.pt")
+    assert main(["describe", str(tmp_path / "m.pt")]) == 0
+    assert made == [1]
+
+
 def test_describe_prints_the_design_space_of_model_files(tmp_path, capsys):
     from molnets.models import SchNet, SchNetConfig
     from molnets.models.base import save_model
