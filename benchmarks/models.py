@@ -2,7 +2,7 @@
 
     python benchmarks/models.py [--repeats 10] [--rounds 2] [--threads 2] [--device cpu] [--quick]
                                 [--compile] [--families MACE-style ...] [--no-scaling | --scaling-only]
-                                [--reuse-freed-memory]
+                                [--reuse-freed-memory] [--train]
 
 Every measurement runs in a fresh subprocess (``--worker IMPL SPEC.json``) of the interpreter
 that has the implementation (the main venv for molnets and PyG; a peer's venv for its
@@ -29,6 +29,14 @@ compiled peer is set up here (PyG's SchNet: the module compiled, autograd outsid
 torchmd-net's TensorNet: its representation model compiled, its own forces inside), the peer
 compiled; compilation is not timed (the first call).
 
+``--train`` times a training step instead, the same on both sides (``_training_step``): the
+weights trainable, the model in training mode, energy and forces with the forces kept
+differentiable (``create_graph``), the loss Σ E² + Σ |F|² and its backward to the weights; no
+optimizer step (the same for every model, and small). molnets runs its differentiable layers
+then (the frozen-weight kernels need frozen weights), as training does; no scaling table. An
+extra system, "aspirin x16" (``molecule_batch``: 16 molecules beyond each other's cutoff, one
+structure), stands for a training batch of molecules.
+
 Rows: SchNet-style vs PyG's SchNet at the hyper-parameters of ../shared/PEERS.md (128
 channels, 3 interactions, 50 Gaussians, 5 Å cutoff). The same molnets weights are copied
 into PyG's SchNet (the two models compute the same function; energies are compared).
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -90,6 +99,20 @@ def systems(quick: bool = False) -> Dict[str, "ase.Atoms"]:  # noqa: F821
     return out
 
 
+def molecule_batch(copies: int = 16, spacing: float = 15.0) -> "ase.Atoms":  # noqa: F821
+    """``copies`` aspirin molecules on a square grid ``spacing`` Å apart (farther than a cutoff
+    plus a molecule's size): what a training batch of molecules costs, as one structure."""
+    from _tensornet import aspirin
+
+    side = math.ceil(math.sqrt(copies))
+    batch = aspirin()[:0]
+    for k in range(copies):
+        molecule = aspirin()
+        molecule.translate((spacing * (k % side), spacing * (k // side), 0.0))
+        batch += molecule
+    return batch
+
+
 def scaling_systems(quick: bool = False) -> Dict[int, "ase.Atoms"]:  # noqa: F821
     """Rattled fcc Cu, 256 ... 16384 atoms."""
     return {4 * r**3: cu_fcc(r) for r in ((4, 8) if quick else (4, 8, 12, 16))}
@@ -130,24 +153,39 @@ def _schnet_model(spec: dict):
     return SchNet(SchNetConfig(species=tuple(spec["species"]), **SCHNET))
 
 
+def _training_step(module: torch.nn.Module, energy_and_forces: Callable[[], tuple]) -> Callable[[], object]:
+    """``--train``: one step of training on energies and forces, the same on every side: the
+    loss Σ E² + Σ |F|² (forces kept differentiable, ``create_graph``) and its backward to the
+    weights of ``module`` (their gradients cleared first); no optimizer step."""
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        energy, forces = energy_and_forces()
+        (energy.square().sum() + forces.square().sum()).backward()
+        return energy.detach().sum(), forces.detach()
+
+    return step
+
+
 def _molnets_step(model, cutoff: float, system: dict, spec: dict) -> Callable[[], object]:
     """Energy + forces of a molnets model through ``Potential``; compiled as
     ``MolnetsCalculator(compile="inductor")`` runs it: the whole ``Potential`` (energy and
-    forces one graph), dynamic sizes."""
+    forces one graph), dynamic sizes. With ``train``: a training step (``_training_step``), the
+    model's weights trainable and ``Potential`` in training mode (forces differentiable)."""
     from molnets.models import Potential
 
-    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
-    model = model.to(device, dtype).requires_grad_(False)  # frozen, as calculators run models
-    potential = Potential(model).eval()
+    dtype, device, train = getattr(torch, spec["dtype"]), spec["device"], spec.get("train", False)
+    model = model.to(device, dtype).requires_grad_(train)  # frozen unless training, as calculators run models
+    potential = Potential(model).train(train)
     if spec.get("compile"):
         potential = torch.compile(potential, fullgraph=True, dynamic=True)
     graph = _molnets_graph(system, cutoff, dtype, device)
 
-    def step():
+    def energy_and_forces():
         out = potential(graph)
         return out["energy"].sum(), out["forces"]
 
-    return step
+    return _training_step(model, energy_and_forces) if train else energy_and_forces
 
 
 def setup_molnets_schnet(system: dict, spec: dict) -> Callable[[], object]:
@@ -203,19 +241,21 @@ def setup_pyg_schnet(system: dict, spec: dict) -> Callable[[], object]:
     dtype, device = getattr(torch, spec["dtype"]), spec["device"]
     graph = _molnets_graph(system, SCHNET["cutoff"], dtype, device)
     offsets = (edge_vectors(graph) - graph.positions[graph.senders] + graph.positions[graph.receivers]).detach()
-    peer = pyg_schnet_from_molnets(_schnet_model(spec)).to(device, dtype).eval().requires_grad_(False)
+    train = spec.get("train", False)
+    peer = pyg_schnet_from_molnets(_schnet_model(spec)).to(device, dtype).train(train).requires_grad_(train)
     peer.interaction_graph = _GivenEdges(graph.receivers, graph.senders, offsets)
+    module = peer
     if spec.get("compile"):  # the usual way to compile a PyG model: the module, autograd outside
         peer = torch.compile(peer, dynamic=True)
     z = graph.atomic_numbers
 
-    def step():
+    def energy_and_forces():
         pos = graph.positions.detach().requires_grad_(True)
         energy = peer(z, pos).sum()
-        (grad,) = torch.autograd.grad(energy, [pos])
+        (grad,) = torch.autograd.grad(energy, [pos], create_graph=train)
         return energy, -grad
 
-    return step
+    return _training_step(module, energy_and_forces) if train else energy_and_forces
 
 
 def setup_pyg_schnet_compiled(system: dict, spec: dict) -> Callable[[], object]:
@@ -249,18 +289,19 @@ def setup_torchmdnet_tensornet(system: dict, spec: dict) -> Callable[[], object]
     peer_spec = dict(TENSORNET, dtype=spec["dtype"], state_dict=None)
     if spec.get("weights"):
         peer_spec["state_dict"] = spec["weights"] + ".torchmdnet.pt"
-    model = build(peer_spec, box).to(device).requires_grad_(False)
+    train = spec.get("train", False)  # in training mode its forces are differentiable (create_graph)
+    model = build(peer_spec, box).to(device).train(train).requires_grad_(train)
     if spec.get("compile"):  # its representation model (forces by autograd inside its forward)
         model.representation_model = torch.compile(model.representation_model, dynamic=True)
     z = torch.tensor(system["numbers"], device=device)
     pos0 = torch.tensor(system["positions"], dtype=dtype, device=device)
     box_t = torch.tensor(box, dtype=dtype, device=device) if box is not None else None
 
-    def step():
+    def energy_and_forces():
         energy, forces = model(z, pos0.clone(), box=box_t)
-        return energy.detach().sum(), forces
+        return energy.sum(), forces
 
-    return step
+    return _training_step(model, energy_and_forces) if train else energy_and_forces
 
 
 def setup_torchmdnet_tensornet_compiled(system: dict, spec: dict) -> Callable[[], object]:
@@ -303,7 +344,9 @@ def setup_mace_torch(system: dict, spec: dict) -> Callable[[], object]:
         MLP_irreps=o3.Irreps("16x0e"), atomic_energies=np.zeros(len(species)),
         avg_num_neighbors=MACE["avg_num_neighbors"], atomic_numbers=species, correlation=MACE["correlation"],
         gate=torch.nn.functional.silu, atomic_inter_scale=1.0, atomic_inter_shift=0.0,
-    ).to(device, dtype).eval().requires_grad_(False)  # frozen, as mace-torch's calculator does
+    ).to(device, dtype)
+    train = spec.get("train", False)
+    model.train(train).requires_grad_(train)  # frozen unless training, as mace-torch's calculator does
     positions = np.array(system["positions"])
     cell = np.array(system["cell"])
     edge_index, shifts, unit_shifts, cell = get_neighborhood(
@@ -324,11 +367,11 @@ def setup_mace_torch(system: dict, spec: dict) -> Callable[[], object]:
         "head": torch.zeros(1, dtype=torch.long, device=device),
     }
 
-    def step():
-        out = model(data, training=False, compute_force=True)
+    def energy_and_forces():
+        out = model(data, training=train, compute_force=True)  # training: forces differentiable
         return out["energy"].sum(), out["forces"]
 
-    return step
+    return _training_step(model, energy_and_forces) if train else energy_and_forces
 
 
 # impl name -> (interpreter, setup function name)
@@ -420,7 +463,8 @@ def run_impl(impl: str, atoms_list: list, args, dtype: str, weights: Optional[st
     python, _ = IMPLS[impl]
     species = sorted({1, 6, 8, 29})
     spec = {"systems": [_system_spec(atoms) for atoms in atoms_list], "dtype": dtype, "threads": args.threads,
-            "repeats": args.repeats, "device": args.device, "species": species, "weights": weights}
+            "repeats": args.repeats, "device": args.device, "species": species, "weights": weights,
+            "train": args.train}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "spec.json")
         json.dump(spec, open(path, "w"))
@@ -494,12 +538,20 @@ def main(argv=None) -> None:
     parser.add_argument("--systems", nargs="+", default=None, help="e.g. ethanol 'Cu fcc 256' (default: all)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling-with-N table")
     parser.add_argument("--scaling-only", action="store_true", help="only the scaling-with-N table")
+    parser.add_argument("--train", action="store_true",
+                        help="time a training step instead (loss on energies and forces, backward to the"
+                             " weights); no scaling table")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
+    if args.train and (args.compile or args.scaling_only):
+        parser.error("--train times eager training steps: not with --compile or --scaling-only")
+    args.no_scaling = args.no_scaling or args.train
 
-    print(f"# energy + forces per call, best of {args.rounds} alternated rounds x {args.repeats} calls "
+    what = ("training step (loss Σ E² + Σ |F|², backward to the weights)" if args.train
+            else "energy + forces")
+    print(f"# {what} per call, best of {args.rounds} alternated rounds x {args.repeats} calls "
           f"(or 1 s of calls, up to 200; 3 calls above 1000 atoms), {args.threads} threads, {args.device}, torch {torch.__version__}; "
           f"neighbor list given\n")
     compiled = " peer compiled (ms) | molnets compiled (ms) | compiled vs peer's best |" if args.compile else ""
@@ -510,7 +562,8 @@ def main(argv=None) -> None:
         for family in families if not args.scaling_only else []:
             for dtype in args.dtype:
                 weights = _weights(tmp, dtype, family) if family.same_weights else None
-                chosen = [(name, atoms) for name, atoms in systems(args.quick).items()
+                candidates = dict(systems(args.quick), **({"aspirin x16": molecule_batch()} if args.train else {}))
+                chosen = [(name, atoms) for name, atoms in candidates.items()
                           if args.systems is None or name in args.systems]
                 for batch in _worker_batches(chosen, args.device):
                     results = run_pair(family, [atoms for _, atoms in batch], args, dtype, weights)
