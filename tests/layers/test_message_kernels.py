@@ -64,6 +64,34 @@ def test_pair_convolution_twice_differentiable():
     assert torch.autograd.gradgradcheck(f, (w, x))
 
 
+def test_pair_convolution_second_order_gradients_equal_reference():
+    """A force loss's gradient (the backward differentiated again): the kernel's weight gradient
+    is ``PairWeightGradient``, whose own gradients are convolutions; the reference's are plain."""
+    w, x, i, j = _inputs(11, 57, 9, TENSORNET_PARTS, 6)
+    w.requires_grad_(), x.requires_grad_()
+    v = torch.randn(11, 9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def second_order(convolution):
+        grad_w, grad_x = torch.autograd.grad(convolution(w, x, i, j, TENSORNET_PARTS), (w, x), v, create_graph=True)
+        return grad_w, torch.autograd.grad(grad_w.square().sum() + (grad_x * x).sum(), (w, x))
+
+    (kernel_grad_w, kernel), (_, reference) = second_order(pair_convolution), second_order(_pair_convolution_reference)
+    assert type(kernel_grad_w.grad_fn).__name__ == "PairWeightGradientBackward"
+    for a, b in zip(kernel, reference):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_pair_convolution_three_times_differentiable():
+    w, x, i, j = _inputs(5, 13, 9, TENSORNET_PARTS, 2)
+    w.requires_grad_(), x.requires_grad_()
+    v = torch.randn(5, 9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def gradients(w, x):
+        return torch.autograd.grad(pair_convolution(w, x, i, j, TENSORNET_PARTS), (w, x), v, create_graph=True)
+
+    assert torch.autograd.gradgradcheck(gradients, (w, x))
+
+
 def test_pair_convolution_float32_and_no_pairs():
     w, x, i, j = _inputs(6, 40, 9, TENSORNET_PARTS, 8)
     out = pair_convolution(w.float(), x.float(), i, j, TENSORNET_PARTS)

@@ -22,7 +22,7 @@ Scatter of outer products, out[r_e, n, c] += u_e[n] w_e[part(n), c], with G_e = 
 
 Without a graph of the backward, the gradients are computed chunk by chunk in one pass. With
 one (create_graph, double backward) they are differentiable formulas (dx of the convolution is
-the convolution again).
+the convolution again; dw is ``PairWeightGradient``, whose own gradients are convolutions).
 
 Also here, for frozen models on large systems: the filter networks W = σ(network(e)) u chunk by
 chunk of edges (``FrozenFilter``, behind ``mlp.radial_filter``), whose backward recomputes each
@@ -158,12 +158,38 @@ def backward_chunked(grad_out: Tensor, weights: Tensor, x: Tensor, pair_i: Tenso
     return grad_w, grad_x
 
 
-def weight_gradient(grad_out: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
-                    parts: Sequence[Tuple[int, int]]) -> Tensor:
-    """dw of the module docstring in differentiable operations. -> [P, K, C]"""
-    products = (grad_out.index_select(0, pair_i) * x.index_select(0, pair_j)
-                + grad_out.index_select(0, pair_j) * x.index_select(0, pair_i))     # [P, n, C]
-    return sum_parts(products, parts)                                               # [P, K, C]
+class PairWeightGradient(torch.autograd.Function):
+    """dw of the pair convolution (module docstring) chunk by chunk, for a backward that must
+    itself be differentiable (training on forces). dw is bilinear in g and x and each pair acts
+    the same way in both directions, so with h = ∂L/∂dw [P, K, C]
+
+        ∂L/∂g = pair_convolution(h, x),   ∂L/∂x = pair_convolution(h, g):
+
+    two more chunked convolutions, and no per-pair [P, n, C] array is built at any order.
+    ``weights`` gives dw's shape only (it gets no gradient here).
+
+    Shapes:
+        grad_out [N, n, C], x [N, n, C], weights [P, K, C], pair_i [P], pair_j [P]  ->  [P, K, C]
+    """
+
+    @staticmethod
+    def forward(grad_out: Tensor, x: Tensor, weights: Tensor, pair_i: Tensor, pair_j: Tensor,
+                parts: Sequence[Tuple[int, int]]) -> Tensor:
+        return backward_chunked(grad_out.contiguous(), weights, x, pair_i, pair_j, parts, True, False)[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+        grad_out, x, _, pair_i, pair_j, parts = inputs
+        ctx.save_for_backward(grad_out, x, pair_i, pair_j)
+        ctx.parts = parts
+
+    @staticmethod
+    def backward(ctx: Any, h: Tensor) -> Tuple[Optional[Tensor], ...]:
+        grad_out, x, pair_i, pair_j = ctx.saved_tensors
+        need_grad_out, need_x = ctx.needs_input_grad[:2]
+        grad_grad_out = PairConvolution.apply(h, x, pair_i, pair_j, ctx.parts) if need_grad_out else None
+        grad_x = PairConvolution.apply(h, grad_out, pair_i, pair_j, ctx.parts) if need_x else None
+        return grad_grad_out, grad_x, None, None, None, None
 
 
 class PairConvolution(torch.autograd.Function):
@@ -185,7 +211,8 @@ class PairConvolution(torch.autograd.Function):
         weights, x, pair_i, pair_j = ctx.saved_tensors
         need_weights, need_x = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # a graph of the backward is wanted
-            grad_w = weight_gradient(grad_out, x, pair_i, pair_j, ctx.parts) if need_weights else None
+            grad_w = (PairWeightGradient.apply(grad_out, x, weights, pair_i, pair_j, ctx.parts)
+                      if need_weights else None)
             grad_x = PairConvolution.apply(weights, grad_out, pair_i, pair_j, ctx.parts) if need_x else None
         else:
             grad_w, grad_x = backward_chunked(grad_out.contiguous(), weights, x, pair_i, pair_j, ctx.parts,
