@@ -132,6 +132,36 @@ def test_scatter_outer_kernel_equals_reference_with_gradients():
     assert torch.autograd.gradgradcheck(f, small)
 
 
+def test_scatter_outer_second_order_gradients_equal_reference():
+    """A force loss's gradient through the scatter: the kernel's (du, dw) is one node,
+    ``ScatterOuterGradients``, differentiated by scatters and itself; the reference's are plain."""
+    w, _, index, _ = _inputs(9, 45, 9, TENSORNET_PARTS, 5)
+    u = torch.randn(45, 9, dtype=torch.float64, requires_grad=True)
+    w.requires_grad_()
+    v = torch.randn(9, 9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def second_order(scatter):
+        grad_u, grad_w = torch.autograd.grad(scatter(u, w, index, 9, TENSORNET_PARTS), (u, w), v, create_graph=True)
+        return grad_u, torch.autograd.grad(grad_u.square().sum() + (grad_w * w).sum(), (u, w))
+
+    (kernel_grad_u, kernel), (_, reference) = second_order(scatter_outer), second_order(_scatter_outer_reference)
+    assert type(kernel_grad_u.grad_fn).__name__ == "ScatterOuterGradientsBackward"
+    for a, b in zip(kernel, reference):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_scatter_outer_three_times_differentiable():
+    w, _, index, _ = _inputs(5, 12, 9, TENSORNET_PARTS, 2)
+    u = torch.randn(12, 9, dtype=torch.float64, requires_grad=True)
+    w.requires_grad_()
+    v = torch.randn(5, 9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def gradients(u, w):
+        return torch.autograd.grad(scatter_outer(u, w, index, 5, TENSORNET_PARTS), (u, w), v, create_graph=True)
+
+    assert torch.autograd.gradgradcheck(gradients, (u, w))
+
+
 def test_scatter_outer_no_edges():
     u = torch.zeros(0, 9, dtype=torch.float64, requires_grad=True)
     w = torch.zeros(0, 3, 4, dtype=torch.float64, requires_grad=True)

@@ -22,7 +22,8 @@ Scatter of outer products, out[r_e, n, c] += u_e[n] w_e[part(n), c], with G_e = 
 
 Without a graph of the backward, the gradients are computed chunk by chunk in one pass. With
 one (create_graph, double backward) they are differentiable formulas (dx of the convolution is
-the convolution again; dw is ``PairWeightGradient``, whose own gradients are convolutions).
+the convolution again; dw is ``PairWeightGradient``, whose own gradients are convolutions, and
+the scatter's du and dw are ``ScatterOuterGradients``, whose own are scatters and itself).
 
 Also here, for frozen models on large systems: the filter networks W = σ(network(e)) u chunk by
 chunk of edges (``FrozenFilter``, behind ``mlp.radial_filter``), whose backward recomputes each
@@ -246,11 +247,9 @@ def _outer_grads(G: Tensor, u: Tensor, weights: Tensor, parts: Sequence[Tuple[in
 
 
 def scatter_outer_backward(grad_out: Tensor, u: Tensor, weights: Tensor, index: Tensor,
-                           parts: Sequence[Tuple[int, int]], need_u: bool, need_weights: bool,
-                           chunked: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """(du, dweights) of the module docstring: chunk by chunk without a graph, else differentiable."""
-    if not chunked:
-        return _outer_grads(grad_out.index_select(0, index), u, weights, parts, need_u, need_weights)
+                           parts: Sequence[Tuple[int, int]], need_u: bool, need_weights: bool
+                           ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(du, dweights) of the module docstring chunk by chunk, no graph."""
     num_edges = u.shape[0]
     grad_u = torch.empty_like(u) if need_u else None                                 # [E, n]
     grad_w = torch.empty_like(weights) if need_weights else None                     # [E, K, C]
@@ -285,9 +284,48 @@ class ScatterOuter(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
         u, weights, index = ctx.saved_tensors
         need_u, need_weights = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # a graph of the backward is wanted
+            grad_u, grad_w = ScatterOuterGradients.apply(grad_out, u, weights, index, ctx.parts)
+            return grad_u if need_u else None, grad_w if need_weights else None, None, None, None
         grad_u, grad_w = scatter_outer_backward(grad_out.contiguous(), u, weights, index, ctx.parts,
-                                                need_u, need_weights, chunked=not torch.is_grad_enabled())
+                                                need_u, need_weights)
         return grad_u, grad_w, None, None, None
+
+
+class ScatterOuterGradients(torch.autograd.Function):
+    """(du, dweights) of the scatter of outer products (module docstring) chunk by chunk, for a
+    backward that must itself be differentiable (training on forces). du is bilinear in (g, w)
+    and dw in (g, u), so with a = ∂L/∂du [E, n] and b = ∂L/∂dw [E, K, C]
+
+        ∂L/∂g = scatter_outer(a, w) + scatter_outer(u, b),   (∂L/∂u, ∂L/∂w) = (du, dw) of (g, a, b):
+
+    chunked scatters and this node again, and no per-edge [E, n, C] array is built at any order.
+
+    Shapes:
+        grad_out [N, n, C], u [E, n], weights [E, K, C], index [E]  ->  ([E, n], [E, K, C])
+    """
+
+    @staticmethod
+    def forward(grad_out: Tensor, u: Tensor, weights: Tensor, index: Tensor,
+                parts: Sequence[Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
+        return scatter_outer_backward(grad_out.contiguous(), u, weights, index, parts, True, True)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
+        grad_out, u, weights, index, parts = inputs
+        ctx.save_for_backward(grad_out, u, weights, index)
+        ctx.parts = parts
+
+    @staticmethod
+    def backward(ctx: Any, grad_du: Tensor, grad_dw: Tensor) -> Tuple[Optional[Tensor], ...]:
+        grad_out, u, weights, index = ctx.saved_tensors
+        need_grad_out, need_u, need_weights = ctx.needs_input_grad[:3]
+        num_atoms = grad_out.shape[0]
+        grad_grad_out = (ScatterOuter.apply(grad_du, weights, index, num_atoms, ctx.parts)
+                         + ScatterOuter.apply(u, grad_dw, index, num_atoms, ctx.parts)) if need_grad_out else None
+        grad_u, grad_w = (ScatterOuterGradients.apply(grad_out, grad_du, grad_dw, index, ctx.parts)
+                          if need_u or need_weights else (None, None))
+        return grad_grad_out, grad_u, grad_w, None, None
 
 
 # ---------------------------------------------------------------- ACE atomic basis messages
