@@ -227,6 +227,40 @@ def test_atomic_basis_kernel_gradients_equal_reference_and_twice_differentiable(
     assert torch.autograd.gradgradcheck(kernel, small)
 
 
+def test_atomic_basis_second_order_gradients_equal_reference():
+    """A force loss's gradient through the atomic basis: the kernel's backward is one node,
+    ``AtomicBasisGradients``, differentiated by chunked messages and itself."""
+    K, senders, receivers, radial, node_feats = _atomic_basis_inputs()
+    inputs = [t.requires_grad_() for t in [K, radial[0], node_feats[0], radial[1], node_feats[1]]]
+    v = torch.randn(6, K.shape[1], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def second_order(messages):
+        grads = torch.autograd.grad(messages(*inputs), inputs, v, create_graph=True)
+        loss = sum((grad * torch.cos(x)).sum() for grad, x in zip(grads, inputs)) + grads[0].square().sum()
+        return grads[0], torch.autograd.grad(loss, inputs)
+
+    (kernel_grad_K, kernel), (_, reference) = (
+        second_order(lambda K, R0, W0, R1, W1: _message_kernels.AtomicBasisMessages.apply(
+            K, senders, receivers, 6, R0, W0, R1, W1)),
+        second_order(lambda K, R0, W0, R1, W1: _message_kernels.atomic_basis_messages(
+            K, senders, receivers, 6, [R0, R1], [W0, W1])))
+    assert type(kernel_grad_K.grad_fn).__name__ == "AtomicBasisGradientsBackward"
+    for a, b in zip(kernel, reference):
+        assert torch.allclose(a, b, atol=1e-11, rtol=0)
+
+
+def test_atomic_basis_three_times_differentiable():
+    K, senders, receivers, radial, node_feats = _atomic_basis_inputs(num_atoms=4, num_pairs=5, M=2, C=2)
+    inputs = [t.requires_grad_() for t in [K, radial[0], node_feats[0], radial[1], node_feats[1]]]
+    v = torch.randn(4, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def gradients(*inputs):
+        out = _message_kernels.AtomicBasisMessages.apply(inputs[0], senders, receivers, 4, *inputs[1:])
+        return torch.autograd.grad(out, inputs, v, create_graph=True)
+
+    assert torch.autograd.gradgradcheck(gradients, inputs)
+
+
 def test_sum_parts_is_the_adjoint_of_spread_over_rows():
     """<spread(w), r> = <w, sum_parts(r)> for any w, r; and each part's rows summed, into ``out`` too."""
     g = torch.Generator().manual_seed(0)

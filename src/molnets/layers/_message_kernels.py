@@ -21,9 +21,11 @@ Scatter of outer products, out[r_e, n, c] += u_e[n] w_e[part(n), c], with G_e = 
     du_e[n] = Σ_c G_e[n, c] w_e[part(n), c],   dw_e[k] = Σ_{rows n of part k} u_e[n] G_e[n].
 
 Without a graph of the backward, the gradients are computed chunk by chunk in one pass. With
-one (create_graph, double backward) they are differentiable formulas (dx of the convolution is
-the convolution again; dw is ``PairWeightGradient``, whose own gradients are convolutions, and
-the scatter's du and dw are ``ScatterOuterGradients``, whose own are scatters and itself).
+one (create_graph: training on forces) they are autograd nodes computed chunk by chunk too, whose
+own gradients are again these kernels, so no per-edge array is built at any order: dx of the
+convolution is the convolution again, its dw ``PairWeightGradient`` (gradients: convolutions),
+the scatter's du and dw ``ScatterOuterGradients`` (scatters and itself), the atomic basis'
+gradients ``AtomicBasisGradients`` (messages and itself).
 
 Also here, for frozen models on large systems: the filter networks W = σ(network(e)) u chunk by
 chunk of edges (``FrozenFilter``, behind ``mlp.radial_filter``), whose backward recomputes each
@@ -394,8 +396,7 @@ def atomic_basis(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
     """``atomic_basis_messages``, by the chunked kernel where ``kernel_applies``, or, for a
     frozen layer (``frozen``: ``_frozen.frozen_on_cpu_eager``), also in one chunk from
     FROZEN_KERNEL_BYTES of messages on: its backward, one pass without autograd's per-operation
-    nodes, then beats the reference's. A trainable layer keeps the reference there (a training
-    step wants the graph of the backward, which the kernel builds by running the reference again).
+    nodes, then beats the reference's. A trainable layer keeps the reference in one chunk.
     -> [N, M, C]"""
     num_pairs, numel = K.shape[0] // 2, _atomic_basis_message_numel(K, node_feats)
     frozen_and_large = frozen and num_pairs * numel * K.element_size() >= FROZEN_KERNEL_BYTES
@@ -479,16 +480,78 @@ class AtomicBasisMessages(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
         K, senders, receivers, *tensors = ctx.saved_tensors
-        needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[4:])
-        if torch.is_grad_enabled():  # a graph of the backward is wanted: differentiate the reference
-            inputs = [t for t, need in zip([K] + tensors, needs) if need]
-            out = atomic_basis_messages(K, senders, receivers, ctx.num_atoms, tensors[0::2], tensors[1::2])
-            found = iter(torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True))
-            grads = [next(found) if need else None for need in needs]
+        needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[4:])
+        if torch.is_grad_enabled():  # a graph of the backward is wanted
+            grads = list(AtomicBasisGradients.apply(grad_out, K, senders, receivers, needs, *tensors))
         else:
             grads = list(atomic_basis_backward_chunked(grad_out.contiguous(), K, senders, receivers,
                                                        tensors[0::2], tensors[1::2], needs))
         return (grads[0], None, None, None, *grads[1:])
+
+
+def _interleaved(radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> List[Tensor]:
+    """R_0, Wh_0, R_1, Wh_1, ...: the tensors after num_atoms of ``AtomicBasisMessages``."""
+    return [t for pair in zip(radial, node_feats) for t in pair]
+
+
+class AtomicBasisGradients(torch.autograd.Function):
+    """(dK, dR_0, dWh_0, dR_1, ...) of the atomic basis (``atomic_basis_backward_chunked``, the
+    ``needs`` ones; None for the others) chunk by chunk, for a backward that must itself be
+    differentiable (training on forces). S = <g, out> is linear in each of g, K, R and Wh, and
+    these are its gradients in K, R and Wh; so with cotangents κ, ρ, ω of dK, dR, dWh, and F the
+    messages, dK(·; R, Wh), dR(K, ·; Wh), dWh(K, R; ·) this node with the named factors swapped in:
+
+        ∂/∂g = F(κ, R, Wh) + F(K, ρ, Wh) + F(K, R, ω),
+        ∂/∂K = dK(ρ, Wh) + dK(R, ω),   ∂/∂R = dR(κ; Wh) + dR(K; ω),   ∂/∂Wh = dWh(κ, R) + dWh(K, ρ):
+
+    chunked messages and this node again, and no per-edge array is built at any order.
+
+    Shapes:
+        grad_out [N, M, C], K [E, M, rows], senders [E], receivers [E], R_b [P, n_b, C],
+        Wh_b [N, d_b, C]  ->  dK [E, M, rows], dR_b [P, n_b, C], dWh_b [N, d_b, C]
+    """
+
+    @staticmethod
+    def forward(grad_out: Tensor, K: Tensor, senders: Tensor, receivers: Tensor, needs: Tuple[bool, ...],
+                *tensors: Tensor) -> Tuple[Optional[Tensor], ...]:
+        return atomic_basis_backward_chunked(grad_out.contiguous(), K, senders, receivers,
+                                             tensors[0::2], tensors[1::2], needs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Optional[Tensor], ...]) -> None:
+        grad_out, K, senders, receivers, needs, *tensors = inputs
+        ctx.save_for_backward(grad_out, K, senders, receivers, *tensors)
+        ctx.needs = needs
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        g, K, senders, receivers, *tensors = ctx.saved_tensors
+        R, Wh = tensors[0::2], tensors[1::2]
+        # a cotangent of an output not formed (None) or not used is zero
+        kappa, *rest = [torch.zeros_like(t) if c is None else c.contiguous()
+                        for c, t in zip(cotangents, [K] + tensors)]
+        rho, omega = rest[0::2], rest[1::2]
+        need_g, need_K = ctx.needs_input_grad[:2]
+        need_R, need_Wh = ctx.needs_input_grad[5::2], ctx.needs_input_grad[6::2]
+        num_atoms = g.shape[0]
+
+        def messages(K_: Tensor, R_: Sequence[Tensor], Wh_: Sequence[Tensor]) -> Tensor:
+            return AtomicBasisMessages.apply(K_, senders, receivers, num_atoms, *_interleaved(R_, Wh_))
+
+        def gradients(K_: Tensor, R_: Sequence[Tensor], Wh_: Sequence[Tensor], with_K: bool, with_R: bool,
+                      with_Wh: bool) -> List[Optional[Tensor]]:
+            needs = (with_K and need_K,) + tuple(x for pair in zip(
+                [with_R and n for n in need_R], [with_Wh and n for n in need_Wh]) for x in pair)
+            return list(AtomicBasisGradients.apply(g, K_, senders, receivers, needs, *_interleaved(R_, Wh_)))
+
+        grad_g = messages(kappa, R, Wh) + messages(K, rho, Wh) + messages(K, R, omega) if need_g else None
+        first = gradients(kappa, rho, Wh, True, True, False)        # dK(ρ, Wh), dR(κ; Wh)
+        second = gradients(K, R, omega, True, True, False)          # dK(R, ω), dR(K; ω)
+        third = gradients(kappa, R, Wh, False, False, True)         # dWh(κ, R)
+        fourth = gradients(K, rho, Wh, False, False, True)          # dWh(K, ρ)
+        grads = [None if a is None else a + b for a, b in zip(first, second)]
+        grads[2::2] = [None if a is None else a + b for a, b in zip(third[2::2], fourth[2::2])]
+        return (None if grad_g is None else grad_g, grads[0], None, None, None, *grads[1:])
 
 
 # ------------------------------------------------- filter networks of frozen models, chunk by chunk
