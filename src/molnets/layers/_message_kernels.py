@@ -519,9 +519,8 @@ class AtomicBasisGradients(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Optional[Tensor], ...]) -> None:
-        grad_out, K, senders, receivers, needs, *tensors = inputs
+        grad_out, K, senders, receivers, _, *tensors = inputs
         ctx.save_for_backward(grad_out, K, senders, receivers, *tensors)
-        ctx.needs = needs
 
     @staticmethod
     def backward(ctx: Any, *cotangents: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
@@ -542,6 +541,8 @@ class AtomicBasisGradients(torch.autograd.Function):
                       with_Wh: bool) -> List[Optional[Tensor]]:
             needs = (with_K and need_K,) + tuple(x for pair in zip(
                 [with_R and n for n in need_R], [with_Wh and n for n in need_Wh]) for x in pair)
+            if not any(needs):
+                return [None] * len(needs)
             return list(AtomicBasisGradients.apply(g, K_, senders, receivers, needs, *_interleaved(R_, Wh_)))
 
         grad_g = messages(kappa, R, Wh) + messages(K, rho, Wh) + messages(K, R, omega) if need_g else None
@@ -551,7 +552,7 @@ class AtomicBasisGradients(torch.autograd.Function):
         fourth = gradients(K, rho, Wh, False, False, True)          # dWh(K, ρ)
         grads = [None if a is None else a + b for a, b in zip(first, second)]
         grads[2::2] = [None if a is None else a + b for a, b in zip(third[2::2], fourth[2::2])]
-        return (None if grad_g is None else grad_g, grads[0], None, None, None, *grads[1:])
+        return (grad_g, grads[0], None, None, None, *grads[1:])
 
 
 # ------------------------------------------------- filter networks of frozen models, chunk by chunk
