@@ -299,7 +299,7 @@ def setup_torchmdnet_tensornet(system: dict, spec: dict) -> Callable[[], object]
 
     def energy_and_forces():
         energy, forces = model(z, pos0.clone(), box=box_t)
-        return energy.sum(), forces
+        return (energy if train else energy.detach()).sum(), forces  # (no graph kept between calls)
 
     return _training_step(model, energy_and_forces) if train else energy_and_forces
 
