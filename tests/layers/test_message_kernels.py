@@ -180,6 +180,19 @@ def test_messages_that_fit_one_chunk_take_the_reference(monkeypatch):
     assert type(out.grad_fn).__name__ == "IndexAddBackward0"
 
 
+def test_large_messages_within_one_chunk_take_the_kernel(monkeypatch):
+    monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 1 << 18)
+    w, x, i, j = _inputs(7, 120, 9, TENSORNET_PARTS, 128)        # 120 x 9 x 128 float64: 1.05 MiB
+    assert 120 <= _message_kernels._chunk_size(9 * 128)           # one chunk
+    out = pair_convolution(w, x.requires_grad_(), i, j, TENSORNET_PARTS)
+    assert type(out.grad_fn).__name__ == "PairConvolutionBackward"
+    assert torch.allclose(out, _pair_convolution_reference(w, x, i, j, TENSORNET_PARTS), atol=1e-12, rtol=0)
+    out = scatter_outer(torch.randn(120, 9, dtype=torch.float64, requires_grad=True), w, i, 7, TENSORNET_PARTS)
+    assert type(out.grad_fn).__name__ == "ScatterOuterBackward"
+    out = pair_convolution(w[:100], x, i[:100], j[:100], TENSORNET_PARTS)  # 0.88 MiB: the reference
+    assert type(out.grad_fn).__name__ == "IndexAddBackward0"
+
+
 def _atomic_basis_inputs(num_atoms=6, num_pairs=17, M=4, C=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     dims, paths = (1, 3), (2, 3)  # two node irreps (0e, 1o) with 2 and 3 paths
