@@ -129,11 +129,11 @@ def _graph_nodes(output: torch.Tensor) -> set:
 def test_frozen_pair_atomic_basis_takes_the_kernel_in_one_chunk():
     """Frozen weights: from FROZEN_KERNEL_BYTES of messages on, the chunked kernel runs even when
     the pairs fit in one chunk (a molecule), with the reference's values and gradients;
-    trainable weights keep the reference there, below KERNEL_MIN_BYTES."""
+    trainable weights keep the reference there."""
     from molnets.layers import _message_kernels
 
     torch.manual_seed(0)
-    N, P, C = 12, 100, 32
+    N, P, C = 12, 200, 32
     reference = AtomicBasis(
         o3.Irreps(f"{C}x0e + {C}x1o"), o3.Irreps.spherical_harmonics(3), o3.Irreps(f"{C}x0e + {C}x1o + {C}x2e + {C}x3o"),
         num_basis=5, avg_num_neighbors=3.0, radial_hidden=(8,)).double()
@@ -144,8 +144,7 @@ def test_frozen_pair_atomic_basis_takes_the_kernel_in_one_chunk():
     senders, receivers = torch.randint(0, N, (2 * P,)), torch.randint(0, N, (2 * P,))
     rows = 4 + 6 * 3  # (path, m2) rows of X: 4 paths from 0e, 6 from 1o
     assert P * rows * C * 8 >= _message_kernels.FROZEN_KERNEL_BYTES  # the messages are above the threshold
-    assert P * rows * C * 8 < _message_kernels.KERNEL_MIN_BYTES  # below the kernel's for any layer
-    assert not _message_kernels.kernel_applies(P, rows * C, h)  # and fit in one chunk
+    assert P <= _message_kernels._chunk_size(rows * C)  # and fit in one chunk
     args = (h, edge_sh, edge_radial, senders, receivers)
     expected = trainable(*args)
     assert "AtomicBasisMessagesBackward" not in _graph_nodes(expected)
