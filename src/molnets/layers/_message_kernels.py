@@ -412,8 +412,7 @@ def atomic_basis(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
     # float64, 1.7 MB: 0.96x best call), a frozen one takes the kernel from FROZEN_KERNEL_BYTES
     min_bytes = FROZEN_KERNEL_BYTES if frozen else math.inf
     if kernel_applies(num_pairs, numel, K, min_bytes):
-        tensors = [t for pair in zip(radial, node_feats) for t in pair]
-        return AtomicBasisMessages.apply(K, senders, receivers, num_atoms, *tensors)
+        return AtomicBasisMessages.apply(K, senders, receivers, num_atoms, *_interleaved(radial, node_feats))
     return atomic_basis_messages(K, senders, receivers, num_atoms, radial, node_feats)
 
 
@@ -500,8 +499,9 @@ class AtomicBasisMessages(torch.autograd.Function):
         return (grads[0], None, None, None, *grads[1:])
 
 
-def _interleaved(radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> List[Tensor]:
-    """R_0, Wh_0, R_1, Wh_1, ...: the tensors after num_atoms of ``AtomicBasisMessages``."""
+def _interleaved(radial: Sequence[Any], node_feats: Sequence[Any]) -> List[Any]:
+    """R_0, Wh_0, R_1, Wh_1, ...: the tensors after num_atoms of ``AtomicBasisMessages`` (or
+    anything given per R_b and per Wh_b in that order: their needs)."""
     return [t for pair in zip(radial, node_feats) for t in pair]
 
 
@@ -550,8 +550,8 @@ class AtomicBasisGradients(torch.autograd.Function):
 
         def gradients(K_: Tensor, R_: Sequence[Tensor], Wh_: Sequence[Tensor], with_K: bool, with_R: bool,
                       with_Wh: bool) -> List[Optional[Tensor]]:
-            needs = (with_K and need_K,) + tuple(x for pair in zip(
-                [with_R and n for n in need_R], [with_Wh and n for n in need_Wh]) for x in pair)
+            needs = (with_K and need_K,) + tuple(_interleaved([with_R and n for n in need_R],
+                                                               [with_Wh and n for n in need_Wh]))
             if not any(needs):
                 return [None] * len(needs)
             return list(AtomicBasisGradients.apply(g, K_, senders, receivers, needs, *_interleaved(R_, Wh_)))
