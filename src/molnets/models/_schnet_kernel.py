@@ -23,6 +23,11 @@ the next dense layer's bias, ``layers.mlp._bias_after_ssp``), for blocks t = 1..
     h <- h + U_2,t softplus(U_1,t m + c_1,t) + c'_2,t
     E_i = s w_o · softplus(H h + b_H) + (s b'_o + shift + E0[s_i])                     [N]
 
+The update biases are carried rather than added: the kernel's h' = h - β_t, β_t = Σ_(s<t) c'_2,s
+(the same for every atom), enters each linear map with its share as a bias (W_in h = W_in h' +
+W_in β_t, and H β_T in b_H), one operation fewer per block. On a molecule (no pair with a
+periodic shift) the edge vectors are x_j - x_i without the cell.
+
 Backward, from g = ∂L/∂E (σ the logistic sigmoid, softplus' = σ); g_h = Hᵀ (σ(H h + b_H) ∘
 s w_o g), then block by block in reverse:
 
@@ -121,7 +126,7 @@ class _Block(NamedTuple):
     update_in_bias: Tensor    # c_1 [C]
     update_out: Tensor        # U_2 [C, C]
     update_out_t: Tensor
-    update_bias: Tensor       # c'_2 [C]
+    linear_in_bias: Tensor    # W_in β_t [C]: the update biases of the blocks before (module docstring)
 
 
 class KernelWeights(NamedTuple):
@@ -144,20 +149,24 @@ class KernelWeights(NamedTuple):
 def arranged_weights(model: nn.Module) -> KernelWeights:
     """The weights as the kernel reads them, built once while frozen (``molnets._frozen``): the
     filter networks' layers stacked, every dense map with its transpose, the shift of each
-    shifted softplus folded into the next layer's bias (``layers.mlp._bias_after_ssp``), and the
-    energy scale, shift and reference energies folded into the head's last layer."""
+    shifted softplus folded into the next layer's bias (``layers.mlp._bias_after_ssp``), the
+    update biases carried into the next maps (module docstring), and the energy scale, shift and
+    reference energies folded into the head's last layer."""
     filters = [block.filter for block in model.interactions]
     scale, shift = model.scale_shift.scale, model.scale_shift.shift
     first = torch.cat([f[0].weight for f in filters])                                     # [T C, K]
     second = torch.stack([f[2].weight for f in filters])                                  # [T, C, C]
-    blocks = tuple(
-        _Block(b.linear_in.weight, b.linear_in.weight.T, b.update[0].weight, b.update[0].weight.T, b.update[0].bias,
-               b.update[2].weight, b.update[2].weight.T, _bias_after_ssp(b.update[2]))
-        for b in model.interactions)
+    blocks, carried = [], 0.0  # β_t: the update biases so far
+    for b in model.interactions:
+        blocks.append(_Block(b.linear_in.weight, b.linear_in.weight.T, b.update[0].weight, b.update[0].weight.T,
+                             b.update[0].bias, b.update[2].weight, b.update[2].weight.T,
+                             (b.linear_in.weight * carried).sum(1)))
+        carried = carried + _bias_after_ssp(b.update[2])
     head = model.head.mlp
     return KernelWeights(first, first.T, torch.cat([f[0].bias for f in filters]),
                          second, second.transpose(1, 2), torch.stack([_bias_after_ssp(f[2]) for f in filters])[:, None],
-                         blocks, head[0].weight, head[0].weight.T, head[0].bias, scale * head[2].weight[0],
+                         tuple(blocks), head[0].weight, head[0].weight.T, head[0].bias + (head[0].weight * carried).sum(1),
+                         scale * head[2].weight[0],
                          scale * _bias_after_ssp(head[2]) + shift + model.reference_energies.energies)
 
 
@@ -174,8 +183,11 @@ class FrozenSchNet(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, positions: Tensor, cell: Tensor, pair_graph: AtomicGraph, species: Tensor,
                 model: nn.Module, weights: KernelWeights) -> Tensor:
-        edge_vec = edge_vectors(pair_graph._replace(positions=positions, cell=cell))     # [P, 3]
         pair_i, pair_j = pair_graph.receivers, pair_graph.senders                         # [P]
+        if pair_graph.shifts.any():  # a periodic image among the pairs (eager: a host sync is fine)
+            edge_vec = edge_vectors(pair_graph._replace(positions=positions, cell=cell))  # [P, 3]
+        else:
+            edge_vec = positions.index_select(0, pair_j) - positions.index_select(0, pair_i)  # [P, 3]
         h = model.embedding(species)                                                     # [N, C]
         (N, C), P, T = h.shape, edge_vec.shape[0], len(weights.blocks)
         lengths = torch.linalg.vector_norm(edge_vec, dim=1)                             # [P]
@@ -192,10 +204,10 @@ class FrozenSchNet(torch.autograd.Function):
         dense = dense.view(T, N, N, C)                                                   # [T, N, N, C]
         saved: List[Tensor] = []
         for w, block_filters in zip(weights.blocks, dense):
-            x = torch.mm(h, w.linear_in_t)                                               # [N, C]
+            x = torch.addmm(w.linear_in_bias, h, w.linear_in_t)                          # [N, C]
             messages = (block_filters * x).sum(1)                                        # [N, C]
             update = torch.addmm(w.update_in_bias, messages, w.update_in_t)              # [N, C]
-            h = torch.addmm(h, F.softplus(update), w.update_out_t).add_(w.update_bias)   # [N, C]
+            h = torch.addmm(h, F.softplus(update), w.update_out_t)                       # [N, C]: h' (β carried)
             saved += [x, update]
         head = torch.addmm(weights.head_bias, h, weights.head_t)                         # [N, C_h]
         energies = torch.addmv(weights.species_bias.index_select(0, species), F.softplus(head), weights.head_out)  # [N]

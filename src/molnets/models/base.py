@@ -158,16 +158,20 @@ class Potential(nn.Module):
             # energy, forces and stress; ``autograd.grad`` would break the graph).
             argnums = tuple(range(1, len(inputs) + 1))  # after the graph
             grads, (energy, energies) = torch.func.grad(self._total_energy, argnums, has_aux=True)(graph, *inputs)
+            minus_grads = [-g for g in grads]                                          # -∂E/∂x, -∂E/∂ε
         else:
             inputs = [x if x.requires_grad else x.detach().requires_grad_(True) for x in inputs]
-            total, (energy, energies) = self._total_energy(graph, *inputs)
-            grads = torch.autograd.grad(total, inputs, create_graph=self.training)
-        out = {"energy": energy, "energies": energies, "forces": -grads[0]}
+            _, (energy, energies) = self._total_energy(graph, *inputs)
+            # -Σ_i ∂E_i/∂x from the per-atom energies (weights -1): the forces themselves, and
+            # no backward through the sums
+            minus_grads = torch.autograd.grad(energies, inputs, torch.full_like(energies, -1.0),
+                                              create_graph=self.training)
+        out = {"energy": energy, "energies": energies, "forces": minus_grads[0]}
         if self.compute_stress:
             volume = torch.linalg.det(graph.cell).abs()                                # [B]
             # Molecules (zero cell) get zero stress; the where keeps the graph NaN-free.
             safe_volume = torch.where(volume > 0, volume, torch.ones_like(volume))     # [B]
-            stress = grads[1] / safe_volume[:, None, None]                             # [B, 3, 3]
+            stress = minus_grads[1] / -safe_volume[:, None, None]                      # [B, 3, 3]
             out["stress"] = torch.where(volume[:, None, None] > 0, stress, torch.zeros_like(stress))
         return out
 
