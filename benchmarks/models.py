@@ -2,7 +2,7 @@
 
     python benchmarks/models.py [--repeats 10] [--rounds 2] [--threads 2] [--device cpu] [--quick]
                                 [--compile] [--families MACE-style ...] [--no-scaling | --scaling-only]
-                                [--reuse-freed-memory] [--train]
+                                [--keep-heap | --reuse-freed-memory] [--train]
 
 Every measurement runs in a fresh subprocess (``--worker IMPL SPEC.json``) of the interpreter
 that has the implementation (the main venv for molnets and PyG; a peer's venv for its
@@ -21,7 +21,11 @@ both sides (``requires_grad_(False)``, as the ASE calculators of molnets and mac
 model: forces need the gradient with respect to positions only). ``--reuse-freed-memory`` runs
 every worker, both sides alike, with glibc's malloc keeping freed memory in its heap
 (``molnets.memory``: without it every tensor above 32 MB is a fresh mapping whose pages are
-faulted in again at every call, which makes large systems superlinear).
+faulted in again at every call, which makes large systems superlinear). ``--keep-heap`` runs
+every worker, both sides alike, with glibc's thresholds at their maxima (32 MiB mmap, 64 MiB
+trim: the state ``molnets.memory.keep_heap_between_calls`` brings a process to, as
+``MolnetsCalculator`` and the ``molnets`` command do), so that a call's temporaries below 32 MiB
+are not faulted in again at every call, whatever the worker freed before.
 
 ``--compile`` adds columns: molnets' ``Potential`` compiled whole with inductor (energy and
 forces one graph, dynamic sizes: ``MolnetsCalculator(compile="inductor")``) and, where a
@@ -471,6 +475,8 @@ def run_impl(impl: str, atoms_list: list, args, dtype: str, weights: Optional[st
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         if args.reuse_freed_memory:  # molnets.memory.reuse_freed_memory, for both sides alike
             env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
+        elif args.keep_heap:  # molnets.memory.keep_heap_between_calls' state, for both sides alike
+            env.update(MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(64 << 20))
         done = subprocess.run([python, __file__, "--worker", impl, path], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{impl} failed:\n{done.stderr[-3000:]}")
@@ -531,7 +537,12 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time molnets' Potential compiled whole (inductor, dynamic sizes) and the"
                              " peers that have a compiled variant here (PyG's SchNet, torchmd-net's TensorNet)")
-    parser.add_argument("--reuse-freed-memory", action="store_true",
+    malloc = parser.add_mutually_exclusive_group()
+    malloc.add_argument("--keep-heap", action="store_true",
+                        help="every worker (both sides) with glibc's mmap and trim thresholds at their"
+                             " maxima, 32 and 64 MiB (molnets.memory.keep_heap_between_calls, as"
+                             " MolnetsCalculator runs)")
+    malloc.add_argument("--reuse-freed-memory", action="store_true",
                         help="every worker (both sides) keeps freed memory in its heap (glibc's malloc:"
                              " no mmap, no trim; molnets.memory)")
     parser.add_argument("--families", nargs="+", default=None, help="e.g. SchNet-style (default: all)")
@@ -553,7 +564,9 @@ def main(argv=None) -> None:
             else "energy + forces")
     print(f"# {what} per call, best of {args.rounds} alternated rounds x {args.repeats} calls "
           f"(or 1 s of calls, up to 200; 3 calls above 1000 atoms), {args.threads} threads, {args.device}, torch {torch.__version__}; "
-          f"neighbor list given\n")
+          f"neighbor list given; malloc: "
+          f"{'heap kept' if args.keep_heap else 'freed memory reused' if args.reuse_freed_memory else 'glibc defaults'}"
+          f" (both sides)\n")
     compiled = " peer compiled (ms) | molnets compiled (ms) | compiled vs peer's best |" if args.compile else ""
     print(f"| model | peer | system | atoms | dtype | peer (ms) | molnets (ms) | speed-up |{compiled}")
     print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.compile else ""))
