@@ -161,7 +161,7 @@ class Potential(nn.Module):
             minus_grads = [-g for g in grads]                                          # -∂E/∂x, -∂E/∂ε
         else:
             inputs = [x if x.requires_grad else x.detach().requires_grad_(True) for x in inputs]
-            _, (energy, energies) = self._total_energy(graph, *inputs)
+            energy, energies = self._energies(graph, *inputs)
             # -Σ_i ∂E_i/∂x from the per-atom energies (weights -1): the forces themselves, and
             # no backward through the sums
             minus_grads = torch.autograd.grad(energies, inputs, torch.full_like(energies, -1.0),
@@ -178,7 +178,14 @@ class Potential(nn.Module):
     def _total_energy(
         self, graph: AtomicGraph, positions: Tensor, strain: Optional[Tensor] = None
     ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-        """Σ_b E_b, and (E_b [B], E_i [N]), at the given positions and (if given) strain."""
+        """Σ_b E_b, and (E_b [B], E_i [N]): what ``torch.func.grad`` differentiates."""
+        energy, energies = self._energies(graph, positions, strain)
+        return energy.sum(), (energy, energies)
+
+    def _energies(
+        self, graph: AtomicGraph, positions: Tensor, strain: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """(E_b [B], E_i [N]) at the given positions and (if given) strain."""
         cell = graph.cell
         if strain is not None:
             symmetric = 0.5 * (strain + strain.transpose(-2, -1))                      # [B, 3, 3]
@@ -187,7 +194,7 @@ class Potential(nn.Module):
             cell = torch.einsum("bax,bxy->bay", cell, deformation)                     # [B, 3, 3]
         energies = self.model(graph._replace(positions=positions, cell=cell))          # [N]
         energy = scatter_sum(energies, graph.batch, dim_size=graph.num_graphs)         # [B]
-        return energy.sum(), (energy, energies)
+        return energy, energies
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Save the wrapped model (see ``save_model``)."""
