@@ -57,7 +57,7 @@ from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import gather_rows, scatter_outer
-from .._frozen import frozen_cached, frozen_kernel_applies
+from .._frozen import frozen_cached, frozen_kernel_applies, parameters_of
 from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction
 from .base import DesignSpace, count_parameters
 
@@ -194,7 +194,7 @@ class TensorInteraction(nn.Module):
     def forward(self, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor,
                 self_rbf: Tensor) -> Tensor:
         # f(0), the same at every call while the weights are frozen (then kept: molnets._frozen)
-        self_weights = frozen_cached(self._frozen, "self_weights", list(self.radial.parameters()),
+        self_weights = frozen_cached(self._frozen, "self_weights", parameters_of(self.radial),
                                      lambda: self._self_weights(self_rbf), inputs=[self_rbf])  # [9, C]
         if frozen_kernel_applies(self, X, pair_i.shape[0], 9 * self.num_channels, [self_weights]):  # one node
             return FrozenInteraction.apply(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, self)
