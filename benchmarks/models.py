@@ -456,7 +456,7 @@ FAMILIES: List[Family] = [
     Family("SchNet-style", "PyG SchNet", "molnets-schnet", "pyg-schnet", same_weights=True,
            peer_compiled="pyg-schnet-compiled"),
     Family("MACE-style", "mace-torch MACE", "molnets-mace", "mace-torch", same_weights=False,
-           peer_max_atoms=2048, ours_max_atoms=6912),
+           peer_max_atoms=2048),
     Family("TensorNet-style", "torchmd-net TensorNet", "molnets-tensornet", "torchmdnet-tensornet",
            same_weights=True, peer_max_atoms=6912, peer_compiled="torchmdnet-tensornet-compiled"),
 ]

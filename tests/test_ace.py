@@ -396,3 +396,45 @@ def test_batched_equals_one_by_one():
     A2, B2 = block(p2, s2, *e2)
     assert_close(A, torch.cat([A1, A2]))
     assert_close(B, torch.cat([B1, B2]))
+
+
+def _plain(pb, A, species):
+    """``ProductBasis.forward`` in plain operations (what the frozen kernel must equal)."""
+    return pb._select(sum(pb._terms_every_species(A)), species)
+
+
+@pytest.mark.parametrize("lmax,nu,targets", [(2, 1, "0e + 1o + 2e"), (3, 2, "0e + 1o + 2e + 2o"), (3, 3, "0e + 1o"),
+                                             (2, 3, "0e + 1o + 1e + 2e + 2o"), (0, 3, "0e")])
+def test_frozen_product_basis_kernel_equals_plain_operations(monkeypatch, lmax, nu, targets):
+    """Frozen weights on more atoms than a chunk: the chunked kernel (molnets._ace_kernel) runs,
+    with the plain operations' values and gradients, chunks of uneven length included."""
+    from molnets import _ace_kernel
+
+    pb = make_product_basis(lmax, nu, targets, C=4, S=3).requires_grad_(False)
+    per_atom = _ace_kernel.CHUNK_NUMEL * torch.get_num_threads() // _ace_kernel.atoms_per_chunk(pb)
+    monkeypatch.setattr(_ace_kernel, "CHUNK_NUMEL", 5 * per_atom // torch.get_num_threads() + 1)
+    assert _ace_kernel.atoms_per_chunk(pb) == 5  # 13 atoms: chunks of 5, 5 and 3
+    A = torch.randn(13, 4, (lmax + 1) ** 2, requires_grad=True)
+    species = torch.tensor([0, 2, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2, 1])
+    B = pb(A, species)
+    assert type(B.grad_fn).__name__ == "FrozenProductBasisBackward"
+    expected = _plain(pb, A, species)
+    assert_close(B, expected, tol=1e-12)
+    v = torch.randn_like(B)
+    assert_close(torch.autograd.grad(B, A, v)[0], torch.autograd.grad(expected, A, v)[0], tol=1e-12)
+    assert torch.autograd.gradcheck(lambda a: pb(a, species), (A,))
+    assert torch.autograd.gradgradcheck(lambda a: pb(a, species), (A,))  # double backward: plain operations
+
+
+def test_product_basis_kernel_runs_only_for_frozen_weights_on_many_atoms(monkeypatch):
+    """Trainable weights, correlation 4, or atoms within one chunk: the plain operations."""
+    from molnets import _ace_kernel
+
+    monkeypatch.setattr(_ace_kernel, "CHUNK_NUMEL", 1)  # one atom a chunk
+    A, species = torch.randn(3, 3, 9), torch.tensor([0, 1, 0])
+    trainable = make_product_basis(2, 3, "0e + 1o", C=3, S=2)
+    assert type(trainable(A, species).grad_fn).__name__ != "FrozenProductBasisBackward"
+    frozen = make_product_basis(2, 3, "0e + 1o", C=3, S=2).requires_grad_(False)
+    assert type(frozen(A.requires_grad_(), species).grad_fn).__name__ == "FrozenProductBasisBackward"
+    assert not _ace_kernel.product_kernel_applies(frozen, A[:1])
+    assert not _ace_kernel.product_kernel_applies(make_product_basis(2, 4, "0e", C=3, S=2).requires_grad_(False), A)

@@ -28,6 +28,7 @@ from e3nn import o3
 from torch import Tensor, nn
 
 from molnets._ace_coupling import contraction_plan, dense_coupling, irreps_slices
+from molnets._ace_kernel import FrozenProductBasis, product_kernel_applies
 from molnets._constants import register_constant, restore_constants
 from molnets._frozen import frozen_cached
 from molnets.layers.clebsch_gordan import wigner_3j
@@ -214,7 +215,10 @@ class ProductBasis(nn.Module):
     picked at the end). Degrees below ν_max are built one factor at a time, each monomial a
     lower-degree one times one more A; the top degree is never materialized: by Horner's rule,
     B^{(ν_max)} = Σ_d A_d Σ_p (monomial p of degree ν_max - 1) (W U)_{p d}, two dense batched
-    products per call. Nothing of size M^ν is ever formed.
+    products per call. Nothing of size M^ν is ever formed. With frozen weights on more atoms
+    than one cache-sized chunk (a crystal; eager, CPU, ν_max <= 3) the same numbers are computed
+    chunk by chunk of atoms, the backward computing each chunk's monomials again instead of
+    keeping them (``molnets._ace_kernel``).
 
     Args:
         irreps_in: irreps of A, C channels each (e.g. "128x0e + 128x1o + 128x2e + 128x3o").
@@ -361,6 +365,8 @@ class ProductBasis(nn.Module):
         return [self._select(B, species) for B in self._terms_every_species(A)]
 
     def forward(self, A: Tensor, species: Tensor) -> Tensor:
+        if product_kernel_applies(self, A):  # frozen weights, many atoms: chunk by chunk
+            return FrozenProductBasis.apply(A, species, self)
         return self._select(sum(self._terms_every_species(A)), species)
 
     def reference(self, A: Tensor, species: Tensor) -> List[Tensor]:
