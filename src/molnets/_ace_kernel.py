@@ -121,8 +121,7 @@ class FrozenProductBasis(torch.autograd.Function):
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the plain operations
             return reference_gradients(lambda a: layer._select(sum(layer._terms_every_species(a)), species),
                                        [A], [True], grad, num_args=3)
-        (N, C, M), chunk = A.shape, atoms_per_chunk(layer)
-        S, O = layer.num_species, layer.num_components_out
+        (N, C), chunk = A.shape[:2], atoms_per_chunk(layer)
         grad_A = torch.empty_like(A)                                                # [N, C, M]
         for start in range(0, N, chunk):
             stop = min(start + chunk, N)
