@@ -367,6 +367,11 @@ class ProductBasis(nn.Module):
     def forward(self, A: Tensor, species: Tensor) -> Tensor:
         if product_kernel_applies(self, A):  # frozen weights, many atoms: chunk by chunk
             return FrozenProductBasis.apply(A, species, self)
+        return self._plain_forward(A, species)
+
+    def _plain_forward(self, A: Tensor, species: Tensor) -> Tensor:
+        """``forward`` in differentiable operations on all atoms at once (the definition the
+        chunked kernel is tested against, and its double backward). [N, irreps_out.dim]"""
         return self._select(sum(self._terms_every_species(A)), species)
 
     def reference(self, A: Tensor, species: Tensor) -> List[Tensor]:
