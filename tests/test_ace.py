@@ -406,8 +406,8 @@ def test_frozen_product_basis_kernel_equals_plain_operations(monkeypatch, lmax, 
     from molnets import _ace_kernel
 
     pb = make_product_basis(lmax, nu, targets, C=4, S=3).requires_grad_(False)
-    per_atom = _ace_kernel.CHUNK_NUMEL * torch.get_num_threads() // _ace_kernel.atoms_per_chunk(pb)
-    monkeypatch.setattr(_ace_kernel, "CHUNK_NUMEL", 5 * per_atom // torch.get_num_threads() + 1)
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(_ace_kernel, "CHUNK_NUMEL", -(-5 * _ace_kernel.numbers_per_atom(pb) // threads))
     assert _ace_kernel.atoms_per_chunk(pb) == 5  # 13 atoms: chunks of 5, 5 and 3
     A = torch.randn(13, 4, (lmax + 1) ** 2, requires_grad=True)
     species = torch.tensor([0, 2, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2, 1])

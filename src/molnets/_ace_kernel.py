@@ -44,13 +44,16 @@ __all__ = ["FrozenProductBasis", "product_kernel_applies"]
 CHUNK_NUMEL = 1 << 21
 
 
-def atoms_per_chunk(layer: nn.Module) -> int:
-    """Atoms per chunk: ``CHUNK_NUMEL`` per thread over one atom's numbers in the monomials
-    (prefix, last factor and product, 3 T per channel) and in the polynomials and their gradient
-    (2 M S O per channel)."""
+def numbers_per_atom(layer: nn.Module) -> int:
+    """One atom's numbers in a chunk's temporaries: the monomials (prefix, last factor and
+    product, 3 T per channel) and the polynomials and their gradient (2 M S O per channel)."""
     T = layer.prefix2.shape[1] if layer.correlation == 3 else layer.irreps_A.dim
-    per_atom = layer.num_channels * (3 * T + 2 * layer.irreps_A.dim * layer.num_species * layer.num_components_out)
-    return max(1, CHUNK_NUMEL * torch.get_num_threads() // per_atom)
+    return layer.num_channels * (3 * T + 2 * layer.irreps_A.dim * layer.num_species * layer.num_components_out)
+
+
+def atoms_per_chunk(layer: nn.Module) -> int:
+    """Atoms per chunk: ``CHUNK_NUMEL`` per thread over ``numbers_per_atom``."""
+    return max(1, CHUNK_NUMEL * torch.get_num_threads() // numbers_per_atom(layer))
 
 
 def product_kernel_applies(layer: nn.Module, A: Tensor) -> bool:
