@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from e3nn import o3
 
@@ -126,10 +127,12 @@ def _graph_nodes(output: torch.Tensor) -> set:
     return seen
 
 
-def test_frozen_pair_atomic_basis_takes_the_kernel_in_one_chunk():
-    """Frozen weights: from FROZEN_KERNEL_BYTES of messages on, the chunked kernel runs even when
-    the pairs fit in one chunk (a molecule), with the reference's values and gradients;
-    trainable weights keep the reference there."""
+@pytest.mark.parametrize("pairs_per_chunk", [None, 37])
+def test_frozen_pair_atomic_basis_takes_the_kernel(monkeypatch, pairs_per_chunk):
+    """Frozen weights: from FROZEN_KERNEL_BYTES of messages on, ``FrozenAtomicBasis`` runs even
+    when the pairs fit in one chunk (a molecule), and chunk by chunk beyond one (here 200 pairs in
+    chunks of 37, the last shorter), with the reference's values and first- and second-order
+    gradients (of Y, the radial basis and h); trainable weights keep the reference there."""
     from molnets.layers import _message_kernels
 
     torch.manual_seed(0)
@@ -143,19 +146,90 @@ def test_frozen_pair_atomic_basis_takes_the_kernel_in_one_chunk():
     edge_radial = torch.randn(P, 5, dtype=torch.float64, requires_grad=True)
     senders, receivers = torch.randint(0, N, (2 * P,)), torch.randint(0, N, (2 * P,))
     rows = 4 + 6 * 3  # (path, m2) rows of X: 4 paths from 0e, 6 from 1o
-    assert P * rows * C * 8 >= _message_kernels.FROZEN_KERNEL_BYTES  # the messages are above the threshold
-    assert P <= _message_kernels._chunk_size(rows * C)  # and fit in one chunk
+    if pairs_per_chunk is None:
+        assert P * rows * C * 8 >= _message_kernels.FROZEN_KERNEL_BYTES  # the messages are above the threshold
+        assert P <= _message_kernels._chunk_size(rows * C)  # and fit in one chunk
+    else:
+        numel = pairs_per_chunk * rows * C // torch.get_num_threads()
+        monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", numel)
+        assert _message_kernels._chunk_size(rows * C) == pairs_per_chunk
     args = (h, edge_sh, edge_radial, senders, receivers)
     expected = trainable(*args)
-    assert "AtomicBasisMessagesBackward" not in _graph_nodes(expected)
     frozen = PairAtomicBasis(reference).requires_grad_(False)
     ours = frozen(*args)
-    assert "AtomicBasisMessagesBackward" in _graph_nodes(ours)
+    assert "FrozenAtomicBasisBackward" in _graph_nodes(ours)
+    assert "FrozenAtomicBasisBackward" not in _graph_nodes(expected)
     torch.testing.assert_close(ours, expected, atol=1e-12, rtol=1e-12)
     v = torch.randn_like(ours)
-    for g, g_ref in zip(torch.autograd.grad(ours, [h, edge_sh, edge_radial], v),
-                        torch.autograd.grad(expected, [h, edge_sh, edge_radial], v)):
+    inputs = [h, edge_sh, edge_radial]
+    for create_graph in (False, True):  # (with a graph: the plain path's gradients)
+        for g, g_ref in zip(torch.autograd.grad(frozen(*args), inputs, v, create_graph=create_graph),
+                            torch.autograd.grad(expected, inputs, v, retain_graph=True)):
+            torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+    # a force-loss-like second order: the gradient of <dA/dY, w> (create_graph through the plain
+    # path) in h and the radial basis (A is linear in Y)
+    w = torch.randn_like(edge_sh)
+    second = [torch.autograd.grad((torch.autograd.grad(out, edge_sh, v, create_graph=True)[0] * w).sum(),
+                                  [h, edge_radial]) for out in (frozen(*args), trainable(*args))]
+    for g, g_ref in zip(*second):
         torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_frozen_pair_atomic_basis_follows_weights_changed_in_place():
+    """The frozen kernel reads the radial MLP through a copy with its outputs reordered, kept
+    between calls (``PairAtomicBasis._network_by_path``): a weight changed in place, or the
+    model cast to another dtype, is seen at the next call."""
+    torch.manual_seed(2)
+    N, P, C = 12, 300, 32
+    reference = AtomicBasis(o3.Irreps(f"{C}x0e"), o3.Irreps.spherical_harmonics(3),
+                            o3.Irreps(f"{C}x0e + {C}x1o + {C}x2e + {C}x3o"), num_basis=5, avg_num_neighbors=3.0,
+                            radial_hidden=(8,)).double().requires_grad_(False)
+    frozen = PairAtomicBasis(reference)
+    h = torch.randn(N, C, dtype=torch.float64)
+    edge_sh = torch.randn(2 * P, 16, dtype=torch.float64, requires_grad=True)
+    edge_radial = torch.randn(P, 5, dtype=torch.float64)
+    senders, receivers = torch.randint(0, N, (2 * P,)), torch.randint(0, N, (2 * P,))
+    args = (h, edge_sh, edge_radial, senders, receivers)
+    before = frozen(*args)
+    assert "FrozenAtomicBasisBackward" in _graph_nodes(before)
+    reference.radial_weights[-1].weight.mul_(2.0)  # the last layer, in place
+    after = frozen(*args)
+    torch.testing.assert_close(after, 2 * before, atol=1e-12, rtol=1e-12)  # A is linear in R
+    frozen.float()
+    cast = frozen(h.float(), edge_sh.float().requires_grad_(), edge_radial.float(), senders, receivers)
+    assert "FrozenAtomicBasisBackward" in _graph_nodes(cast)
+    torch.testing.assert_close(cast, after.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_atomic_basis_gradcheck(monkeypatch):
+    """``FrozenAtomicBasis`` in two uneven chunks: gradcheck and gradgradcheck in every input
+    (the second order through the plain path)."""
+    from molnets.layers import _message_kernels
+
+    torch.manual_seed(1)
+    N, P, C = 5, 7, 2
+    reference = AtomicBasis(o3.Irreps(f"{C}x0e + {C}x1o"), o3.Irreps.spherical_harmonics(2),
+                            o3.Irreps(f"{C}x0e + {C}x1o + {C}x2e"), num_basis=3, avg_num_neighbors=2.0,
+                            radial_hidden=(4,)).double()
+    layer = PairAtomicBasis(reference).requires_grad_(False)
+    senders, receivers = torch.randint(0, N, (2 * P,)), torch.randint(0, N, (2 * P,))
+    edge_sh = torch.randn(2 * P, 9, dtype=torch.float64, requires_grad=True)
+    R = torch.randn(P, reference.num_paths, C, dtype=torch.float64, requires_grad=True)  # paths grouped by irrep
+    node_feats = [torch.randn(N, 1, C, dtype=torch.float64, requires_grad=True),
+                  torch.randn(N, 3, C, dtype=torch.float64, requires_grad=True)]
+    numel = _message_kernels._atomic_basis_message_numel(layer.num_components, layer.num_rows, C)
+    monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 4 * numel // torch.get_num_threads())  # chunks 4 + 3
+    assert _message_kernels._chunk_size(numel) == 4
+
+    def kernel(sh, R_, W0, W1):
+        return _message_kernels.FrozenAtomicBasis.apply(sh, R_, senders, receivers, layer, W0, W1)
+
+    inputs = (edge_sh, R, *node_feats)
+    radial = list(R.split(layer.path_counts, dim=1))
+    torch.testing.assert_close(kernel(*inputs), layer._messages(edge_sh, radial, node_feats, senders, receivers),
+                               atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(kernel, inputs)
+    assert torch.autograd.gradgradcheck(kernel, inputs)
 
 
 def test_loads_files_that_saved_the_coupling_tensors(tmp_path):

@@ -27,9 +27,12 @@ convolution is the convolution again, its dw ``PairWeightGradient`` (gradients: 
 the scatter's du and dw ``ScatterOuterGradients`` (scatters and itself), the atomic basis'
 gradients ``AtomicBasisGradients`` (messages and itself).
 
-Also here, for frozen models on large systems: the filter networks W = σ(network(e)) u chunk by
-chunk of edges (``FrozenFilter``, behind ``mlp.radial_filter``), whose backward recomputes each
-chunk instead of keeping every hidden activation of every edge.
+Also here, for frozen models: the atomic basis with K = Y coupling formed chunk by chunk too and
+the radial weights read from one [P, paths, C] array (``FrozenAtomicBasis``: neither K, nor the
+per-irrep radial weights, nor their gradients exist at full size); on large systems the filter
+networks W = σ(network(e)) u chunk by chunk of edges (``FrozenFilter``, behind
+``mlp.radial_filter``), whose backward recomputes each chunk instead of keeping every hidden
+activation of every edge.
 """
 
 from __future__ import annotations
@@ -381,37 +384,26 @@ def _fill_rows(X: Tensor, radial: Sequence[Tensor], node_feats: Sequence[Tensor]
         row += n_b * dim
 
 
-def _atomic_basis_message_numel(K: Tensor, node_feats: Sequence[Tensor]) -> int:
+def _atomic_basis_message_numel(num_components: int, num_rows: int, num_channels: int) -> int:
     """Numbers per edge of the largest per-edge block (X [rows, C] or the message [M, C])."""
-    return max(K.shape[1], K.shape[2]) * node_feats[0].shape[2]
+    return max(num_components, num_rows) * num_channels
 
 
-def _atomic_basis_chunks(K: Tensor, node_feats: Sequence[Tensor]) -> Tuple[int, int]:
+def _atomic_basis_chunks(num_pairs: int, num_components: int, num_rows: int, num_channels: int) -> Tuple[int, int]:
     """(chunk, buffer size) for the chunked atomic basis: pairs per chunk, numbers per buffer."""
-    numel = _atomic_basis_message_numel(K, node_feats)
+    numel = _atomic_basis_message_numel(num_components, num_rows, num_channels)
     chunk = _chunk_size(numel)
-    return chunk, min(chunk, K.shape[0] // 2) * numel
-
-
-# a frozen layer's messages of at least this many bytes (num_pairs x numbers per pair) take the
-# kernel even when they fit in one chunk (A/B, MACE-style model, 2 threads: aspirin float64,
-# 1.7 MB, 1.05x; float32, 0.85 MB, best call 1.02x, median call 1.22x over 400 alternated
-# rounds (fewer fresh temporaries); ethanol, 0.4 MB and less, 0.90-0.95x)
-FROZEN_KERNEL_BYTES = 1 << 19
+    return chunk, min(chunk, num_pairs) * numel
 
 
 def atomic_basis(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
-                 radial: Sequence[Tensor], node_feats: Sequence[Tensor], frozen: bool = False) -> Tensor:
-    """``atomic_basis_messages``, by the chunked kernel where ``kernel_applies``, or, for a
-    frozen layer (``frozen``: ``_frozen.frozen_on_cpu_eager``), also in one chunk from
-    FROZEN_KERNEL_BYTES of messages on: its backward, one pass without autograd's per-operation
-    nodes, then beats the reference's. A trainable layer keeps the reference there.
-    -> [N, M, C]"""
-    num_pairs, numel = K.shape[0] // 2, _atomic_basis_message_numel(K, node_feats)
-    # within one chunk a trainable layer keeps the reference (the kernel in training on aspirin,
-    # float64, 1.7 MB: 0.96x best call), a frozen one takes the kernel from FROZEN_KERNEL_BYTES
-    min_bytes = FROZEN_KERNEL_BYTES if frozen else math.inf
-    if kernel_applies(num_pairs, numel, K, min_bytes):
+                 radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> Tensor:
+    """``atomic_basis_messages``, by the chunked kernel where there is more than one chunk of
+    messages (``kernel_applies``): within one chunk the reference (the kernel measured 0.96x
+    best call in training on aspirin, float64, 1.7 MB). A frozen layer takes ``FrozenAtomicBasis``
+    instead. -> [N, M, C]"""
+    num_pairs, C = K.shape[0] // 2, node_feats[0].shape[2]
+    if kernel_applies(num_pairs, _atomic_basis_message_numel(K.shape[1], K.shape[2], C), K, math.inf):
         return AtomicBasisMessages.apply(K, senders, receivers, num_atoms, *_interleaved(radial, node_feats))
     return atomic_basis_messages(K, senders, receivers, num_atoms, radial, node_feats)
 
@@ -421,7 +413,7 @@ def atomic_basis_chunked(K: Tensor, senders: Tensor, receivers: Tensor, num_atom
     """``atomic_basis_messages`` chunk by chunk of pairs, X and the messages in reused buffers."""
     num_pairs, (M, rows), C = K.shape[0] // 2, K.shape[1:], node_feats[0].shape[2]
     out = K.new_zeros(num_atoms, M, C)                                                 # [N, M, C]
-    chunk, numel = _atomic_basis_chunks(K, node_feats)
+    chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
     X_buffer, message_buffer = K.new_empty(numel), K.new_empty(numel)
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
@@ -445,7 +437,7 @@ def atomic_basis_backward_chunked(grad_out: Tensor, K: Tensor, senders: Tensor, 
     grad_K = torch.empty_like(K) if needs[0] else None                                # [E, M, rows]
     grad_R = [torch.zeros_like(R_b) if need else None for R_b, need in zip(radial, needs[1::2])]
     grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2::2])]
-    chunk, numel = _atomic_basis_chunks(K, node_feats)
+    chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
     X_buffer, G_buffer, dX_buffer = K.new_empty(numel), K.new_empty(numel), K.new_empty(numel)
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
@@ -564,6 +556,114 @@ class AtomicBasisGradients(torch.autograd.Function):
         grads = [None if a is None else a + b for a, b in zip(first, second)]
         grads[2::2] = [None if a is None else a + b for a, b in zip(third[2::2], fourth[2::2])]
         return (grad_g, grads[0], None, None, None, *grads[1:])
+
+
+# a frozen layer's messages of at least this many bytes (num_pairs x numbers per pair) take
+# FrozenAtomicBasis even when they fit in one chunk. Set for its forerunner (AtomicBasisMessages
+# on a frozen layer; A/B, MACE-style model, 2 threads: aspirin float64, 1.7 MB, 1.05x; float32,
+# 0.85 MB, best call 1.02x, median call 1.22x over 400 alternated rounds; ethanol, 0.4 MB and
+# less, 0.90-0.95x); FrozenAtomicBasis against it on aspirin: 0.98-1.01x best call, 1.02x median
+FROZEN_KERNEL_BYTES = 1 << 19
+
+
+def frozen_atomic_basis_applies(layer: nn.Module, like: Tensor, num_pairs: int, num_components: int,
+                                num_rows: int, num_channels: int) -> bool:
+    """Whether ``FrozenAtomicBasis`` runs for ``layer``: eager on the CPU, its weights frozen
+    (``molnets._frozen.frozen_on_cpu_eager``), and more than one chunk of messages or at least
+    ``FROZEN_KERNEL_BYTES`` of them. Shapes and flags only."""
+    numel = _atomic_basis_message_numel(num_components, num_rows, num_channels)
+    return kernel_applies(num_pairs, numel, like, FROZEN_KERNEL_BYTES) and frozen_on_cpu_eager(layer, like)
+
+
+class FrozenAtomicBasis(torch.autograd.Function):
+    """``atomic_basis_messages`` of a frozen layer from the factors of K, chunk by chunk:
+
+        K_e = Y_e coupling   (per chunk: [p, M_sh] by [M_sh, M rows]),
+
+    so neither K [E, M, rows] nor its gradient exists at full size, and the gradient goes to Y
+    (dY_e = dK_e couplingᵀ). The radial weights come as one [P, paths, C] array whose paths are
+    grouped by input irrep (``PairAtomicBasis._network_by_path``), R_b a slice of it: no copy
+    per irrep, and their gradients are written into one [P, paths, C] array. The messages of
+    each chunk are ``atomic_basis_chunked``'s (``_fill_rows``), their gradients
+    ``atomic_basis_backward_chunked``'s. When a graph of the backward is wanted (double backward)
+    the gradients come from the plain path, ``PairAtomicBasis._messages``
+    (``molnets._frozen.reference_gradients``).
+
+    Shapes:
+        edge_sh Y [E, M_sh], R [P, paths, C] (E = 2P, edges k and k + P the two directions of
+        pair k), senders [E], receivers [E], layer (a ``PairAtomicBasis``: coupling [M_sh, M rows],
+        path_counts n_b), node_feats Wh_b [N, d_b, C]  ->  [N, M, C]
+    """
+
+    @staticmethod
+    def forward(ctx: Any, edge_sh: Tensor, R: Tensor, senders: Tensor, receivers: Tensor, layer: nn.Module,
+                *node_feats: Tensor) -> Tensor:
+        (num_pairs, _, C), N = R.shape, node_feats[0].shape[0]
+        coupling, M, rows = layer.coupling, layer.num_components, layer.num_rows
+        radial = R.split(layer.path_counts, dim=1)                                     # R_b [P, n_b, C]
+        out = R.new_zeros(N, M, C)                                                     # [N, M, C]
+        chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
+        X_buffer, message_buffer = R.new_empty(numel), R.new_empty(numel)
+        K_buffer = R.new_empty(min(chunk, num_pairs) * M * rows)
+        for start in range(0, num_pairs, chunk):
+            stop = min(start + chunk, num_pairs)
+            p = stop - start
+            X, messages = X_buffer[:p * rows * C].view(p, rows, C), message_buffer[:p * M * C].view(p, M, C)
+            K = K_buffer[:p * M * rows].view(p, M * rows)
+            for half in (0, num_pairs):
+                edges = slice(half + start, half + stop)
+                _fill_rows(X, radial, node_feats, senders[edges], start, stop)
+                torch.mm(edge_sh[edges], coupling, out=K)                              # [p, M rows]
+                torch.bmm(K.view(p, M, rows), X, out=messages)
+                out.index_add_(0, receivers[edges], messages)
+        ctx.layer = layer
+        ctx.save_for_backward(edge_sh, R, senders, receivers, *node_feats)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
+        edge_sh, R, senders, receivers, *node_feats = ctx.saved_tensors
+        layer, needs = ctx.layer, (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[5:])
+        if torch.is_grad_enabled():  # a graph of the backward is wanted: through the plain path
+            grad_sh, grad_R, *grad_Wh = reference_gradients(
+                lambda sh, R_, *Wh: layer._messages(sh, list(R_.split(layer.path_counts, dim=1)), list(Wh),
+                                                    senders, receivers),
+                [edge_sh, R, *node_feats], needs, grad_out, num_args=2 + len(node_feats))
+            return (grad_sh, grad_R, None, None, None, *grad_Wh)
+        (num_pairs, _, C), grad_out = R.shape, grad_out.contiguous()
+        coupling, M, rows = layer.coupling, layer.num_components, layer.num_rows
+        radial = R.split(layer.path_counts, dim=1)                                     # R_b [P, n_b, C]
+        grad_sh = torch.empty_like(edge_sh) if needs[0] else None                     # [E, M_sh]
+        grad_R = torch.zeros_like(R) if needs[1] else None                            # [P, paths, C]
+        grad_radial = grad_R.split(layer.path_counts, dim=1) if grad_R is not None else [None] * len(radial)
+        grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2:])]
+        chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
+        X_buffer, G_buffer, dX_buffer = R.new_empty(numel), R.new_empty(numel), R.new_empty(numel)
+        K_buffer, dK_buffer = (R.new_empty(min(chunk, num_pairs) * M * rows) for _ in range(2))
+        for start in range(0, num_pairs, chunk):
+            stop = min(start + chunk, num_pairs)
+            p = stop - start
+            X, dX = X_buffer[:p * rows * C].view(p, rows, C), dX_buffer[:p * rows * C].view(p, rows, C)
+            K, dK = K_buffer[:p * M * rows].view(p, M, rows), dK_buffer[:p * M * rows].view(p, M, rows)
+            for half in (0, num_pairs):
+                edges = slice(half + start, half + stop)
+                G = torch.index_select(grad_out, 0, receivers[edges], out=G_buffer[:p * M * C].view(p, M, C))
+                torch.mm(edge_sh[edges], coupling, out=K.view(p, M * rows))
+                if grad_sh is not None:
+                    _fill_rows(X, radial, node_feats, senders[edges], start, stop)
+                    torch.bmm(G, X.transpose(1, 2), out=dK)                            # [p, M, rows]
+                    torch.mm(dK.view(p, M * rows), coupling.T, out=grad_sh[edges])     # [p, M_sh]
+                torch.bmm(K.transpose(1, 2), G, out=dX)                                # [p, rows, C]
+                row = 0
+                for b, (R_b, dR_b, Wh) in enumerate(zip(radial, grad_radial, node_feats)):
+                    n_b, dim = R_b.shape[1], Wh.shape[1]
+                    dX_b = dX[:, row:row + n_b * dim].view(p, n_b, dim, C)             # [p, n_b, d_b, C]
+                    if dR_b is not None:
+                        dR_b[start:stop] += (dX_b * Wh.index_select(0, senders[edges])[:, None]).sum(2)
+                    if grad_Wh[b] is not None:
+                        grad_Wh[b].index_add_(0, senders[edges], (dX_b * R_b[start:stop, :, None]).sum(1))
+                    row += n_b * dim
+        return (grad_sh, grad_R, None, None, None, *grad_Wh)
 
 
 # ------------------------------------------------- filter networks of frozen models, chunk by chunk

@@ -15,11 +15,17 @@ which it wraps), computed with less work:
   paths into A: no [E, C, Q] intermediate, no gathers, no dense path-summing product.
 - On the CPU in eager mode, X, the per-edge messages and their gradients are built chunk by chunk
   of pairs in reused buffers (``_message_kernels.AtomicBasisMessages``, tested equal to
-  ``atomic_basis_messages``): no [E, M, C] tensor in memory. With frozen weights also on a
-  molecule whose messages fit in one chunk, from 512 KiB of them on (``FROZEN_KERNEL_BYTES``).
+  ``atomic_basis_messages``): no [E, M, C] tensor in memory. With frozen weights
+  (``_message_kernels.FrozenAtomicBasis``, also on a molecule whose messages fit in one chunk,
+  from 512 KiB of them on: ``FROZEN_KERNEL_BYTES``) K and the radial weights of each input irrep
+  are formed chunk by chunk too, and their gradients go straight to Y and R: no [E, M, rows] or
+  [P, n_b, C] tensor either.
 """
 
 from __future__ import annotations
+
+import copy
+from typing import List
 
 import torch
 from e3nn import o3
@@ -27,9 +33,9 @@ from torch import Tensor, nn
 
 from molnets._ace_coupling import irreps_slices
 from molnets._constants import float64_constant, register_constant, restore_constants
-from molnets._frozen import frozen_on_cpu_eager
+from molnets._frozen import frozen_cached, parameters_of
 from molnets.ace import AtomicBasis
-from molnets.layers._message_kernels import atomic_basis
+from molnets.layers._message_kernels import FrozenAtomicBasis, atomic_basis, frozen_atomic_basis_applies
 from molnets.layers.mlp import radial_filter
 
 __all__ = ["PairAtomicBasis"]
@@ -83,6 +89,12 @@ class PairAtomicBasis(nn.Module):
         self.num_h_irreps = len(h_slices)
         for b, group in enumerate(groups):
             self.register_buffer(f"paths_of{b}", group, persistent=False)  # [n_b]
+        # the radial MLP's outputs (channel k, path) in the order (path grouped by h irrep, k)
+        self.path_counts = [len(group) for group in groups]  # n_b
+        C, num_paths = reference.num_channels, reference.num_paths
+        order = [k * num_paths + int(p) for p in torch.cat(groups) for k in range(C)]
+        self.register_buffer("outputs_by_path", torch.tensor(order), persistent=False)  # [C paths]
+        self._frozen: dict = {}
         coupling = torch.stack(rows, dim=2).flatten(1)  # [M_sh, M rows]: K_e = Y_e @ coupling is [M, rows]
         register_constant(self, "coupling", coupling, persistent=False, dtype=dtype)  # [M_sh, M rows]
         self.num_components, self.num_rows = irreps_A.dim, len(rows)
@@ -90,20 +102,51 @@ class PairAtomicBasis(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
         return restore_constants(super()._apply(fn, recurse))
 
+    def paths_of(self) -> List[Tensor]:
+        """The paths from each input irrep b, [n_b] (long) each, in the order of X's rows."""
+        return [getattr(self, f"paths_of{b}") for b in range(self.num_h_irreps)]
+
     def forward(self, h: Tensor, edge_sh: Tensor, edge_radial: Tensor, senders: Tensor, receivers: Tensor) -> Tensor:
         # Channels last inside (contiguous for the elementwise products), [N, C, M] outside.
         basis = self.basis
         N, P, C = h.shape[0], edge_radial.shape[0], basis.num_channels
-        R = radial_filter(basis.radial_weights, edge_radial).reshape(P, C, basis.num_paths).transpose(1, 2)  # [P, paths, C]
-        K = (edge_sh @ self.coupling).view(edge_sh.shape[0], self.num_components, self.num_rows)  # [E, M, rows]: C · Y
-        radial, node_feats = [], []
-        for b, ((start, stop, mul, dim), W) in enumerate(zip(basis.in_slices, basis.channel_weights)):
+        node_feats = []
+        for (start, stop, mul, dim), W in zip(basis.in_slices, basis.channel_weights):
             h_b = h[:, start:stop].reshape(N, mul, dim).transpose(1, 2).reshape(N * dim, mul)   # [N d, u]
             node_feats.append((h_b @ W).view(N, dim, W.shape[1]))  # [N, 2 l2 + 1, C]: Σ_u h_{n u b} W_{u c}
-            radial.append(_select_paths(R, getattr(self, f"paths_of{b}")))  # [P, n_b, C]: the paths from this irrep
-        frozen = frozen_on_cpu_eager(self, h)
-        A = atomic_basis(K, senders, receivers, N, radial, node_feats, frozen=frozen)  # [N, M, C]
+        if frozen_atomic_basis_applies(self, h, P, self.num_components, self.num_rows, C):
+            R = radial_filter(self._network_by_path(), edge_radial).view(P, basis.num_paths, C)  # [P, paths, C]
+            A = FrozenAtomicBasis.apply(edge_sh, R, senders, receivers, self, *node_feats)  # [N, M, C]
+        else:
+            R = radial_filter(basis.radial_weights, edge_radial).view(P, C, basis.num_paths).transpose(1, 2)
+            radial = [_select_paths(R, paths) for paths in self.paths_of()]              # [P, n_b, C] per irrep
+            A = self._messages(edge_sh, radial, node_feats, senders, receivers)          # [N, M, C]
         return A.transpose(1, 2) * basis.inv_avg_num_neighbors  # [N, C, M]
+
+    def _messages(self, edge_sh: Tensor, radial: List[Tensor], node_feats: List[Tensor], senders: Tensor,
+                  receivers: Tensor) -> Tensor:
+        """Σ_j K_e X_e in differentiable operations (``_message_kernels.atomic_basis``), from Y
+        [E, M_sh], the radial weights of each input irrep R_b [P, n_b, C] and its node features
+        Wh_b [N, d_b, C]. -> [N, M, C]"""
+        K = (edge_sh @ self.coupling).view(edge_sh.shape[0], self.num_components, self.num_rows)  # [E, M, rows]: C · Y
+        return atomic_basis(K, senders, receivers, node_feats[0].shape[0], radial, node_feats)
+
+    def _network_by_path(self) -> nn.Module:
+        """The radial MLP with its last layer's outputs in the order (path grouped by input irrep,
+        channel), so that its output is R [P, paths, C] with each irrep's paths one slice: what
+        ``FrozenAtomicBasis`` reads, without a transposing copy. A copy with the last layer's
+        rows permuted, kept while the weights are frozen and unchanged (``molnets._frozen``)."""
+        network = self.basis.radial_weights
+
+        def build() -> nn.Module:
+            twin = copy.deepcopy(network).requires_grad_(False)
+            last = [m for m in twin.modules() if type(m) is nn.Linear][-1]
+            last.weight.copy_(last.weight[self.outputs_by_path])
+            if last.bias is not None:
+                last.bias.copy_(last.bias[self.outputs_by_path])
+            return twin
+
+        return frozen_cached(self._frozen, "network_by_path", parameters_of(network), build)
 
 
 def _select_paths(R: Tensor, paths: Tensor) -> Tensor:
