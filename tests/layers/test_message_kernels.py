@@ -7,7 +7,7 @@ boundaries and end on a partial chunk.
 import pytest
 import torch
 
-from molnets.layers import _message_kernels
+from molnets.layers import _atomic_basis_kernels, _message_kernels
 from molnets.layers.pairs import _pair_convolution_reference, pair_convolution
 from molnets.layers.scatter import _scatter_outer_reference, scatter_outer
 
@@ -214,9 +214,9 @@ def test_atomic_basis_messages_equal_a_loop_over_edges():
         X = torch.cat([(R[e % num_pairs][:, None, :] * Wh[senders[e]][None]).reshape(-1, 3)
                        for R, Wh in zip(radial, node_feats)])                     # [rows, C]
         expected[receivers[e]] += K[e] @ X
-    assert torch.allclose(_message_kernels.atomic_basis_messages(K, senders, receivers, 6, radial, node_feats),
+    assert torch.allclose(_atomic_basis_kernels.atomic_basis_messages(K, senders, receivers, 6, radial, node_feats),
                           expected, atol=1e-12, rtol=0)
-    assert torch.allclose(_message_kernels.atomic_basis_chunked(K, senders, receivers, 6, radial, node_feats),
+    assert torch.allclose(_atomic_basis_kernels.atomic_basis_chunked(K, senders, receivers, 6, radial, node_feats),
                           expected, atol=1e-12, rtol=0)
 
 
@@ -225,10 +225,10 @@ def test_atomic_basis_kernel_gradients_equal_reference_and_twice_differentiable(
     inputs = [t.requires_grad_() for t in [K, radial[0], node_feats[0], radial[1], node_feats[1]]]
 
     def kernel(K, R0, W0, R1, W1):
-        return _message_kernels.AtomicBasisMessages.apply(K, senders, receivers, 6, R0, W0, R1, W1)
+        return _atomic_basis_kernels.AtomicBasisMessages.apply(K, senders, receivers, 6, R0, W0, R1, W1)
 
     def reference(K, R0, W0, R1, W1):
-        return _message_kernels.atomic_basis_messages(K, senders, receivers, 6, [R0, R1], [W0, W1])
+        return _atomic_basis_kernels.atomic_basis_messages(K, senders, receivers, 6, [R0, R1], [W0, W1])
 
     out, ref = kernel(*inputs), reference(*inputs)
     v = torch.randn_like(out)
@@ -253,9 +253,9 @@ def test_atomic_basis_second_order_gradients_equal_reference():
         return grads[0], torch.autograd.grad(loss, inputs)
 
     (kernel_grad_K, kernel), (_, reference) = (
-        second_order(lambda K, R0, W0, R1, W1: _message_kernels.AtomicBasisMessages.apply(
+        second_order(lambda K, R0, W0, R1, W1: _atomic_basis_kernels.AtomicBasisMessages.apply(
             K, senders, receivers, 6, R0, W0, R1, W1)),
-        second_order(lambda K, R0, W0, R1, W1: _message_kernels.atomic_basis_messages(
+        second_order(lambda K, R0, W0, R1, W1: _atomic_basis_kernels.atomic_basis_messages(
             K, senders, receivers, 6, [R0, R1], [W0, W1])))
     assert type(kernel_grad_K.grad_fn).__name__ == "AtomicBasisGradientsBackward"
     for a, b in zip(kernel, reference):
@@ -268,7 +268,7 @@ def test_atomic_basis_three_times_differentiable():
     v = torch.randn(4, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
 
     def gradients(*inputs):
-        out = _message_kernels.AtomicBasisMessages.apply(inputs[0], senders, receivers, 4, *inputs[1:])
+        out = _atomic_basis_kernels.AtomicBasisMessages.apply(inputs[0], senders, receivers, 4, *inputs[1:])
         return torch.autograd.grad(out, inputs, v, create_graph=True)
 
     assert torch.autograd.gradgradcheck(gradients, inputs)

@@ -133,7 +133,7 @@ def test_frozen_pair_atomic_basis_takes_the_kernel(monkeypatch, pairs_per_chunk)
     when the pairs fit in one chunk (a molecule), and chunk by chunk beyond one (here 200 pairs in
     chunks of 37, the last shorter), with the reference's values and first- and second-order
     gradients (of Y, the radial basis and h); trainable weights keep the reference there."""
-    from molnets.layers import _message_kernels
+    from molnets.layers import _atomic_basis_kernels, _message_kernels
 
     torch.manual_seed(0)
     N, P, C = 12, 200, 32
@@ -147,7 +147,7 @@ def test_frozen_pair_atomic_basis_takes_the_kernel(monkeypatch, pairs_per_chunk)
     senders, receivers = torch.randint(0, N, (2 * P,)), torch.randint(0, N, (2 * P,))
     rows = 4 + 6 * 3  # (path, m2) rows of X: 4 paths from 0e, 6 from 1o
     if pairs_per_chunk is None:
-        assert P * rows * C * 8 >= _message_kernels.FROZEN_KERNEL_BYTES  # the messages are above the threshold
+        assert P * rows * C * 8 >= _atomic_basis_kernels.FROZEN_KERNEL_BYTES  # the messages are above the threshold
         assert P <= _message_kernels._chunk_size(rows * C)  # and fit in one chunk
     else:
         numel = pairs_per_chunk * rows * C // torch.get_num_threads()
@@ -204,7 +204,7 @@ def test_frozen_pair_atomic_basis_follows_weights_changed_in_place():
 def test_frozen_atomic_basis_gradcheck(monkeypatch):
     """``FrozenAtomicBasis`` in two uneven chunks: gradcheck and gradgradcheck in every input
     (the second order through the plain path)."""
-    from molnets.layers import _message_kernels
+    from molnets.layers import _atomic_basis_kernels, _message_kernels
 
     torch.manual_seed(1)
     N, P, C = 5, 7, 2
@@ -217,12 +217,12 @@ def test_frozen_atomic_basis_gradcheck(monkeypatch):
     R = torch.randn(P, reference.num_paths, C, dtype=torch.float64, requires_grad=True)  # paths grouped by irrep
     node_feats = [torch.randn(N, 1, C, dtype=torch.float64, requires_grad=True),
                   torch.randn(N, 3, C, dtype=torch.float64, requires_grad=True)]
-    numel = _message_kernels._atomic_basis_message_numel(layer.num_components, layer.num_rows, C)
+    numel = _atomic_basis_kernels._atomic_basis_message_numel(layer.num_components, layer.num_rows, C)
     monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 4 * numel // torch.get_num_threads())  # chunks 4 + 3
     assert _message_kernels._chunk_size(numel) == 4
 
     def kernel(sh, R_, W0, W1):
-        return _message_kernels.FrozenAtomicBasis.apply(sh, R_, senders, receivers, layer, W0, W1)
+        return _atomic_basis_kernels.FrozenAtomicBasis.apply(sh, R_, senders, receivers, layer, W0, W1)
 
     inputs = (edge_sh, R, *node_feats)
     radial = list(R.split(layer.path_counts, dim=1))

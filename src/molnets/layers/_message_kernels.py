@@ -1,11 +1,12 @@
-"""Fused forward/backward of the three message scatters on the CPU (private kernels).
+"""Fused forward/backward of the message scatters on the CPU (private kernels).
 
 Each computes the same numbers as its reference (``pairs.pair_convolution``,
-``scatter.scatter_outer``, ``atomic_basis_messages`` below) without materializing the per-edge
-messages [E, n, C], the largest tensors of the SchNet-, TensorNet- and MACE-style models on
-crystals, whose writing and reading at full size was most of their time: edges are processed in
-cache-sized chunks, each message block built in one small reused buffer and added into the
-output.
+``scatter.scatter_outer``) without materializing the per-edge messages [E, n, C], the largest
+tensors of the SchNet- and TensorNet-style models on crystals, whose writing and reading at full
+size was most of their time: edges are processed in cache-sized chunks, each message block built
+in one small reused buffer and added into the output. The chunk size and the rule of when a
+kernel runs (``CHUNK_NUMEL``, ``kernel_applies``) are shared with the ACE atomic basis' kernels
+(``_atomic_basis_kernels``).
 
 Pair convolution, w_p spread over the rows of its part:
 
@@ -24,22 +25,17 @@ Without a graph of the backward, the gradients are computed chunk by chunk in on
 one (create_graph: training on forces) they are autograd nodes computed chunk by chunk too, whose
 own gradients are again these kernels, so no per-edge array is built at any order: dx of the
 convolution is the convolution again, its dw ``PairWeightGradient`` (gradients: convolutions),
-the scatter's du and dw ``ScatterOuterGradients`` (scatters and itself), the atomic basis'
-gradients ``AtomicBasisGradients`` (messages and itself).
+the scatter's du and dw ``ScatterOuterGradients`` (scatters and itself).
 
-Also here, for frozen models: the atomic basis with K = Y coupling formed chunk by chunk too and
-the radial weights read from one [P, paths, C] array (``FrozenAtomicBasis``: neither K, nor the
-per-irrep radial weights, nor their gradients exist at full size); on large systems the filter
-networks W = σ(network(e)) u chunk by chunk of edges (``FrozenFilter``, behind
-``mlp.radial_filter``), whose backward recomputes each chunk instead of keeping every hidden
-activation of every edge.
+Also here, for frozen models on large systems: the filter networks W = σ(network(e)) u chunk by
+chunk of edges (``FrozenFilter``, behind ``mlp.radial_filter``), whose backward recomputes each
+chunk instead of keeping every hidden activation of every edge.
 """
 
 from __future__ import annotations
 
-import math
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -340,330 +336,6 @@ class ScatterOuterGradients(torch.autograd.Function):
         grad_u, grad_w = (ScatterOuterGradients.apply(grad_out, grad_du, grad_dw, index, ctx.parts)
                           if need_u or need_weights else (None, None))
         return grad_grad_out, grad_u, grad_w, None, None
-
-
-# ---------------------------------------------------------------- ACE atomic basis messages
-
-
-def atomic_basis_messages(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
-                          radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> Tensor:
-    """Σ_{e: receivers[e] = i} K_e X_e, X_e = [R_b(pair of e) ∘ W h_b(senders[e])]_b, the reference.
-
-    Edges e and e + P are the two directions of pair e (``PairAtomicBasis``); per input irrep b
-    the radial weights R_b [P, n_b, C] of its n_b paths multiply its node features
-    Wh_b [N, 2 l_b + 1, C] of the sender, giving rows (path, m) of X.
-
-    Shapes:
-        K [E, M, rows], senders [E], receivers [E], radial R_b [P, n_b, C],
-        node_feats Wh_b [N, d_b, C] (rows = Σ_b n_b d_b)  ->  [N, M, C]
-    """
-    from .scatter import gather_rows, scatter_sum  # (scatter.py imports this module)
-
-    num_pairs = K.shape[0] // 2
-    messages, row = None, 0
-    for R_b, Wh in zip(radial, node_feats):
-        n_b, (dim, C) = R_b.shape[1], Wh.shape[1:]
-        Wh_j = gather_rows(Wh, senders).reshape(2, num_pairs, 1, dim, C)               # [2, P, 1, d_b, C]
-        # explicit expand: the backward then reduces over the outermost axis (halves) first
-        R_e = R_b.unsqueeze(2).expand(num_pairs, n_b, dim, C)                          # [P, n_b, d_b, C]
-        X = (R_e * Wh_j).reshape(2 * num_pairs, n_b * dim, C)                          # [E, n_b d_b, C]
-        K_b = K[:, :, row:row + n_b * dim]                                             # [E, M, n_b d_b]
-        messages = torch.bmm(K_b, X) if messages is None else torch.baddbmm(messages, K_b, X)  # [E, M, C]
-        row += n_b * dim
-    return scatter_sum(messages, receivers, num_atoms)                                 # [N, M, C]
-
-
-def _fill_rows(X: Tensor, radial: Sequence[Tensor], node_feats: Sequence[Tensor], senders: Tensor,
-               start: int, stop: int) -> None:
-    """X[p, (b, path, m), c] = R_b[start + p, path, c] Wh_b[senders[p], m, c], in place. X [p, rows, C]"""
-    row, p = 0, stop - start
-    for R_b, Wh in zip(radial, node_feats):
-        n_b, (dim, C) = R_b.shape[1], Wh.shape[1:]
-        Wh_j = Wh.index_select(0, senders)                                             # [p, d_b, C]
-        torch.mul(R_b[start:stop, :, None], Wh_j[:, None], out=X[:, row:row + n_b * dim].view(p, n_b, dim, C))
-        row += n_b * dim
-
-
-def _atomic_basis_message_numel(num_components: int, num_rows: int, num_channels: int) -> int:
-    """Numbers per edge of the largest per-edge block (X [rows, C] or the message [M, C])."""
-    return max(num_components, num_rows) * num_channels
-
-
-def _atomic_basis_chunks(num_pairs: int, num_components: int, num_rows: int, num_channels: int) -> Tuple[int, int]:
-    """(chunk, buffer size) for the chunked atomic basis: pairs per chunk, numbers per buffer."""
-    numel = _atomic_basis_message_numel(num_components, num_rows, num_channels)
-    chunk = _chunk_size(numel)
-    return chunk, min(chunk, num_pairs) * numel
-
-
-def atomic_basis(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
-                 radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> Tensor:
-    """``atomic_basis_messages``, by the chunked kernel where there is more than one chunk of
-    messages (``kernel_applies``): within one chunk the reference (the kernel measured 0.96x
-    best call in training on aspirin, float64, 1.7 MB). A frozen layer takes ``FrozenAtomicBasis``
-    instead. -> [N, M, C]"""
-    num_pairs, C = K.shape[0] // 2, node_feats[0].shape[2]
-    if kernel_applies(num_pairs, _atomic_basis_message_numel(K.shape[1], K.shape[2], C), K, math.inf):
-        return AtomicBasisMessages.apply(K, senders, receivers, num_atoms, *_interleaved(radial, node_feats))
-    return atomic_basis_messages(K, senders, receivers, num_atoms, radial, node_feats)
-
-
-def atomic_basis_chunked(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
-                         radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> Tensor:
-    """``atomic_basis_messages`` chunk by chunk of pairs, X and the messages in reused buffers."""
-    num_pairs, (M, rows), C = K.shape[0] // 2, K.shape[1:], node_feats[0].shape[2]
-    out = K.new_zeros(num_atoms, M, C)                                                 # [N, M, C]
-    chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-    X_buffer, message_buffer = K.new_empty(numel), K.new_empty(numel)
-    for start in range(0, num_pairs, chunk):
-        stop = min(start + chunk, num_pairs)
-        p = stop - start
-        X, messages = X_buffer[:p * rows * C].view(p, rows, C), message_buffer[:p * M * C].view(p, M, C)
-        for half in (0, num_pairs):
-            _fill_rows(X, radial, node_feats, senders[half + start:half + stop], start, stop)
-            torch.bmm(K[half + start:half + stop], X, out=messages)
-            out.index_add_(0, receivers[half + start:half + stop], messages)
-    return out
-
-
-def atomic_basis_backward_chunked(grad_out: Tensor, K: Tensor, senders: Tensor, receivers: Tensor,
-                                  radial: Sequence[Tensor], node_feats: Sequence[Tensor],
-                                  needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
-    """(dK, dR_0, dWh_0, dR_1, ...) without a graph. With G = g[receivers] per edge:
-
-        dK_e = G_e X_eᵀ,   dX_e = K_eᵀ G_e,   dR_b = Σ_m dX_b Wh_j (both directions),   dWh_b[j] += Σ_path dX_b R_b.
-    """
-    num_pairs, (M, rows), C = K.shape[0] // 2, K.shape[1:], node_feats[0].shape[2]
-    grad_K = torch.empty_like(K) if needs[0] else None                                # [E, M, rows]
-    grad_R = [torch.zeros_like(R_b) if need else None for R_b, need in zip(radial, needs[1::2])]
-    grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2::2])]
-    chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-    X_buffer, G_buffer, dX_buffer = K.new_empty(numel), K.new_empty(numel), K.new_empty(numel)
-    for start in range(0, num_pairs, chunk):
-        stop = min(start + chunk, num_pairs)
-        p = stop - start
-        X, dX = X_buffer[:p * rows * C].view(p, rows, C), dX_buffer[:p * rows * C].view(p, rows, C)
-        for half in (0, num_pairs):
-            edges = slice(half + start, half + stop)
-            G = torch.index_select(grad_out, 0, receivers[edges], out=G_buffer[:p * M * C].view(p, M, C))  # [p, M, C]
-            if grad_K is not None:
-                _fill_rows(X, radial, node_feats, senders[edges], start, stop)
-                torch.bmm(G, X.transpose(1, 2), out=grad_K[edges])
-            torch.bmm(K[edges].transpose(1, 2), G, out=dX)                             # [p, rows, C]
-            row = 0
-            for b, (R_b, Wh) in enumerate(zip(radial, node_feats)):
-                n_b, dim = R_b.shape[1], Wh.shape[1]
-                dX_b = dX[:, row:row + n_b * dim].view(p, n_b, dim, C)                 # [p, n_b, d_b, C]
-                if grad_R[b] is not None:
-                    Wh_j = Wh.index_select(0, senders[edges])                          # [p, d_b, C]
-                    grad_R[b][start:stop] += (dX_b * Wh_j[:, None]).sum(2)
-                if grad_Wh[b] is not None:
-                    grad_Wh[b].index_add_(0, senders[edges], (dX_b * R_b[start:stop, :, None]).sum(1))
-                row += n_b * dim
-    grads: List[Optional[Tensor]] = [grad_K]
-    for dR, dWh in zip(grad_R, grad_Wh):
-        grads += [dR, dWh]
-    return tuple(grads)
-
-
-class AtomicBasisMessages(torch.autograd.Function):
-    """``atomic_basis_messages`` chunked (eager CPU). Inputs after num_atoms: R_0, Wh_0, R_1, Wh_1, ..."""
-
-    @staticmethod
-    def forward(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int, *tensors: Tensor) -> Tensor:
-        return atomic_basis_chunked(K, senders, receivers, num_atoms, tensors[0::2], tensors[1::2])
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
-        K, senders, receivers, num_atoms, *tensors = inputs
-        ctx.save_for_backward(K, senders, receivers, *tensors)
-        ctx.num_atoms = num_atoms
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
-        K, senders, receivers, *tensors = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[4:])
-        if torch.is_grad_enabled():  # a graph of the backward is wanted
-            grads = list(AtomicBasisGradients.apply(grad_out, K, senders, receivers, needs, *tensors))
-        else:
-            grads = list(atomic_basis_backward_chunked(grad_out.contiguous(), K, senders, receivers,
-                                                       tensors[0::2], tensors[1::2], needs))
-        return (grads[0], None, None, None, *grads[1:])
-
-
-def _interleaved(radial: Sequence[Any], node_feats: Sequence[Any]) -> List[Any]:
-    """R_0, Wh_0, R_1, Wh_1, ...: the tensors after num_atoms of ``AtomicBasisMessages`` (or
-    anything given per R_b and per Wh_b in that order: their needs)."""
-    return [t for pair in zip(radial, node_feats) for t in pair]
-
-
-class AtomicBasisGradients(torch.autograd.Function):
-    """(dK, dR_0, dWh_0, dR_1, ...) of the atomic basis (``atomic_basis_backward_chunked``, the
-    ``needs`` ones; None for the others) chunk by chunk, for a backward that must itself be
-    differentiable (training on forces). S = <g, out> is linear in each of g, K, R and Wh, and
-    these are its gradients in K, R and Wh; so with cotangents κ, ρ, ω of dK, dR, dWh, and F the
-    messages, dK(·; R, Wh), dR(K, ·; Wh), dWh(K, R; ·) this node with the named factors swapped in:
-
-        ∂/∂g = F(κ, R, Wh) + F(K, ρ, Wh) + F(K, R, ω),
-        ∂/∂K = dK(ρ, Wh) + dK(R, ω),   ∂/∂R = dR(κ; Wh) + dR(K; ω),   ∂/∂Wh = dWh(κ, R) + dWh(K, ρ):
-
-    chunked messages and this node again, and no per-edge array is built at any order.
-
-    Shapes:
-        grad_out [N, M, C], K [E, M, rows], senders [E], receivers [E], R_b [P, n_b, C],
-        Wh_b [N, d_b, C]  ->  dK [E, M, rows], dR_b [P, n_b, C], dWh_b [N, d_b, C]
-    """
-
-    @staticmethod
-    def forward(grad_out: Tensor, K: Tensor, senders: Tensor, receivers: Tensor, needs: Tuple[bool, ...],
-                *tensors: Tensor) -> Tuple[Optional[Tensor], ...]:
-        return atomic_basis_backward_chunked(grad_out.contiguous(), K, senders, receivers,
-                                             tensors[0::2], tensors[1::2], needs)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Optional[Tensor], ...]) -> None:
-        grad_out, K, senders, receivers, _, *tensors = inputs
-        ctx.save_for_backward(grad_out, K, senders, receivers, *tensors)
-
-    @staticmethod
-    def backward(ctx: Any, *cotangents: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
-        g, K, senders, receivers, *tensors = ctx.saved_tensors
-        R, Wh = tensors[0::2], tensors[1::2]
-        # a cotangent of an output not formed (None) or not used is zero
-        kappa, *rest = [torch.zeros_like(t) if c is None else c.contiguous()
-                        for c, t in zip(cotangents, [K] + tensors)]
-        rho, omega = rest[0::2], rest[1::2]
-        need_g, need_K = ctx.needs_input_grad[:2]
-        need_R, need_Wh = ctx.needs_input_grad[5::2], ctx.needs_input_grad[6::2]
-        num_atoms = g.shape[0]
-
-        def messages(K_: Tensor, R_: Sequence[Tensor], Wh_: Sequence[Tensor]) -> Tensor:
-            return AtomicBasisMessages.apply(K_, senders, receivers, num_atoms, *_interleaved(R_, Wh_))
-
-        def gradients(K_: Tensor, R_: Sequence[Tensor], Wh_: Sequence[Tensor], with_K: bool, with_R: bool,
-                      with_Wh: bool) -> List[Optional[Tensor]]:
-            needs = (with_K and need_K,) + tuple(_interleaved([with_R and n for n in need_R],
-                                                               [with_Wh and n for n in need_Wh]))
-            if not any(needs):
-                return [None] * len(needs)
-            return list(AtomicBasisGradients.apply(g, K_, senders, receivers, needs, *_interleaved(R_, Wh_)))
-
-        grad_g = messages(kappa, R, Wh) + messages(K, rho, Wh) + messages(K, R, omega) if need_g else None
-        first = gradients(kappa, rho, Wh, True, True, False)        # dK(ρ, Wh), dR(κ; Wh)
-        second = gradients(K, R, omega, True, True, False)          # dK(R, ω), dR(K; ω)
-        third = gradients(kappa, R, Wh, False, False, True)         # dWh(κ, R)
-        fourth = gradients(K, rho, Wh, False, False, True)          # dWh(K, ρ)
-        grads = [None if a is None else a + b for a, b in zip(first, second)]
-        grads[2::2] = [None if a is None else a + b for a, b in zip(third[2::2], fourth[2::2])]
-        return (grad_g, grads[0], None, None, None, *grads[1:])
-
-
-# a frozen layer's messages of at least this many bytes (num_pairs x numbers per pair) take
-# FrozenAtomicBasis even when they fit in one chunk. Set for its forerunner (AtomicBasisMessages
-# on a frozen layer; A/B, MACE-style model, 2 threads: aspirin float64, 1.7 MB, 1.05x; float32,
-# 0.85 MB, best call 1.02x, median call 1.22x over 400 alternated rounds; ethanol, 0.4 MB and
-# less, 0.90-0.95x); FrozenAtomicBasis against it on aspirin: 0.98-1.01x best call, 1.02x median
-FROZEN_KERNEL_BYTES = 1 << 19
-
-
-def frozen_atomic_basis_applies(layer: nn.Module, like: Tensor, num_pairs: int, num_components: int,
-                                num_rows: int, num_channels: int) -> bool:
-    """Whether ``FrozenAtomicBasis`` runs for ``layer``: eager on the CPU, its weights frozen
-    (``molnets._frozen.frozen_on_cpu_eager``), and more than one chunk of messages or at least
-    ``FROZEN_KERNEL_BYTES`` of them. Shapes and flags only."""
-    numel = _atomic_basis_message_numel(num_components, num_rows, num_channels)
-    return kernel_applies(num_pairs, numel, like, FROZEN_KERNEL_BYTES) and frozen_on_cpu_eager(layer, like)
-
-
-class FrozenAtomicBasis(torch.autograd.Function):
-    """``atomic_basis_messages`` of a frozen layer from the factors of K, chunk by chunk:
-
-        K_e = Y_e coupling   (per chunk: [p, M_sh] by [M_sh, M rows]),
-
-    so neither K [E, M, rows] nor its gradient exists at full size, and the gradient goes to Y
-    (dY_e = dK_e couplingᵀ). The radial weights come as one [P, paths, C] array whose paths are
-    grouped by input irrep (``PairAtomicBasis._network_by_path``), R_b a slice of it: no copy
-    per irrep, and their gradients are written into one [P, paths, C] array. The messages of
-    each chunk are ``atomic_basis_chunked``'s (``_fill_rows``), their gradients
-    ``atomic_basis_backward_chunked``'s. When a graph of the backward is wanted (double backward)
-    the gradients come from the plain path, ``PairAtomicBasis._messages``
-    (``molnets._frozen.reference_gradients``).
-
-    Shapes:
-        edge_sh Y [E, M_sh], R [P, paths, C] (E = 2P, edges k and k + P the two directions of
-        pair k), senders [E], receivers [E], layer (a ``PairAtomicBasis``: coupling [M_sh, M rows],
-        path_counts n_b), node_feats Wh_b [N, d_b, C]  ->  [N, M, C]
-    """
-
-    @staticmethod
-    def forward(ctx: Any, edge_sh: Tensor, R: Tensor, senders: Tensor, receivers: Tensor, layer: nn.Module,
-                *node_feats: Tensor) -> Tensor:
-        (num_pairs, _, C), N = R.shape, node_feats[0].shape[0]
-        coupling, M, rows = layer.coupling, layer.num_components, layer.num_rows
-        radial = R.split(layer.path_counts, dim=1)                                     # R_b [P, n_b, C]
-        out = R.new_zeros(N, M, C)                                                     # [N, M, C]
-        chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-        X_buffer, message_buffer = R.new_empty(numel), R.new_empty(numel)
-        K_buffer = R.new_empty(min(chunk, num_pairs) * M * rows)
-        for start in range(0, num_pairs, chunk):
-            stop = min(start + chunk, num_pairs)
-            p = stop - start
-            X, messages = X_buffer[:p * rows * C].view(p, rows, C), message_buffer[:p * M * C].view(p, M, C)
-            K = K_buffer[:p * M * rows].view(p, M * rows)
-            for half in (0, num_pairs):
-                edges = slice(half + start, half + stop)
-                _fill_rows(X, radial, node_feats, senders[edges], start, stop)
-                torch.mm(edge_sh[edges], coupling, out=K)                              # [p, M rows]
-                torch.bmm(K.view(p, M, rows), X, out=messages)
-                out.index_add_(0, receivers[edges], messages)
-        ctx.layer = layer
-        ctx.save_for_backward(edge_sh, R, senders, receivers, *node_feats)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
-        edge_sh, R, senders, receivers, *node_feats = ctx.saved_tensors
-        layer, needs = ctx.layer, (ctx.needs_input_grad[0], ctx.needs_input_grad[1], *ctx.needs_input_grad[5:])
-        if torch.is_grad_enabled():  # a graph of the backward is wanted: through the plain path
-            grad_sh, grad_R, *grad_Wh = reference_gradients(
-                lambda sh, R_, *Wh: layer._messages(sh, list(R_.split(layer.path_counts, dim=1)), list(Wh),
-                                                    senders, receivers),
-                [edge_sh, R, *node_feats], needs, grad_out, num_args=2 + len(node_feats))
-            return (grad_sh, grad_R, None, None, None, *grad_Wh)
-        (num_pairs, _, C), grad_out = R.shape, grad_out.contiguous()
-        coupling, M, rows = layer.coupling, layer.num_components, layer.num_rows
-        radial = R.split(layer.path_counts, dim=1)                                     # R_b [P, n_b, C]
-        grad_sh = torch.empty_like(edge_sh) if needs[0] else None                     # [E, M_sh]
-        grad_R = torch.zeros_like(R) if needs[1] else None                            # [P, paths, C]
-        grad_radial = grad_R.split(layer.path_counts, dim=1) if grad_R is not None else [None] * len(radial)
-        grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2:])]
-        chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-        X_buffer, G_buffer, dX_buffer = R.new_empty(numel), R.new_empty(numel), R.new_empty(numel)
-        K_buffer, dK_buffer = (R.new_empty(min(chunk, num_pairs) * M * rows) for _ in range(2))
-        for start in range(0, num_pairs, chunk):
-            stop = min(start + chunk, num_pairs)
-            p = stop - start
-            X, dX = X_buffer[:p * rows * C].view(p, rows, C), dX_buffer[:p * rows * C].view(p, rows, C)
-            K, dK = K_buffer[:p * M * rows].view(p, M, rows), dK_buffer[:p * M * rows].view(p, M, rows)
-            for half in (0, num_pairs):
-                edges = slice(half + start, half + stop)
-                G = torch.index_select(grad_out, 0, receivers[edges], out=G_buffer[:p * M * C].view(p, M, C))
-                torch.mm(edge_sh[edges], coupling, out=K.view(p, M * rows))
-                if grad_sh is not None:
-                    _fill_rows(X, radial, node_feats, senders[edges], start, stop)
-                    torch.bmm(G, X.transpose(1, 2), out=dK)                            # [p, M, rows]
-                    torch.mm(dK.view(p, M * rows), coupling.T, out=grad_sh[edges])     # [p, M_sh]
-                torch.bmm(K.transpose(1, 2), G, out=dX)                                # [p, rows, C]
-                row = 0
-                for b, (R_b, dR_b, Wh) in enumerate(zip(radial, grad_radial, node_feats)):
-                    n_b, dim = R_b.shape[1], Wh.shape[1]
-                    dX_b = dX[:, row:row + n_b * dim].view(p, n_b, dim, C)             # [p, n_b, d_b, C]
-                    if dR_b is not None:
-                        dR_b[start:stop] += (dX_b * Wh.index_select(0, senders[edges])[:, None]).sum(2)
-                    if grad_Wh[b] is not None:
-                        grad_Wh[b].index_add_(0, senders[edges], (dX_b * R_b[start:stop, :, None]).sum(1))
-                    row += n_b * dim
-        return (grad_sh, grad_R, None, None, None, *grad_Wh)
 
 
 # ------------------------------------------------- filter networks of frozen models, chunk by chunk

@@ -14,9 +14,9 @@ which it wraps), computed with less work:
   product with K_{(path, m2), l3 m3} = Σ_{m1} C Y_{l1}^{m1} (computed without channels) sums all
   paths into A: no [E, C, Q] intermediate, no gathers, no dense path-summing product.
 - On the CPU in eager mode, X, the per-edge messages and their gradients are built chunk by chunk
-  of pairs in reused buffers (``_message_kernels.AtomicBasisMessages``, tested equal to
+  of pairs in reused buffers (``_atomic_basis_kernels.AtomicBasisMessages``, tested equal to
   ``atomic_basis_messages``): no [E, M, C] tensor in memory. With frozen weights
-  (``_message_kernels.FrozenAtomicBasis``, also on a molecule whose messages fit in one chunk,
+  (``_atomic_basis_kernels.FrozenAtomicBasis``, also on a molecule whose messages fit in one chunk,
   from 512 KiB of them on: ``FROZEN_KERNEL_BYTES``) K and the radial weights of each input irrep
   are formed chunk by chunk too, and their gradients go straight to Y and R: no [E, M, rows] or
   [P, n_b, C] tensor either.
@@ -35,7 +35,7 @@ from molnets._ace_coupling import irreps_slices
 from molnets._constants import float64_constant, register_constant, restore_constants
 from molnets._frozen import frozen_cached, parameters_of
 from molnets.ace import AtomicBasis
-from molnets.layers._message_kernels import FrozenAtomicBasis, atomic_basis, frozen_atomic_basis_applies
+from molnets.layers._atomic_basis_kernels import FrozenAtomicBasis, atomic_basis, frozen_atomic_basis_applies
 from molnets.layers.mlp import radial_filter
 
 __all__ = ["PairAtomicBasis"]
@@ -125,7 +125,7 @@ class PairAtomicBasis(nn.Module):
 
     def _messages(self, edge_sh: Tensor, radial: List[Tensor], node_feats: List[Tensor], senders: Tensor,
                   receivers: Tensor) -> Tensor:
-        """Σ_j K_e X_e in differentiable operations (``_message_kernels.atomic_basis``), from Y
+        """Σ_j K_e X_e in differentiable operations (``_atomic_basis_kernels.atomic_basis``), from Y
         [E, M_sh], the radial weights of each input irrep R_b [P, n_b, C] and its node features
         Wh_b [N, d_b, C]. -> [N, M, C]"""
         K = (edge_sh @ self.coupling).view(edge_sh.shape[0], self.num_components, self.num_rows)  # [E, M, rows]: C · Y
