@@ -287,3 +287,19 @@ def test_sum_parts_is_the_adjoint_of_spread_over_rows():
     out = torch.full((5, 3, 4), float("nan"), dtype=torch.float64)
     assert _message_kernels.sum_parts(r, TENSORNET_PARTS, out=out) is out
     torch.testing.assert_close(out, summed, atol=0, rtol=0)
+
+
+def test_workspace_is_reused_grown_and_kept_per_dtype():
+    """``workspace``: the same memory for the same name and dtype from call to call (a view of
+    the requested shape), a larger buffer when more is asked for, a separate one per dtype, and
+    normal tensors even when first made under ``torch.inference_mode``."""
+    like = torch.zeros(1, dtype=torch.float64)
+    with torch.inference_mode():
+        first = _message_kernels.workspace("test_slot", (2, 3), like)
+    assert first.shape == (2, 3) and not first.is_inference()
+    again = _message_kernels.workspace("test_slot", (3, 2), like)
+    assert again.data_ptr() == first.data_ptr() and again.shape == (3, 2)
+    other = _message_kernels.workspace("test_slot", (2, 3), like.float())
+    assert other.dtype == torch.float32 and other.data_ptr() != first.data_ptr()
+    grown = _message_kernels.workspace("test_slot", (100,), like)
+    assert grown.numel() == 100 and _message_kernels.workspace("test_slot", (6,), like).data_ptr() == grown.data_ptr()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._frozen import frozen_on_cpu_eager, reference_gradients
-from ._message_kernels import _chunk_size, kernel_applies
+from ._message_kernels import _chunk_size, kernel_applies, workspace
 from .scatter import gather_rows, scatter_sum
 
 __all__ = ["atomic_basis", "atomic_basis_messages", "AtomicBasisMessages", "AtomicBasisGradients",
@@ -98,7 +98,7 @@ def atomic_basis_chunked(K: Tensor, senders: Tensor, receivers: Tensor, num_atom
     num_pairs, (M, rows), C = K.shape[0] // 2, K.shape[1:], node_feats[0].shape[2]
     out = K.new_zeros(num_atoms, M, C)                                                 # [N, M, C]
     chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-    X_buffer, message_buffer = K.new_empty(numel), K.new_empty(numel)
+    X_buffer, message_buffer = workspace("rows", (numel,), K), workspace("messages", (numel,), K)
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
         p = stop - start
@@ -122,7 +122,8 @@ def atomic_basis_backward_chunked(grad_out: Tensor, K: Tensor, senders: Tensor, 
     grad_R = [torch.zeros_like(R_b) if need else None for R_b, need in zip(radial, needs[1::2])]
     grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2::2])]
     chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-    X_buffer, G_buffer, dX_buffer = K.new_empty(numel), K.new_empty(numel), K.new_empty(numel)
+    X_buffer, G_buffer = workspace("rows", (numel,), K), workspace("gathered", (numel,), K)
+    dX_buffer = workspace("rows_gradient", (numel,), K)
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
         p = stop - start
@@ -287,8 +288,8 @@ class FrozenAtomicBasis(torch.autograd.Function):
         radial = R.split(layer.path_counts, dim=1)                                     # R_b [P, n_b, C]
         out = R.new_zeros(N, M, C)                                                     # [N, M, C]
         chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-        X_buffer, message_buffer = R.new_empty(numel), R.new_empty(numel)
-        K_buffer = R.new_empty(min(chunk, num_pairs) * M * rows)
+        X_buffer, message_buffer = workspace("rows", (numel,), R), workspace("messages", (numel,), R)
+        K_buffer = workspace("coupling", (min(chunk, num_pairs) * M * rows,), R)
         for start in range(0, num_pairs, chunk):
             stop = min(start + chunk, num_pairs)
             p = stop - start
@@ -322,8 +323,10 @@ class FrozenAtomicBasis(torch.autograd.Function):
         grad_radial = grad_R.split(layer.path_counts, dim=1) if grad_R is not None else [None] * len(radial)
         grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2:])]
         chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-        X_buffer, G_buffer, dX_buffer = R.new_empty(numel), R.new_empty(numel), R.new_empty(numel)
-        K_buffer, dK_buffer = (R.new_empty(min(chunk, num_pairs) * M * rows) for _ in range(2))
+        X_buffer, G_buffer = workspace("rows", (numel,), R), workspace("gathered", (numel,), R)
+        dX_buffer = workspace("rows_gradient", (numel,), R)
+        K_buffer = workspace("coupling", (min(chunk, num_pairs) * M * rows,), R)
+        dK_buffer = workspace("coupling_gradient", (min(chunk, num_pairs) * M * rows,), R)
         for start in range(0, num_pairs, chunk):
             stop = min(start + chunk, num_pairs)
             p = stop - start

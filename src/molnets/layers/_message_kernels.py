@@ -34,6 +34,8 @@ chunk instead of keeping every hidden activation of every edge.
 
 from __future__ import annotations
 
+import math
+import threading
 import weakref
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -53,6 +55,31 @@ CHUNK_NUMEL = 1 << 18
 # (2400 pairs, 1.2 MB in float32) 1.17x best call, TensorNet-style aspirin float64 (1.4 MB)
 # 1.01x best / 1.07x median; inference of the 16 aspirins (SchNet-style) 1.04x / 1.14x
 KERNEL_MIN_BYTES = 1 << 20
+
+
+_WORKSPACES = threading.local()
+
+
+def workspace(slot: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
+    """A reused buffer of ``shape`` (like's dtype and device) for a kernel's temporaries, kept
+    per thread between calls under the name ``slot`` and grown when too small. A kernel's
+    temporaries of a megabyte or more, allocated fresh at every call, are often fresh pages of
+    memory from the C library (``molnets.memory``), faulted in on first touch, at a cost that can
+    exceed the work that writes them (TensorNet-style aspirin, float64: 0.8 ms per gather). Only
+    for temporaries that live within one forward or one backward (never saved for a backward,
+    never returned), and never two at once under one name. Each buffer is at most one chunk of
+    ``CHUNK_NUMEL`` numbers per thread (4 MiB in float64 with 2 threads) or a kernel's one-chunk
+    [2P, 9, C]: a few such buffers per thread and dtype stay in memory."""
+    buffers = getattr(_WORKSPACES, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACES.buffers = {}
+    key = (slot, like.dtype, like.device)
+    numel = math.prod(shape)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        with torch.inference_mode(False):  # reusable outside inference mode too
+            buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buffer[:numel].view(shape)
 
 
 def kernel_applies(num_edges: int, message_numel: int, like: Tensor, min_bytes: float = KERNEL_MIN_BYTES) -> bool:
@@ -131,7 +158,7 @@ def forward_chunked(weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
     num_pairs = pair_i.shape[0]
     out = torch.zeros_like(x)                                                        # [N, n, C]
     chunk = _chunk_size(x.shape[1] * x.shape[2])
-    buffer = x.new_empty((min(chunk, num_pairs),) + x.shape[1:])                     # [p, n, C]
+    buffer = workspace("messages", (min(chunk, num_pairs),) + x.shape[1:], x)         # [p, n, C]
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
         i, j, w = pair_i[start:stop], pair_j[start:stop], weights[start:stop]
@@ -152,7 +179,8 @@ def backward_chunked(grad_out: Tensor, weights: Tensor, x: Tensor, pair_i: Tenso
     grad_x = torch.zeros_like(x) if need_x else None                                # [N, n, C]
     chunk = _chunk_size(x.shape[1] * x.shape[2])
     shape = (min(chunk, num_pairs),) + x.shape[1:]
-    g_i, g_j, x_i, x_j = (x.new_empty(shape) for _ in range(4))                     # [p, n, C]
+    slots = ("gathered", "gathered_2", "rows", "rows_2")
+    g_i, g_j, x_i, x_j = (workspace(slot, shape, x) for slot in slots)              # [p, n, C]
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
         p = stop - start
@@ -237,7 +265,7 @@ def scatter_outer_chunked(u: Tensor, weights: Tensor, index: Tensor, dim_size: i
     num_edges, n, C = u.shape[0], u.shape[1], weights.shape[2]
     out = u.new_zeros(dim_size, n, C)                                               # [N, n, C]
     chunk = _chunk_size(n * C)
-    buffer = u.new_empty(min(chunk, num_edges), n, C)                               # [p, n, C]
+    buffer = workspace("messages", (min(chunk, num_edges), n, C), u)                 # [p, n, C]
     for start in range(0, num_edges, chunk):
         stop = min(start + chunk, num_edges)
         messages, u_c, w_c = buffer[:stop - start], u[start:stop], weights[start:stop]
@@ -264,7 +292,7 @@ def scatter_outer_backward(grad_out: Tensor, u: Tensor, weights: Tensor, index: 
     grad_u = torch.empty_like(u) if need_u else None                                 # [E, n]
     grad_w = torch.empty_like(weights) if need_weights else None                     # [E, K, C]
     chunk = _chunk_size(grad_out.shape[1] * grad_out.shape[2])
-    buffer = grad_out.new_empty((min(chunk, num_edges),) + grad_out.shape[1:])       # [p, n, C]
+    buffer = workspace("gathered", (min(chunk, num_edges),) + grad_out.shape[1:], grad_out)  # [p, n, C]
     for start in range(0, num_edges, chunk):
         stop = min(start + chunk, num_edges)
         G = torch.index_select(grad_out, 0, index[start:stop], out=buffer[:stop - start])  # [p, n, C]

@@ -12,7 +12,7 @@ of ``layers.cartesian``). Everything that acts part by part (the I, A and S rows
 components) does so on slices, never spreading a part's [.., 3, C] numbers over 9 rows first: the
 filters on the per-pair rows (``layers._message_kernels.scale_parts``, ``sum_parts``) and the
 channel maps (``_linear_by_part``: three matrix products with the part's rows stacked). The per-pair
-temporaries [2P, 9, C] live in buffers reused from call to call (``_workspace``).
+temporaries [2P, 9, C] live in buffers reused from call to call (``_message_kernels.workspace``).
 ``TensorInteraction._reference`` is the oracle; the tests compare the two (values and
 gradients, first and second order).
 
@@ -40,7 +40,6 @@ through the reference instead.
 from __future__ import annotations
 
 import math
-import threading
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -48,32 +47,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._frozen import reference_gradients
-from ..layers._message_kernels import scale_parts, spread_over_rows, sum_parts
+from ..layers._message_kernels import scale_parts, spread_over_rows, sum_parts, workspace
 from ..layers.cartesian import PART_SLICES
 
 __all__ = ["FrozenInteraction", "FrozenEmbedding"]
-
-_WORKSPACES = threading.local()
-
-
-def _workspace(slot: int, shape: Tuple[int, ...], like: Tensor) -> Tensor:
-    """A reused buffer of ``shape`` for the per-pair temporaries [2P, 9, C] (each slot one at a
-    time, per thread, kept between calls and grown when too small). A fresh block of megabytes
-    is mapped anew by the C library at every call and each of its pages faulted in on first
-    touch, which cost more than the gather that writes it (aspirin, float64: 0.8 ms per gather).
-    Kept: three slots per thread and dtype, each at most [2P, 9, C] with P one chunk of
-    ``layers._message_kernels`` (455 pairs at 128 channels and 2 threads: 8 MB in float64)."""
-    buffers = getattr(_WORKSPACES, "buffers", None)
-    if buffers is None:
-        buffers = _WORKSPACES.buffers = {}
-    key = (slot, like.dtype, like.device)
-    numel = math.prod(shape)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        with torch.inference_mode(False):  # reusable outside inference mode too
-            buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buffer[:numel].view(shape)
-
 
 def _linear_by_part(components: Tensor, weight: Tensor, adjoint: bool = False) -> Tensor:
     """``TensorLinear``'s channel map on components [9, N, C] (or its adjoint, from [9, N, D]):
@@ -160,7 +137,7 @@ class FrozenInteraction(torch.autograd.Function):
         Y = torch.mm(basis.T, u.view(9, -1))                                        # [9, L] entries
         y = u.transpose(0, 1).contiguous()                                          # [N, 9, C]
         # both directions of every pair: one gather, one product, one sum
-        messages = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=_workspace(0, (2 * P, 9, C), y))
+        messages = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("messages", (2 * P, 9, C), y))
         scale_parts(messages.view(2, P, 9, C), f, PART_SLICES)                      # [2P, 9, C]
         M = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_i, pair_j]), messages),
                           self_weights, y)                                          # [N, 9, C]
@@ -194,10 +171,10 @@ class FrozenInteraction(torch.autograd.Function):
         grad_Y = _anticommutator(_transposed(M), _matrices(grad_A))                 # [9, L]
         grad_m = torch.mm(basis, grad_M).view(9, N, C).transpose(0, 1).contiguous()  # [N, 9, C]
         # the pair convolution's backward: gradients of the weights and of y (both directions)
-        grad_messages = torch.index_select(grad_m, 0, torch.cat([pair_i, pair_j]), out=_workspace(0, (2 * P, 9, C), y))
-        products = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=_workspace(1, (2 * P, 9, C), y))
+        grad_messages = torch.index_select(grad_m, 0, torch.cat([pair_i, pair_j]), out=workspace("gathered", (2 * P, 9, C), y))
+        products = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("products", (2 * P, 9, C), y))
         products = products.mul_(grad_messages).view(2, P, 9, C)                    # [2, P, 9, C]
-        products = torch.add(products[0], products[1], out=_workspace(2, (P, 9, C), y))  # [P, 9, C]
+        products = torch.add(products[0], products[1], out=workspace("summed", (P, 9, C), y))  # [P, 9, C]
         grad_f = sum_parts(products, PART_SLICES)                                   # [P, 3, C]
         scale_parts(grad_messages.view(2, P, 9, C), f, PART_SLICES)                 # [2P, 9, C]
         grad_y = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_j, pair_i]), grad_messages),
@@ -247,7 +224,7 @@ class FrozenEmbedding(torch.autograd.Function):
         geometry = layer.direction(edge_unit)                                       # [P, 9]
         geometry = torch.cat([geometry, geometry * layer.component_parity])         # [2P, 9]: to i, to j
         weights = torch.mul(f, z_pair.view(2, P, 1, C)).view(2 * P, 3, C)           # [2P, 3, C]
-        messages = scale_parts(geometry[:, :, None], weights, PART_SLICES, out=_workspace(0, (2 * P, 9, C), f))  # [2P, 9, C]
+        messages = scale_parts(geometry[:, :, None], weights, PART_SLICES, out=workspace("messages", (2 * P, 9, C), f))  # [2P, 9, C]
         X = torch.zeros(N, 9, C, dtype=f.dtype, device=f.device).index_add_(0, pairs, messages)  # [N, 9, C]
         self_scalar = F.linear(self_rbf, layer.radial.weight[:C], layer.radial.bias[:C]) * (z_receiver + z_sender)
         X[:, 0] += math.sqrt(3.0) * self_scalar                                     # + s δ: c_0(δ) = √3
@@ -284,8 +261,8 @@ class FrozenEmbedding(torch.autograd.Function):
         grad_X = _linear_by_part(grad * scales, layer.linear.weight, adjoint=True)  # [9, N, C]
         grad_X = torch.addcmul(grad_X, X, grad_norm, value=2.0).transpose(0, 1)     # [N, 9, C]
         # the scatter of outer products: G_e = grad_X at each pair's receiving atom (both directions)
-        G = torch.index_select(grad_X, 0, torch.cat([pair_i, pair_j]), out=_workspace(0, (2 * P, 9, C), grad_X))
-        grad_geometry = scale_parts(G, weights, PART_SLICES, out=_workspace(1, (2 * P, 9, C), grad_X)).sum(2)  # [2P, 9]
+        G = torch.index_select(grad_X, 0, torch.cat([pair_i, pair_j]), out=workspace("gathered", (2 * P, 9, C), grad_X))
+        grad_geometry = scale_parts(G, weights, PART_SLICES, out=workspace("products", (2 * P, 9, C), grad_X)).sum(2)  # [2P, 9]
         grad_geometry = torch.addcmul(grad_geometry[:P], layer.component_parity, grad_geometry[P:])  # [P, 9]
         grad_weights = sum_parts(G.mul_(geometry[:, :, None]), PART_SLICES)        # [2P, 3, C]
         grad_f = (grad_weights.mul_(z_pair[:, None]).view(2, P, 3 * C).sum(0))      # [P, 3C]
