@@ -11,7 +11,8 @@ while a weight needs a gradient (training).
 
 Frozen weights also allow a layer (or a whole small model) to run as one autograd node whose
 backward gives the gradients of its geometric inputs only (``models._tensornet_kernel``,
-``models._schnet_kernel``; on large systems the filter networks,
+``models._schnet_kernel``, the MACE-style atomic basis
+``layers._atomic_basis_kernels.FrozenAtomicBasis``; on large systems the filter networks,
 ``layers._message_kernels.FrozenFilter``): ``frozen_kernel_applies`` and ``frozen_on_cpu_eager``
 say when such a kernel runs (``parameters_of`` walks the weights they test),
 ``reference_gradients`` is its backward when a graph of the backward is wanted (through the
@@ -108,7 +109,8 @@ def reference_gradients(reference: Callable[..., Tensor], inputs: Sequence[Tenso
     """A frozen-layer kernel's backward when a graph of it is wanted (double backward): the
     gradients of ``reference(*inputs)`` (the layer's differentiable operations) with respect to
     the ``inputs`` flagged in ``needs``, differentiable; None for the other of the kernel's
-    ``num_args`` arguments.
+    ``num_args`` arguments. The inputs are taken to be the kernel's first arguments, in order: a
+    kernel whose differentiable inputs stand elsewhere places the gradients itself.
 
     The reference runs on fresh views of the inputs: an input can depend on another (node
     features on the radial basis, through earlier layers), and gradients with respect to the
