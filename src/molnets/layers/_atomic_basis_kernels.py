@@ -18,7 +18,7 @@ radial weights, nor their gradients exist at full size.
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -92,38 +92,46 @@ def atomic_basis(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
     return atomic_basis_messages(K, senders, receivers, num_atoms, radial, node_feats)
 
 
-def atomic_basis_chunked(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
-                         radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> Tensor:
-    """``atomic_basis_messages`` chunk by chunk of pairs, X and the messages in reused buffers."""
-    num_pairs, (M, rows), C = K.shape[0] // 2, K.shape[1:], node_feats[0].shape[2]
-    out = K.new_zeros(num_atoms, M, C)                                                 # [N, M, C]
+def _messages_chunked(coupling_of: Callable[[slice], Tensor], num_components: int, num_rows: int,
+                      senders: Tensor, receivers: Tensor, num_atoms: int, radial: Sequence[Tensor],
+                      node_feats: Sequence[Tensor]) -> Tensor:
+    """Σ_{e: receivers[e] = i} K_e X_e chunk by chunk of pairs, X and the messages in reused
+    buffers; ``coupling_of(edges)`` gives K of a chunk of edges, [p, M, rows] (a stored K's rows,
+    or Y coupling formed for the chunk). -> [N, M, C]"""
+    num_pairs, (M, rows), C = senders.shape[0] // 2, (num_components, num_rows), node_feats[0].shape[2]
+    like = node_feats[0]
+    out = like.new_zeros(num_atoms, M, C)                                              # [N, M, C]
     chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-    X_buffer, message_buffer = workspace("rows", (numel,), K), workspace("messages", (numel,), K)
+    X_buffer, message_buffer = workspace("rows", (numel,), like), workspace("messages", (numel,), like)
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
         p = stop - start
         X, messages = X_buffer[:p * rows * C].view(p, rows, C), message_buffer[:p * M * C].view(p, M, C)
         for half in (0, num_pairs):
-            _fill_rows(X, radial, node_feats, senders[half + start:half + stop], start, stop)
-            torch.bmm(K[half + start:half + stop], X, out=messages)
-            out.index_add_(0, receivers[half + start:half + stop], messages)
+            edges = slice(half + start, half + stop)
+            _fill_rows(X, radial, node_feats, senders[edges], start, stop)
+            torch.bmm(coupling_of(edges), X, out=messages)
+            out.index_add_(0, receivers[edges], messages)
     return out
 
 
-def atomic_basis_backward_chunked(grad_out: Tensor, K: Tensor, senders: Tensor, receivers: Tensor,
-                                  radial: Sequence[Tensor], node_feats: Sequence[Tensor],
-                                  needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
-    """(dK, dR_0, dWh_0, dR_1, ...) without a graph. With G = g[receivers] per edge:
+def _gradients_chunked(grad_out: Tensor, coupling_of: Callable[[slice], Tensor],
+                       coupling_gradient: Optional[Callable[[slice, Tensor, Tensor], None]],
+                       num_components: int, num_rows: int, senders: Tensor, receivers: Tensor,
+                       radial: Sequence[Tensor], node_feats: Sequence[Tensor],
+                       grad_radial: Sequence[Optional[Tensor]], grad_node_feats: Sequence[Optional[Tensor]]) -> None:
+    """The gradients of ``_messages_chunked`` without a graph, chunk by chunk. With G = g[receivers]
+    per edge:
 
         dK_e = G_e X_eᵀ,   dX_e = K_eᵀ G_e,   dR_b = Σ_m dX_b Wh_j (both directions),   dWh_b[j] += Σ_path dX_b R_b.
-    """
-    num_pairs, (M, rows), C = K.shape[0] // 2, K.shape[1:], node_feats[0].shape[2]
-    grad_K = torch.empty_like(K) if needs[0] else None                                # [E, M, rows]
-    grad_R = [torch.zeros_like(R_b) if need else None for R_b, need in zip(radial, needs[1::2])]
-    grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2::2])]
+
+    dK is not formed here: ``coupling_gradient(edges, G, X)`` takes G and X of each chunk of
+    edges (None: no gradient of K wanted); dR_b and dWh_b are added into ``grad_radial`` and
+    ``grad_node_feats`` (zeros, or None where not wanted)."""
+    num_pairs, (M, rows), C = senders.shape[0] // 2, (num_components, num_rows), node_feats[0].shape[2]
     chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-    X_buffer, G_buffer = workspace("rows", (numel,), K), workspace("gathered", (numel,), K)
-    dX_buffer = workspace("rows_gradient", (numel,), K)
+    X_buffer, G_buffer = workspace("rows", (numel,), grad_out), workspace("gathered", (numel,), grad_out)
+    dX_buffer = workspace("rows_gradient", (numel,), grad_out)
     for start in range(0, num_pairs, chunk):
         stop = min(start + chunk, num_pairs)
         p = stop - start
@@ -131,20 +139,43 @@ def atomic_basis_backward_chunked(grad_out: Tensor, K: Tensor, senders: Tensor, 
         for half in (0, num_pairs):
             edges = slice(half + start, half + stop)
             G = torch.index_select(grad_out, 0, receivers[edges], out=G_buffer[:p * M * C].view(p, M, C))  # [p, M, C]
-            if grad_K is not None:
+            if coupling_gradient is not None:
                 _fill_rows(X, radial, node_feats, senders[edges], start, stop)
-                torch.bmm(G, X.transpose(1, 2), out=grad_K[edges])
-            torch.bmm(K[edges].transpose(1, 2), G, out=dX)                             # [p, rows, C]
+                coupling_gradient(edges, G, X)
+            torch.bmm(coupling_of(edges).transpose(1, 2), G, out=dX)                   # [p, rows, C]
             row = 0
-            for b, (R_b, Wh) in enumerate(zip(radial, node_feats)):
+            for R_b, Wh, dR_b, dWh_b in zip(radial, node_feats, grad_radial, grad_node_feats):
                 n_b, dim = R_b.shape[1], Wh.shape[1]
                 dX_b = dX[:, row:row + n_b * dim].view(p, n_b, dim, C)                 # [p, n_b, d_b, C]
-                if grad_R[b] is not None:
+                if dR_b is not None:
                     Wh_j = Wh.index_select(0, senders[edges])                          # [p, d_b, C]
-                    grad_R[b][start:stop] += (dX_b * Wh_j[:, None]).sum(2)
-                if grad_Wh[b] is not None:
-                    grad_Wh[b].index_add_(0, senders[edges], (dX_b * R_b[start:stop, :, None]).sum(1))
+                    dR_b[start:stop] += (dX_b * Wh_j[:, None]).sum(2)
+                if dWh_b is not None:
+                    dWh_b.index_add_(0, senders[edges], (dX_b * R_b[start:stop, :, None]).sum(1))
                 row += n_b * dim
+
+
+def atomic_basis_chunked(K: Tensor, senders: Tensor, receivers: Tensor, num_atoms: int,
+                         radial: Sequence[Tensor], node_feats: Sequence[Tensor]) -> Tensor:
+    """``atomic_basis_messages`` chunk by chunk of pairs (``_messages_chunked`` on K's rows)."""
+    return _messages_chunked(lambda edges: K[edges], K.shape[1], K.shape[2], senders, receivers, num_atoms,
+                             radial, node_feats)
+
+
+def atomic_basis_backward_chunked(grad_out: Tensor, K: Tensor, senders: Tensor, receivers: Tensor,
+                                  radial: Sequence[Tensor], node_feats: Sequence[Tensor],
+                                  needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+    """(dK, dR_0, dWh_0, dR_1, ...) without a graph (``_gradients_chunked``), dK_e = G_e X_eᵀ
+    written into one [E, M, rows] array."""
+    grad_K = torch.empty_like(K) if needs[0] else None                                # [E, M, rows]
+    grad_R = [torch.zeros_like(R_b) if need else None for R_b, need in zip(radial, needs[1::2])]
+    grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2::2])]
+
+    def coupling_gradient(edges: slice, G: Tensor, X: Tensor) -> None:
+        torch.bmm(G, X.transpose(1, 2), out=grad_K[edges])                             # [p, M, rows]
+
+    _gradients_chunked(grad_out, lambda edges: K[edges], coupling_gradient if grad_K is not None else None,
+                       K.shape[1], K.shape[2], senders, receivers, radial, node_feats, grad_R, grad_Wh)
     grads: List[Optional[Tensor]] = [grad_K]
     for dR, dWh in zip(grad_R, grad_Wh):
         grads += [dR, dWh]
@@ -260,6 +291,26 @@ def frozen_atomic_basis_applies(layer: nn.Module, like: Tensor, num_pairs: int, 
     return kernel_applies(num_pairs, numel, like, FROZEN_KERNEL_BYTES) and frozen_on_cpu_eager(layer, like)
 
 
+def _coupling_numel(R: Tensor, layer: nn.Module) -> int:
+    """Numbers of K (or of dK) for the largest chunk of pairs of ``FrozenAtomicBasis``."""
+    num_pairs, M, rows = R.shape[0], layer.num_components, layer.num_rows
+    return min(_atomic_basis_chunks(num_pairs, M, rows, R.shape[2])[0], num_pairs) * M * rows
+
+
+def _coupling_of(edge_sh: Tensor, R: Tensor, layer: nn.Module) -> Callable[[slice], Tensor]:
+    """K of a chunk of edges formed when asked for, Y[edges] coupling, in a reused buffer
+    (``FrozenAtomicBasis``). edges -> [p, M, rows]"""
+    M, rows = layer.num_components, layer.num_rows
+    buffer = workspace("coupling", (_coupling_numel(R, layer),), R)
+
+    def coupling_of(edges: slice) -> Tensor:
+        p = edges.stop - edges.start
+        K = torch.mm(edge_sh[edges], layer.coupling, out=buffer[:p * M * rows].view(p, M * rows))  # [p, M rows]
+        return K.view(p, M, rows)
+
+    return coupling_of
+
+
 class FrozenAtomicBasis(torch.autograd.Function):
     """``atomic_basis_messages`` of a frozen layer from the factors of K, chunk by chunk:
 
@@ -268,9 +319,9 @@ class FrozenAtomicBasis(torch.autograd.Function):
     so neither K [E, M, rows] nor its gradient exists at full size, and the gradient goes to Y
     (dY_e = dK_e couplingᵀ). The radial weights come as one [P, paths, C] array whose paths are
     grouped by input irrep (``PairAtomicBasis._network_by_path``), R_b a slice of it: no copy
-    per irrep, and their gradients are written into one [P, paths, C] array. The messages of
-    each chunk are ``atomic_basis_chunked``'s (``_fill_rows``), their gradients
-    ``atomic_basis_backward_chunked``'s. When a graph of the backward is wanted (double backward)
+    per irrep, and their gradients are written into one [P, paths, C] array. The chunks are the
+    trainable kernel's (``_messages_chunked``, ``_gradients_chunked``) with K formed per chunk
+    (``_coupling_of``) and dK sent to Y. When a graph of the backward is wanted (double backward)
     the gradients come from the plain path, ``PairAtomicBasis._messages``
     (``molnets._frozen.reference_gradients``).
 
@@ -283,27 +334,12 @@ class FrozenAtomicBasis(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, edge_sh: Tensor, R: Tensor, senders: Tensor, receivers: Tensor, layer: nn.Module,
                 *node_feats: Tensor) -> Tensor:
-        (num_pairs, _, C), N = R.shape, node_feats[0].shape[0]
-        coupling, M, rows = layer.coupling, layer.num_components, layer.num_rows
         radial = R.split(layer.path_counts, dim=1)                                     # R_b [P, n_b, C]
-        out = R.new_zeros(N, M, C)                                                     # [N, M, C]
-        chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-        X_buffer, message_buffer = workspace("rows", (numel,), R), workspace("messages", (numel,), R)
-        K_buffer = workspace("coupling", (min(chunk, num_pairs) * M * rows,), R)
-        for start in range(0, num_pairs, chunk):
-            stop = min(start + chunk, num_pairs)
-            p = stop - start
-            X, messages = X_buffer[:p * rows * C].view(p, rows, C), message_buffer[:p * M * C].view(p, M, C)
-            K = K_buffer[:p * M * rows].view(p, M * rows)
-            for half in (0, num_pairs):
-                edges = slice(half + start, half + stop)
-                _fill_rows(X, radial, node_feats, senders[edges], start, stop)
-                torch.mm(edge_sh[edges], coupling, out=K)                              # [p, M rows]
-                torch.bmm(K.view(p, M, rows), X, out=messages)
-                out.index_add_(0, receivers[edges], messages)
+        out = _messages_chunked(_coupling_of(edge_sh, R, layer), layer.num_components,
+                                layer.num_rows, senders, receivers, node_feats[0].shape[0], radial, node_feats)
         ctx.layer = layer
         ctx.save_for_backward(edge_sh, R, senders, receivers, *node_feats)
-        return out
+        return out                                                                     # [N, M, C]
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -315,39 +351,19 @@ class FrozenAtomicBasis(torch.autograd.Function):
                                                     senders, receivers),
                 [edge_sh, R, *node_feats], needs, grad_out, num_args=2 + len(node_feats))
             return (grad_sh, grad_R, None, None, None, *grad_Wh)
-        (num_pairs, _, C), grad_out = R.shape, grad_out.contiguous()
-        coupling, M, rows = layer.coupling, layer.num_components, layer.num_rows
-        radial = R.split(layer.path_counts, dim=1)                                     # R_b [P, n_b, C]
+        M, rows = layer.num_components, layer.num_rows
         grad_sh = torch.empty_like(edge_sh) if needs[0] else None                     # [E, M_sh]
         grad_R = torch.zeros_like(R) if needs[1] else None                            # [P, paths, C]
-        grad_radial = grad_R.split(layer.path_counts, dim=1) if grad_R is not None else [None] * len(radial)
+        grad_radial = grad_R.split(layer.path_counts, dim=1) if grad_R is not None else [None] * len(layer.path_counts)
         grad_Wh = [torch.zeros_like(Wh) if need else None for Wh, need in zip(node_feats, needs[2:])]
-        chunk, numel = _atomic_basis_chunks(num_pairs, M, rows, C)
-        X_buffer, G_buffer = workspace("rows", (numel,), R), workspace("gathered", (numel,), R)
-        dX_buffer = workspace("rows_gradient", (numel,), R)
-        K_buffer = workspace("coupling", (min(chunk, num_pairs) * M * rows,), R)
-        dK_buffer = workspace("coupling_gradient", (min(chunk, num_pairs) * M * rows,), R)
-        for start in range(0, num_pairs, chunk):
-            stop = min(start + chunk, num_pairs)
-            p = stop - start
-            X, dX = X_buffer[:p * rows * C].view(p, rows, C), dX_buffer[:p * rows * C].view(p, rows, C)
-            K, dK = K_buffer[:p * M * rows].view(p, M, rows), dK_buffer[:p * M * rows].view(p, M, rows)
-            for half in (0, num_pairs):
-                edges = slice(half + start, half + stop)
-                G = torch.index_select(grad_out, 0, receivers[edges], out=G_buffer[:p * M * C].view(p, M, C))
-                torch.mm(edge_sh[edges], coupling, out=K.view(p, M * rows))
-                if grad_sh is not None:
-                    _fill_rows(X, radial, node_feats, senders[edges], start, stop)
-                    torch.bmm(G, X.transpose(1, 2), out=dK)                            # [p, M, rows]
-                    torch.mm(dK.view(p, M * rows), coupling.T, out=grad_sh[edges])     # [p, M_sh]
-                torch.bmm(K.transpose(1, 2), G, out=dX)                                # [p, rows, C]
-                row = 0
-                for b, (R_b, dR_b, Wh) in enumerate(zip(radial, grad_radial, node_feats)):
-                    n_b, dim = R_b.shape[1], Wh.shape[1]
-                    dX_b = dX[:, row:row + n_b * dim].view(p, n_b, dim, C)             # [p, n_b, d_b, C]
-                    if dR_b is not None:
-                        dR_b[start:stop] += (dX_b * Wh.index_select(0, senders[edges])[:, None]).sum(2)
-                    if grad_Wh[b] is not None:
-                        grad_Wh[b].index_add_(0, senders[edges], (dX_b * R_b[start:stop, :, None]).sum(1))
-                    row += n_b * dim
+        dK_buffer = workspace("coupling_gradient", (_coupling_numel(R, layer),), R)
+
+        def coupling_gradient(edges: slice, G: Tensor, X: Tensor) -> None:  # dY_e = dK_e couplingᵀ
+            p = edges.stop - edges.start
+            dK = torch.bmm(G, X.transpose(1, 2), out=dK_buffer[:p * M * rows].view(p, M, rows))  # [p, M, rows]
+            torch.mm(dK.view(p, M * rows), layer.coupling.T, out=grad_sh[edges])        # [p, M_sh]
+
+        _gradients_chunked(grad_out.contiguous(), _coupling_of(edge_sh, R, layer),
+                           coupling_gradient if grad_sh is not None else None, M, rows, senders, receivers,
+                           R.split(layer.path_counts, dim=1), node_feats, grad_radial, grad_Wh)
         return (grad_sh, grad_R, None, None, None, *grad_Wh)
