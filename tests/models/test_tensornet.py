@@ -1,5 +1,7 @@
 """TensorNet-style model: O(3) invariance, forces, and its own building blocks (float64)."""
 
+from typing import Optional
+
 import ase.build
 import pytest
 import torch
@@ -157,62 +159,17 @@ def _interaction_inputs(num_atoms: int, num_pairs: int, channels: int, num_rbf: 
     return X, edge_rbf, envelope, pair_i, pair_j, self_rbf
 
 
-def test_frozen_interaction_kernel_equals_the_reference(assert_kernel_equals_reference):
-    """FrozenInteraction (one autograd node, hand-written backward) against the layer's
-    differentiable operations: values and input gradients to 1e-12, gradcheck and gradgradcheck
-    (the double backward goes through the reference); taken only with frozen weights."""
-    from molnets.layers.cartesian import expand_parts
-    from molnets.models.tensornet import TensorInteraction
-    from torch.nn import functional as F
-
-    torch.manual_seed(0)
-    layer = TensorInteraction(8, num_rbf=5).to(DTYPE).requires_grad_(False)
-    X, edge_rbf, envelope, pair_i, pair_j, self_rbf = inputs = _interaction_inputs(7, 15, 8, 5, seed=1)
-    out = layer(*inputs)
-    assert type(out.grad_fn).__name__ == "FrozenInteractionBackward"
-    self_weights = expand_parts(F.silu(layer.radial(self_rbf)).unflatten(-1, (3, 8))[0].T).T
-    expected = layer._reference(X, edge_rbf, envelope, pair_i, pair_j, self_weights)
-    assert type(expected.grad_fn).__name__ != "FrozenInteractionBackward"
-
-    def call(X, edge_rbf, envelope):
-        return layer(X, edge_rbf, envelope, pair_i, pair_j, self_rbf)
-
-    assert_kernel_equals_reference(call, out, expected, (X, edge_rbf, envelope))
-    trainable = TensorInteraction(8, num_rbf=5).to(DTYPE)  # weights need gradients: the reference
-    assert type(trainable(*inputs).grad_fn).__name__ != "FrozenInteractionBackward"
-
-
-def test_frozen_embedding_kernel_equals_the_reference(assert_kernel_equals_reference):
-    """FrozenEmbedding against the layer's differentiable operations: values and gradients with
-    respect to e(r), φ and r̂ to 1e-12, gradcheck and gradgradcheck."""
-    from molnets.models.tensornet import TensorEmbedding
-
-    torch.manual_seed(0)
-    layer = TensorEmbedding(3, 8, num_rbf=5).to(DTYPE).requires_grad_(False)
-    _, edge_rbf, envelope, pair_i, pair_j, self_rbf = _interaction_inputs(7, 15, 8, 5, seed=3)
-    g = torch.Generator().manual_seed(4)
-    unit = torch.nn.functional.normalize(torch.randn(15, 3, generator=g, dtype=DTYPE), dim=1).requires_grad_(True)
-    species = torch.randint(0, 3, (7,), generator=g)
-
-    def call(edge_rbf, envelope, unit):
-        return layer(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf)
-
-    out = call(edge_rbf, envelope, unit)
-    assert type(out.grad_fn).__name__ == "FrozenEmbeddingBackward"
-    expected = layer._reference(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf)
-    assert_kernel_equals_reference(call, out, expected, (edge_rbf, envelope, unit))
-    trainable = TensorEmbedding(3, 8, num_rbf=5).to(DTYPE)
-    assert type(trainable(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf).grad_fn).__name__ \
-        != "FrozenEmbeddingBackward"
-
-
-def test_frozen_model_equals_the_trainable_model_with_derivative_graphs(assert_frozen_equals_trainable):
+@pytest.mark.parametrize("pairs, atoms", [(None, None), (5, 4)])
+def test_frozen_model_equals_the_trainable_model_with_derivative_graphs(monkeypatch, assert_frozen_equals_trainable,
+                                                                        pairs, atoms):
     """Through the kernels, also in training mode: forces, stress and the double backward of a
-    force loss equal the trainable model's (molecule and crystal)."""
+    force loss equal the trainable model's (molecule and crystal), in one chunk and chunk by
+    chunk of 5 pairs and 4 atoms."""
     import copy
 
     from molnets import testing
 
+    _chunks_of(monkeypatch, pairs, atoms, 8)
     model = small_model()
     frozen = copy.deepcopy(model).requires_grad_(False)
     for periodic in (False, True):
@@ -220,23 +177,105 @@ def test_frozen_model_equals_the_trainable_model_with_derivative_graphs(assert_f
         assert_frozen_equals_trainable(model, frozen, graph)
 
 
-def test_frozen_interaction_kernel_stays_off_for_large_systems():
-    """Above one chunk of pair messages the reference (with its chunked kernels) runs."""
-    from molnets.layers._message_kernels import _chunk_size
+def _chunks_of(monkeypatch, pairs: Optional[int], atoms: Optional[int], channels: int) -> None:
+    """The frozen kernels' chunks made tiny: ``pairs`` pairs and ``atoms`` atoms per chunk (None:
+    left as they are, one chunk on the tests' systems)."""
+    from molnets.layers import _message_kernels
+    from molnets.models import _tensornet_kernel
+
+    if pairs is not None:
+        monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", pairs * 9 * channels // torch.get_num_threads())
+    if atoms is not None:
+        monkeypatch.setattr(_tensornet_kernel, "ATOM_CHUNK_NUMEL", atoms * 9 * channels)
+
+
+CHUNKS = [(None, None), (4, 3), (None, 3), (4, None)]
+
+
+@pytest.mark.parametrize("pairs, atoms", CHUNKS)
+def test_frozen_interaction_kernel_equals_the_reference(monkeypatch, assert_kernel_equals_reference, pairs, atoms):
+    """FrozenInteraction (one autograd node, hand-written backward) against the layer's
+    differentiable operations: values and input gradients to 1e-12, gradcheck and gradgradcheck
+    (the double backward goes through the reference); taken only with frozen weights. In one
+    chunk (a molecule: the filter network inside the kernel) and in uneven chunks of 4 pairs
+    (15 pairs: the layer gives the kernel its filters from ``radial_filter``, the convolution
+    runs chunk by chunk) and of 3 atoms (7 atoms: the node updates chunk by chunk, computed
+    again in the backward), each way alone and both."""
     from molnets.models.tensornet import TensorInteraction
 
+    torch.manual_seed(0)
     layer = TensorInteraction(4, num_rbf=3).to(DTYPE).requires_grad_(False)
-    num_pairs = _chunk_size(9 * 4) + 1
-    out = layer(*_interaction_inputs(50, num_pairs, 4, 3, seed=2))
-    assert type(out.grad_fn).__name__ != "FrozenInteractionBackward"
+    X, edge_rbf, envelope, pair_i, pair_j, self_rbf = inputs = _interaction_inputs(7, 15, 4, 3, seed=6)
+    expected = layer._reference(X, edge_rbf, envelope, pair_i, pair_j, layer._self_weights(self_rbf))
+    assert type(expected.grad_fn).__name__ != "FrozenInteractionBackward"
+    _chunks_of(monkeypatch, pairs, atoms, 4)
+    kernel = _spy(monkeypatch, "FrozenInteraction")
+    out = layer(*inputs)
+    assert type(out.grad_fn).__name__ == "FrozenInteractionBackward"
+    assert kernel.given_filters == (pairs is not None)  # the filter network outside on many pairs
+
+    def call(X, edge_rbf, envelope):
+        return layer(X, edge_rbf, envelope, pair_i, pair_j, self_rbf)
+
+    assert_kernel_equals_reference(call, out, expected, (X, edge_rbf, envelope))
+    trainable = TensorInteraction(4, num_rbf=3).to(DTYPE)  # weights need gradients: the reference
+    assert type(trainable(*inputs).grad_fn).__name__ != "FrozenInteractionBackward"
 
 
-def test_frozen_model_passes_the_model_suite(monkeypatch):
+@pytest.mark.parametrize("pairs, atoms", CHUNKS)
+def test_frozen_embedding_kernel_equals_the_reference(monkeypatch, assert_kernel_equals_reference, pairs, atoms):
+    """FrozenEmbedding against the layer's differentiable operations: values and gradients with
+    respect to e(r), φ and r̂ to 1e-12, gradcheck and gradgradcheck; in one chunk and chunk by
+    chunk of pairs (their filters and weights formed per chunk) and of atoms, the backward
+    computing each chunk again, as for the interaction."""
+    from molnets.models.tensornet import TensorEmbedding
+
+    torch.manual_seed(0)
+    layer = TensorEmbedding(3, 4, num_rbf=3).to(DTYPE).requires_grad_(False)
+    _, edge_rbf, envelope, pair_i, pair_j, self_rbf = _interaction_inputs(7, 15, 4, 3, seed=7)
+    g = torch.Generator().manual_seed(8)
+    unit = torch.nn.functional.normalize(torch.randn(15, 3, generator=g, dtype=DTYPE), dim=1).requires_grad_(True)
+    species = torch.randint(0, 3, (7,), generator=g)
+    expected = layer._reference(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf)
+    _chunks_of(monkeypatch, pairs, atoms, 4)
+
+    def call(edge_rbf, envelope, unit):
+        return layer(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf)
+
+    out = call(edge_rbf, envelope, unit)
+    assert type(out.grad_fn).__name__ == "FrozenEmbeddingBackward"
+    assert_kernel_equals_reference(call, out, expected, (edge_rbf, envelope, unit))
+    trainable = TensorEmbedding(3, 4, num_rbf=3).to(DTYPE)
+    assert type(trainable(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf).grad_fn).__name__ \
+        != "FrozenEmbeddingBackward"
+
+
+def _spy(monkeypatch, name: str):
+    """The ctx of the last forward of the kernel ``name`` of ``_tensornet_kernel``."""
+    from types import SimpleNamespace
+
+    from molnets.models import _tensornet_kernel
+
+    kernel, seen = getattr(_tensornet_kernel, name), SimpleNamespace()
+
+    def forward(ctx, *args, forward=kernel.forward):
+        out = forward(ctx, *args)
+        seen.__dict__.update(ctx.__dict__)
+        return out
+
+    monkeypatch.setattr(kernel, "forward", staticmethod(forward))
+    return seen
+
+
+@pytest.mark.parametrize("pairs, atoms", [(None, None), (5, 4)])
+def test_frozen_model_passes_the_model_suite(monkeypatch, pairs, atoms):
     """The frozen model (the kernel's path) through molnets.testing: O(3), translation and
-    permutation invariance, batching, finite-difference forces and stress, cutoff smoothness."""
+    permutation invariance, batching, finite-difference forces and stress, cutoff smoothness;
+    in one chunk and chunk by chunk of 5 pairs and 4 atoms."""
     from molnets import testing
     from molnets.models import _tensornet_kernel
 
+    _chunks_of(monkeypatch, pairs, atoms, 8)
     calls = []
     for kernel in (_tensornet_kernel.FrozenInteraction, _tensornet_kernel.FrozenEmbedding):
         monkeypatch.setattr(kernel, "forward", staticmethod(

@@ -1,20 +1,29 @@
-"""Frozen TensorNet-style layers in one autograd node each (private; small systems, CPU, eager).
+"""Frozen TensorNet-style layers in one autograd node each (private; CPU, eager, any size).
 
 ``TensorInteraction`` in plain operations records ~120 autograd nodes per layer, and its 3x3 products
 are batched products of [N C] tiny matrices (~50 ns each): most of a call on a small molecule. With
-frozen weights (as calculators run a model) on a small system, ``FrozenInteraction`` computes the
-same forward without recording a graph and its backward as written out below, in about 40
-operations, with every 3x3 product done "entry-major":
+frozen weights (as calculators run a model), ``FrozenInteraction`` computes the same forward
+without recording a graph and its backward as written out below, in about 40 operations, with
+every 3x3 product done "entry-major":
 a stack of matrices stored as [9, L] (entry (a, b) of all L = N C matrices in one row), where
 (P Q)_ab = Σ_k P_ak Q_kb is a product and two multiply-adds of rows that run along L.
 Components [9, L] and entries [9, L] are one [9, 9] matrix product apart (the orthonormal basis
-of ``layers.cartesian``). Everything that acts part by part (the I, A and S rows of the 9
-components) does so on slices, never spreading a part's [.., 3, C] numbers over 9 rows first: the
-filters on the per-pair rows (``layers._message_kernels.scale_parts``, ``sum_parts``) and the
-channel maps (``_linear_by_part``: three matrix products with the part's rows stacked). The per-pair
-temporaries [2P, 9, C] live in buffers reused from call to call (``_message_kernels.workspace``).
-``TensorInteraction._reference`` is the oracle; the tests compare the two (values and
-gradients, first and second order).
+of ``layers.cartesian``). The layers pass their [N, C, 3, 3] outputs and gradients as views of
+entry-major [9, N C] arrays, so the next one reads its entries without a transposing copy.
+Everything that acts part by part (the I, A and S rows of the 9 components) does so on slices,
+never spreading a part's [.., 3, C] numbers over 9 rows first: the filters on the per-pair rows
+(``layers._message_kernels.scale_parts``, ``sum_parts``) and the channel maps
+(``_linear_by_part``: three matrix products with the part's rows stacked). The per-pair
+temporaries [2p, 9, C] live in buffers reused from call to call (``_message_kernels.workspace``).
+
+On a crystal the same kernels run chunk by chunk: pairs in chunks of one such buffer, atoms in
+chunks of ``ATOM_CHUNK_NUMEL`` numbers per [9, n C] array, and the backward computes each chunk's
+node terms again instead of keeping them, so that besides the inputs and outputs only y, the pair
+convolution and their gradients exist at full size ([N, 9, C]; the reference's ~20 node arrays
+per layer, each a fresh block of memory above 32 MB on 16384 atoms, are not formed). On a
+molecule (one chunk) the backward keeps what it needs. ``TensorInteraction._reference`` is the
+oracle; the tests compare the two (values and gradients, first and second order, in one chunk
+and in many).
 
 Forward (paper Eqs. 7-11, see ``TensorInteraction``), with d_X = ||X|| + 1 and d_A = ||A|| + 1:
 
@@ -47,10 +56,22 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .._frozen import reference_gradients
-from ..layers._message_kernels import scale_parts, spread_over_rows, sum_parts, workspace
+from ..layers._message_kernels import (
+    _chunk_size,
+    backward_chunked,
+    forward_chunked,
+    scale_parts,
+    spread_over_rows,
+    sum_parts,
+    workspace,
+)
 from ..layers.cartesian import PART_SLICES
 
-__all__ = ["FrozenInteraction", "FrozenEmbedding"]
+__all__ = ["FrozenInteraction", "FrozenEmbedding", "pairs_in_one_chunk"]
+
+# numbers in one [9, n C] array of a chunk of n atoms' node update (1 MiB in float64; the
+# update's ~10 live temporaries of a chunk stay in the 32 MiB cache)
+ATOM_CHUNK_NUMEL = 1 << 17
 
 def _linear_by_part(components: Tensor, weight: Tensor, adjoint: bool = False) -> Tensor:
     """``TensorLinear``'s channel map on components [9, N, C] (or its adjoint, from [9, N, D]):
@@ -108,87 +129,185 @@ def _transposed(entries: Tensor) -> Tensor:
     return _matrices(entries).transpose(0, 1)
 
 
-def _normalized_gradient(grad: Tensor, X: Tensor, denominator: Tensor) -> Tensor:
+def _normalized_gradient(grad: Tensor, X: Tensor, denominator: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """The gradient with respect to X of X / d, d = ||X|| + 1 per matrix, from the one of the
-    result; entry-major [9, L], d [L]. -> [9, L]"""
+    result; entry-major [9, L], d [L]; into ``out`` when given. -> [9, L]"""
     inner = (grad * X).sum(0)                                                       # [L]
-    return grad / denominator - (2 * inner / denominator.square()) * X             # [9, L]
+    return torch.sub(grad / denominator, (2 * inner / denominator.square()) * X, out=out)  # [9, L]
+
+
+def _atom_chunks(num_atoms: int, num_channels: int) -> List[Tuple[int, int]]:
+    """Ranges of atoms whose [9, n C] arrays hold at most ``ATOM_CHUNK_NUMEL`` numbers: the node
+    updates of a large system run chunk by chunk in cache-sized temporaries; a molecule is one chunk."""
+    rows = max(1, ATOM_CHUNK_NUMEL // (9 * num_channels))
+    return [(a, min(a + rows, num_atoms)) for a in range(0, max(num_atoms, 1), rows)]
+
+
+def pairs_in_one_chunk(num_pairs: int, num_channels: int) -> bool:
+    """Whether the messages both ways of num_pairs pairs fit in one buffer of the message kernels
+    (``_message_kernels._chunk_size``): a molecule, whose pairs the kernels handle at once."""
+    return num_pairs <= _chunk_size(9 * num_channels)
+
+
+def _pair_chunks(num_pairs: int, num_channels: int) -> List[Tuple[int, int]]:
+    """Ranges of pairs whose messages both ways, [2p, 9, C], fill at most one buffer of the
+    message kernels (``_message_kernels._chunk_size``); a molecule's pairs are one chunk."""
+    rows = _chunk_size(9 * num_channels)
+    return [(a, min(a + rows, num_pairs)) for a in range(0, max(num_pairs, 1), rows)]
+
+
+def _normalized_entries(X: Tensor) -> Tuple[Tensor, Tensor]:
+    """X̂ = X / d_X, d_X = ||X|| + 1, for X [n, C, 3, 3]. -> (X̂ [9, n C] entries, d_X [n C])"""
+    X_norm = X.square().sum((-2, -1)).view(-1) + 1                                  # [L]
+    return X.reshape(-1, 9).T / X_norm, X_norm                                      # [9, L], [L]
 
 
 class FrozenInteraction(torch.autograd.Function):
     """``TensorInteraction`` with frozen weights as one autograd node (module docstring).
 
+    On a molecule (the pairs' messages both ways in one buffer of ``_message_kernels``) the filter
+    network runs here and its activations are kept for the backward; every node array is one
+    chunk, and what the backward needs is kept. On more pairs the caller gives the filters
+    (``radial_filter``: chunk by chunk of edges on large systems), the pair convolution runs
+    chunk by chunk of pairs (``_message_kernels.forward_chunked``) and the node updates chunk by
+    chunk of atoms, which the backward computes again from X, y and the convolution instead of
+    keeping every node array (each [N, C, 3, 3] array is 75 MB at 16384 atoms in float32: a fresh
+    mapping, faulted in page by page, at every call).
+
     Shapes:
-        X [N, C, 3, 3], edge_rbf [P, K], edge_envelope [P], pair_i [P], pair_j [P],
+        X [N, C, 3, 3], edge_rbf [P, K] and edge_envelope [P] (or None with filters),
+        filters [P, 3, C] (f = φ SiLU(MLP(e)); or None: computed here), pair_i [P], pair_j [P],
         self_weights [9, C] (f(0) spread over the components), layer  ->  [N, C, 3, 3]
     """
 
     @staticmethod
-    def forward(ctx: Any, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor,
-                pair_j: Tensor, self_weights: Tensor, layer: nn.Module) -> Tensor:
-        (N, C), P = X.shape[:2], edge_rbf.shape[0]
+    def forward(ctx: Any, X: Tensor, edge_rbf: Optional[Tensor], edge_envelope: Optional[Tensor],
+                filters: Optional[Tensor], pair_i: Tensor, pair_j: Tensor, self_weights: Tensor,
+                layer: nn.Module) -> Tensor:
+        (N, C), P = X.shape[:2], pair_i.shape[0]
         basis = layer.basis(X).flatten(1)                                           # [9, 9]: B_k over (a, b)
         pre_activations: List[Tensor] = []
-        h = _dense_chain(layer.radial, edge_rbf, pre_activations)                   # [P, 3C]
-        f = (h * edge_envelope[:, None]).view(P, 3, C)                              # [P, 3, C]
-        X_norm = X.square().sum((-2, -1)).view(-1) + 1                              # [L], L = N C
-        X_hat = X.reshape(-1, 9).T / X_norm                                         # [9, L] entries
-        u = _linear_by_part(torch.mm(basis, X_hat).view(9, N, C), layer.linear_in.weight)  # [9, N, C]
-        Y = torch.mm(basis.T, u.view(9, -1))                                        # [9, L] entries
-        y = u.transpose(0, 1).contiguous()                                          # [N, 9, C]
-        # both directions of every pair: one gather, one product, one sum
-        messages = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("messages", (2 * P, 9, C), y))
-        scale_parts(messages.view(2, P, 9, C), f, PART_SLICES)                      # [2P, 9, C]
-        M = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_i, pair_j]), messages),
-                          self_weights, y)                                          # [N, 9, C]
-        M = torch.mm(basis.T, M.transpose(0, 1).reshape(9, -1))                     # [9, L] entries
-        A = _anticommutator(_matrices(M), _matrices(Y))                             # [9, L]
-        A_norm = A.square().sum(0) + 1                                              # [L]
-        v = _linear_by_part(torch.mm(basis, A / A_norm).view(9, N, C), layer.linear_out.weight)
-        D = torch.mm(basis.T, v.view(9, -1))                                        # [9, L] entries
-        out = X_hat + D + _product(_matrices(D), _matrices(D))                      # [9, L]
-        ctx.layer = layer
-        ctx.save_for_backward(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, h, f,
-                              X_norm, Y, y, M, A, A_norm, D, *pre_activations)
-        return out.T.reshape(N, C, 3, 3)                                            # [N, C, 3, 3]
+        h = None
+        if filters is None:  # a molecule: the filter network here, its activations kept
+            h = _dense_chain(layer.radial, edge_rbf, pre_activations)               # [P, 3C]
+            filters = (h * edge_envelope[:, None]).view(P, 3, C)                    # [P, 3, C]
+        chunks = _atom_chunks(N, C)
+        y = X.new_empty(N, 9, C)                                                    # components of Y
+        for a, b in chunks:
+            X_hat, X_norm = _normalized_entries(X[a:b])                             # [9, L], [L]
+            u = _linear_by_part(torch.mm(basis, X_hat).view(9, b - a, C), layer.linear_in.weight)  # [9, n, C]
+            y[a:b] = u.transpose(0, 1)
+        messages = _convolution(filters, y, pair_i, pair_j)                         # [N, 9, C]
+        out = X.new_empty(9, N * C)                                                 # entries
+        for a, b in chunks:
+            inputs = (X_hat, X_norm, u) if len(chunks) == 1 else _inputs_again(X[a:b], y[a:b])
+            terms = _update_terms(*inputs, messages[a:b], self_weights, basis, layer)
+            X_hat, D = terms[0], terms[-1]
+            torch.add(X_hat, D, out=out[:, a * C:b * C]).add_(_product(_matrices(D), _matrices(D)))
+        kept = terms if len(chunks) == 1 else ()  # else computed again, chunk by chunk
+        ctx.layer, ctx.given_filters, ctx.num_kept = layer, h is None, len(kept)
+        ctx.save_for_backward(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, h, filters,
+                              y, messages, *kept, *pre_activations)
+        return out.T.view(N, C, 3, 3)  # entry-major, as the next layer and the backward read it
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        (X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, h, f, X_norm, Y, y, M,
-         A, A_norm, D, *pre_activations) = ctx.saved_tensors
-        layer, needs = ctx.layer, ctx.needs_input_grad[:3]
+        X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, h, filters, y, messages, *rest = \
+            ctx.saved_tensors
+        kept, pre_activations = rest[:ctx.num_kept], rest[ctx.num_kept:]
+        layer, needs = ctx.layer, ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the reference
+            if ctx.given_filters:
+                grad_X, grad_f = reference_gradients(
+                    lambda X, f: layer._update(X, f, pair_i, pair_j, self_weights),
+                    [X, filters], (needs[0], needs[3]), grad, num_args=2)
+                return grad_X, None, None, grad_f, None, None, None, None
             return reference_gradients(
                 lambda X, e, u: layer._reference(X, e, u, pair_i, pair_j, self_weights),
-                [X, edge_rbf, edge_envelope], needs, grad, num_args=7)
-        (N, C), P = X.shape[:2], edge_rbf.shape[0]
-        grad = grad.reshape(-1, 9).T                                                # [9, L] entries
-        grad_D = grad + _anticommutator(_matrices(grad), _transposed(D))            # [9, L]
-        grad_A = _linear_by_part(torch.mm(basis, grad_D).view(9, N, C), layer.linear_out.weight,
-                                 adjoint=True)                                      # [9, N, C]
-        grad_A = _normalized_gradient(torch.mm(basis.T, grad_A.view(9, -1)), A, A_norm)  # [9, L]
-        grad_M = _anticommutator(_matrices(grad_A), _transposed(Y))                 # [9, L]
-        grad_Y = _anticommutator(_transposed(M), _matrices(grad_A))                 # [9, L]
-        grad_m = torch.mm(basis, grad_M).view(9, N, C).transpose(0, 1).contiguous()  # [N, 9, C]
-        # the pair convolution's backward: gradients of the weights and of y (both directions)
-        grad_messages = torch.index_select(grad_m, 0, torch.cat([pair_i, pair_j]), out=workspace("gathered", (2 * P, 9, C), y))
-        products = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("products", (2 * P, 9, C), y))
-        products = products.mul_(grad_messages).view(2, P, 9, C)                    # [2, P, 9, C]
-        products = torch.add(products[0], products[1], out=workspace("summed", (P, 9, C), y))  # [P, 9, C]
-        grad_f = sum_parts(products, PART_SLICES)                                   # [P, 3, C]
-        scale_parts(grad_messages.view(2, P, 9, C), f, PART_SLICES)                 # [2P, 9, C]
-        grad_y = torch.addcmul(torch.zeros_like(y).index_add_(0, torch.cat([pair_j, pair_i]), grad_messages),
-                               self_weights, grad_m)                                # [N, 9, C]
-        grad_u = torch.addmm(grad_y.transpose(0, 1).reshape(9, -1), basis, grad_Y)  # [9, L] components
-        grad_X_hat = _linear_by_part(grad_u.view(9, N, C), layer.linear_in.weight, adjoint=True)
-        grad_X_hat = torch.addmm(grad, basis.T, grad_X_hat.view(9, -1))             # [9, L] entries
-        grad_X = _normalized_gradient(grad_X_hat, X.reshape(-1, 9).T, X_norm)       # [9, L]
+                [X, edge_rbf, edge_envelope], needs[:3], grad, num_args=8)
+        (N, C), P = X.shape[:2], pair_i.shape[0]
+        chunks = _atom_chunks(N, C)
+        grad_m = X.new_empty(N, 9, C)                                               # ∂L/∂M, components
+        grad_u = []  # per chunk: ∂L/∂u [9, n, C] but for the pairs' part
+        for a, b in chunks:
+            X_hat, X_norm, Y, M, A, A_norm, D = kept or _update_terms(
+                *_inputs_again(X[a:b], y[a:b]), messages[a:b], self_weights, basis, layer)
+            g = grad[a:b].reshape(-1, 9).T                                          # [9, L] entries
+            grad_D = g + _anticommutator(_matrices(g), _transposed(D))              # [9, L]
+            grad_A = _linear_by_part(torch.mm(basis, grad_D).view(9, b - a, C), layer.linear_out.weight,
+                                     adjoint=True)                                  # [9, n, C]
+            grad_A = _normalized_gradient(torch.mm(basis.T, grad_A.view(9, -1)), A, A_norm)  # [9, L]
+            grad_M = torch.mm(basis, _anticommutator(_matrices(grad_A), _transposed(Y))).view(9, b - a, C)
+            grad_Y = _anticommutator(_transposed(M), _matrices(grad_A))             # [9, L]
+            grad_m[a:b] = grad_M.transpose(0, 1)
+            grad_u.append(torch.addmm((grad_M * self_weights[:, None]).view(9, -1), basis,
+                                      grad_Y).view(9, b - a, C))                    # f(0) ∘ g_M + g_Y
+        grad_f, grad_y = _convolution_backward(grad_m, filters, y, pair_i, pair_j)  # [P, 3, C], [N, 9, C]
+        grad_X = X.new_empty(9, N * C)                                              # entries
+        for (a, b), grad_u_rest in zip(chunks, grad_u):
+            X_norm = kept[1] if kept else _normalized_entries(X[a:b])[1]            # [L]
+            grad_X_hat = _linear_by_part(grad_u_rest.add_(grad_y[a:b].transpose(0, 1)), layer.linear_in.weight,
+                                         adjoint=True)                              # [9, n, C]
+            grad_X_hat = torch.addmm(grad[a:b].reshape(-1, 9).T, basis.T, grad_X_hat.view(9, -1))  # [9, L]
+            _normalized_gradient(grad_X_hat, X[a:b].reshape(-1, 9).T, X_norm, out=grad_X[:, a * C:b * C])
+        grad_X = grad_X.T.view(N, C, 3, 3)                                          # entry-major
+        if ctx.given_filters:
+            return grad_X if needs[0] else None, None, None, grad_f if needs[3] else None, None, None, None, None
         grad_f = grad_f.view(P, 3 * C)                                              # [P, 3C]
         grad_envelope = (grad_f * h).sum(1) if needs[2] else None                   # [P]
-        grad_rbf = _dense_chain_backward(layer.radial, grad_f * edge_envelope[:, None], pre_activations)
-        return (grad_X.T.reshape(N, C, 3, 3) if needs[0] else None, grad_rbf if needs[1] else None,
-                grad_envelope, None, None, None, None)
+        grad_rbf = (_dense_chain_backward(layer.radial, grad_f * edge_envelope[:, None], pre_activations)
+                    if needs[1] else None)                                          # [P, K]
+        return grad_X if needs[0] else None, grad_rbf, grad_envelope, None, None, None, None, None
 
+
+def _inputs_again(X: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """X̂ [9, n C], d_X [n C] and the components u [9, n, C] of Y of a chunk of atoms, again,
+    from X [n, C, 3, 3] and y [n, 9, C] (kept at full size: L_in is not applied again)."""
+    return (*_normalized_entries(X), y.transpose(0, 1).contiguous())
+
+
+def _update_terms(X_hat: Tensor, X_norm: Tensor, u: Tensor, messages: Tensor, self_weights: Tensor,
+                  basis: Tensor, layer: nn.Module) -> Tuple[Tensor, ...]:
+    """The node update of ``FrozenInteraction`` on a chunk of n atoms, from X̂ [9, n C], d_X [n C],
+    the components u [9, n, C] of Y = L_in(X̂) and the pair convolution Σ_pairs f ∘ y [n, 9, C]:
+    (X̂, d_X, Y, M, A = M Y + Y M, d_A, D = L_out(A / d_A)), entry-major [9, n C] (d_A [n C])."""
+    n, C = u.shape[1:]
+    Y = torch.mm(basis.T, u.view(9, -1))                                            # [9, L] entries
+    M = torch.mul(u, self_weights[:, None]).add_(messages.transpose(0, 1))          # f(0) ∘ y + pairs: [9, n, C]
+    M = torch.mm(basis.T, M.view(9, -1))                                            # [9, L] entries
+    A = _anticommutator(_matrices(M), _matrices(Y))                                 # [9, L]
+    A_norm = A.square().sum(0) + 1                                                  # [L]
+    v = _linear_by_part(torch.mm(basis, A / A_norm).view(9, n, C), layer.linear_out.weight)  # [9, n, C]
+    D = torch.mm(basis.T, v.view(9, -1))                                            # [9, L] entries
+    return X_hat, X_norm, Y, M, A, A_norm, D
+
+
+def _convolution(filters: Tensor, y: Tensor, pair_i: Tensor, pair_j: Tensor) -> Tensor:
+    """Σ_pairs f ∘ y both ways (``layers.pair_convolution``): on a molecule one gather, product
+    and sum over both directions of every pair in a reused buffer; on more pairs chunk by chunk
+    (``_message_kernels.forward_chunked``). [N, 9, C]"""
+    (P, C) = pair_i.shape[0], y.shape[2]
+    if not pairs_in_one_chunk(P, C):
+        return forward_chunked(filters, y, pair_i, pair_j, PART_SLICES)
+    messages = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("messages", (2 * P, 9, C), y))
+    scale_parts(messages.view(2, P, 9, C), filters, PART_SLICES)                    # [2P, 9, C]
+    return torch.zeros_like(y).index_add_(0, torch.cat([pair_i, pair_j]), messages)
+
+
+def _convolution_backward(grad_m: Tensor, filters: Tensor, y: Tensor, pair_i: Tensor, pair_j: Tensor
+                          ) -> Tuple[Tensor, Tensor]:
+    """The backward of ``_convolution`` from ∂L/∂M [N, 9, C]: (∂L/∂f [P, 3, C], ∂L/∂y [N, 9, C]
+    (the convolution of ∂L/∂M))."""
+    (P, C) = pair_i.shape[0], y.shape[2]
+    if not pairs_in_one_chunk(P, C):
+        return backward_chunked(grad_m, filters, y, pair_i, pair_j, PART_SLICES, True, True)
+    grad_messages = torch.index_select(grad_m, 0, torch.cat([pair_i, pair_j]), out=workspace("gathered", (2 * P, 9, C), y))
+    products = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("products", (2 * P, 9, C), y))
+    products = products.mul_(grad_messages).view(2, P, 9, C)                        # [2, P, 9, C]
+    products = torch.add(products[0], products[1], out=workspace("summed", (P, 9, C), y))  # [P, 9, C]
+    grad_f = sum_parts(products, PART_SLICES)                                       # [P, 3, C]
+    scale_parts(grad_messages.view(2, P, 9, C), filters, PART_SLICES)               # [2P, 9, C]
+    return grad_f, torch.zeros_like(y).index_add_(0, torch.cat([pair_j, pair_i]), grad_messages)
 
 class FrozenEmbedding(torch.autograd.Function):
     """``TensorEmbedding`` with frozen weights as one autograd node (paper Eqs. 4-6):
@@ -203,7 +322,10 @@ class FrozenEmbedding(torch.autograd.Function):
         g_c(pair e) = Σ_C G_e ∘ w_e,   g_w(pair e) = Σ_(rows of a part) c_e G_e   (G_e = g_X at
         the receiving atom), then through f to e(r) and φ, and through c(r̂) to r̂.
 
-    The species terms Z do not depend on the geometry: no gradient is formed for them.
+    The species terms Z do not depend on the geometry: no gradient is formed for them. The
+    pairs run chunk by chunk (both ways in one buffer of ``_message_kernels``), their filters and
+    weights [2p, 3, C] formed per chunk, the node updates chunk by chunk of atoms; on a molecule
+    (one chunk of each) the backward keeps what it needs, on more it computes each chunk again.
 
     Shapes:
         edge_rbf [P, K], edge_envelope [P], edge_unit [P, 3], species [N], pair_i [P], pair_j [P],
@@ -213,65 +335,110 @@ class FrozenEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor, species: Tensor,
                 pair_i: Tensor, pair_j: Tensor, self_rbf: Tensor, layer: nn.Module) -> Tensor:
-        N, P, C = species.shape[0], edge_rbf.shape[0], layer.num_channels
+        N, C = species.shape[0], layer.num_channels
         basis = layer.basis(edge_rbf).flatten(1)                                    # [9, 9]
         z = layer.species_embedding(species)                                        # [N, C]
         z_receiver, z_sender = layer.pair_receiver(z), layer.pair_sender(z)         # [N, C]
-        pairs = torch.cat([pair_i, pair_j])                                         # [2P]: receiving atoms
-        z_pair = z_receiver.index_select(0, pairs) + z_sender.index_select(0, torch.cat([pair_j, pair_i]))  # [2P, C]
-        radial = F.linear(edge_rbf, layer.radial.weight, layer.radial.bias)         # [P, 3C]
-        f = (radial * edge_envelope[:, None]).view(P, 3, C)                         # [P, 3, C]
-        geometry = layer.direction(edge_unit)                                       # [P, 9]
-        geometry = torch.cat([geometry, geometry * layer.component_parity])         # [2P, 9]: to i, to j
-        weights = torch.mul(f, z_pair.view(2, P, 1, C)).view(2 * P, 3, C)           # [2P, 3, C]
-        messages = scale_parts(geometry[:, :, None], weights, PART_SLICES, out=workspace("messages", (2 * P, 9, C), f))  # [2P, 9, C]
-        X = torch.zeros(N, 9, C, dtype=f.dtype, device=f.device).index_add_(0, pairs, messages)  # [N, 9, C]
+        X = torch.zeros(N, 9, C, dtype=edge_rbf.dtype, device=edge_rbf.device)     # [N, 9, C]
+        pair_chunks = _pair_chunks(pair_i.shape[0], C)
+        for s, e in pair_chunks:
+            pair_terms = _pair_terms(layer, edge_rbf[s:e], edge_envelope[s:e], edge_unit[s:e], pair_i[s:e],
+                                     pair_j[s:e], z_receiver, z_sender)
+            pairs, _, _, geometry, weights = pair_terms
+            messages = workspace("messages", (2 * (e - s), 9, C), X)                 # [2p, 9, C]
+            X.index_add_(0, pairs, scale_parts(geometry[:, :, None], weights, PART_SLICES, out=messages))
         self_scalar = F.linear(self_rbf, layer.radial.weight[:C], layer.radial.bias[:C]) * (z_receiver + z_sender)
         X[:, 0] += math.sqrt(3.0) * self_scalar                                     # + s δ: c_0(δ) = √3
-        X = X.transpose(0, 1)                                                       # [9, N, C] components
-        norm = X.square().sum(0)                                                    # [N, C] = ||X||
-        normalized, mean, rstd = torch.native_layer_norm(norm, [C], layer.norm.weight, layer.norm.bias,
-                                                         layer.norm.eps)            # [N, C]
-        pre_activations: List[Tensor] = []
-        gates = _dense_chain(layer.gates, normalized, pre_activations)              # [N, 3C]
-        scales = spread_over_rows(gates.view(N, 3, C), PART_SLICES).transpose(0, 1)  # [9, N, C]
-        v = _linear_by_part(X, layer.linear.weight)                                 # [9, N, C]
-        out = torch.mm(basis.T, (v * scales).view(9, -1))                           # [9, L] entries
+        atom_chunks = _atom_chunks(N, C)
+        out = X.new_empty(9, N * C)                                                 # entries
+        for a, b in atom_chunks:
+            node_terms = _gate_terms(layer, X[a:b].transpose(0, 1))
+            scales, v = node_terms[3:5]
+            torch.mm(basis.T, (v * scales).view(9, -1), out=out[:, a * C:b * C])
+        kept = (pair_terms if len(pair_chunks) == 1 else ()) + (node_terms if len(atom_chunks) == 1 else ())
         ctx.layer, ctx.constants = layer, (species, self_rbf)  # no gradient; pair_i, pair_j are saved
-        ctx.save_for_backward(edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, basis, z_pair, radial, geometry,
-                              weights, X, norm, mean, rstd, scales, v, *pre_activations)
-        return out.T.reshape(N, C, 3, 3)                                            # [N, C, 3, 3]
+        ctx.kept = len(pair_chunks) == 1, len(atom_chunks) == 1
+        ctx.save_for_backward(edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, basis, z_receiver, z_sender,
+                              X, *kept)
+        return out.T.view(N, C, 3, 3)  # entry-major, as the interactions read it
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        (edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, basis, z_pair, radial, geometry, weights, X, norm,
-         mean, rstd, scales, v, *pre_activations) = ctx.saved_tensors
+        (edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, basis, z_receiver, z_sender, X,
+         *kept) = ctx.saved_tensors
         layer, needs = ctx.layer, ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the reference
             species, self_rbf = ctx.constants
             return reference_gradients(
                 lambda e, u, r: layer._reference(species, e, u, r, pair_i, pair_j, self_rbf),
                 [edge_rbf, edge_envelope, edge_unit], needs, grad, num_args=8)
-        (_, N, C), P = X.shape, edge_rbf.shape[0]
-        grad = torch.mm(basis, grad.reshape(-1, 9).T).view(9, N, C)                 # [9, N, C] components
-        grad_gates = sum_parts((grad * v).transpose(0, 1), PART_SLICES).view(N, 3 * C)  # [N, 3C]
-        grad_normalized = _dense_chain_backward(layer.gates, grad_gates, pre_activations)  # [N, C]
-        grad_norm = torch.ops.aten.native_layer_norm_backward(
-            grad_normalized, norm, [C], mean, rstd, layer.norm.weight, layer.norm.bias, [True, False, False])[0]
-        grad_X = _linear_by_part(grad * scales, layer.linear.weight, adjoint=True)  # [9, N, C]
-        grad_X = torch.addcmul(grad_X, X, grad_norm, value=2.0).transpose(0, 1)     # [N, 9, C]
-        # the scatter of outer products: G_e = grad_X at each pair's receiving atom (both directions)
-        G = torch.index_select(grad_X, 0, torch.cat([pair_i, pair_j]), out=workspace("gathered", (2 * P, 9, C), grad_X))
-        grad_geometry = scale_parts(G, weights, PART_SLICES, out=workspace("products", (2 * P, 9, C), grad_X)).sum(2)  # [2P, 9]
-        grad_geometry = torch.addcmul(grad_geometry[:P], layer.component_parity, grad_geometry[P:])  # [P, 9]
-        grad_weights = sum_parts(G.mul_(geometry[:, :, None]), PART_SLICES)        # [2P, 3, C]
-        grad_f = (grad_weights.mul_(z_pair[:, None]).view(2, P, 3 * C).sum(0))      # [P, 3C]
-        grad_envelope = (grad_f * radial).sum(1) if needs[1] else None              # [P]
-        grad_rbf = (grad_f * edge_envelope[:, None]) @ layer.radial.weight if needs[0] else None  # [P, K]
-        grad_unit = None
-        if needs[2]:  # c(r̂) = c_0 + [r̂, r̂ r̂ᵀ] K: back through the constant matrix K [12, 9]
-            grad_terms = grad_geometry @ layer.direction.coefficients.T                # [P, 12]
-            grad_outer = grad_terms[:, 3:].view(P, 3, 3)                               # [P, 3, 3]
-            grad_unit = grad_terms[:, :3] + torch.bmm(grad_outer + grad_outer.transpose(1, 2),
-                                                      edge_unit[:, :, None]).squeeze(2)  # [P, 3]
+        pairs_kept, atoms_kept = ctx.kept
+        pair_terms = kept[:5] if pairs_kept else ()
+        node_terms = kept[5 if pairs_kept else 0:] if atoms_kept else ()
+        (N, _, C), P = X.shape, edge_rbf.shape[0]
+        grad_X = X.new_empty(N, 9, C)
+        for a, b in _atom_chunks(N, C):
+            X_rows = X[a:b].transpose(0, 1)                                         # [9, n, C]
+            norm, mean, rstd, scales, v, *pre_activations = node_terms or _gate_terms(layer, X_rows)
+            g = torch.mm(basis, grad[a:b].reshape(-1, 9).T).view(9, b - a, C)       # [9, n, C] components
+            grad_gates = sum_parts((g * v).transpose(0, 1), PART_SLICES).view(b - a, 3 * C)  # [n, 3C]
+            grad_normalized = _dense_chain_backward(layer.gates, grad_gates, pre_activations)  # [n, C]
+            grad_norm = torch.ops.aten.native_layer_norm_backward(
+                grad_normalized, norm, [C], mean, rstd, layer.norm.weight, layer.norm.bias, [True, False, False])[0]
+            grad_rows = _linear_by_part(g * scales, layer.linear.weight, adjoint=True)  # [9, n, C]
+            grad_X[a:b] = torch.addcmul(grad_rows, X_rows, grad_norm, value=2.0).transpose(0, 1)
+        grad_rbf = edge_rbf.new_empty(P, edge_rbf.shape[1]) if needs[0] else None   # [P, K]
+        grad_envelope = edge_envelope.new_empty(P) if needs[1] else None            # [P]
+        grad_unit = edge_unit.new_empty(P, 3) if needs[2] else None                 # [P, 3]
+        for s, e in _pair_chunks(P, C):
+            p = e - s
+            pairs, z_pair, radial, geometry, weights = pair_terms or _pair_terms(
+                layer, edge_rbf[s:e], edge_envelope[s:e], edge_unit[s:e], pair_i[s:e], pair_j[s:e],
+                z_receiver, z_sender)
+            # the scatter of outer products: G_e = grad_X at each pair's receiving atom (both directions)
+            G = torch.index_select(grad_X, 0, pairs, out=workspace("gathered", (2 * p, 9, C), grad_X))
+            grad_geometry = scale_parts(G, weights, PART_SLICES, out=workspace("products", (2 * p, 9, C), grad_X))
+            grad_geometry = grad_geometry.sum(2)                                    # [2p, 9]
+            grad_geometry = torch.addcmul(grad_geometry[:p], layer.component_parity, grad_geometry[p:])  # [p, 9]
+            grad_weights = sum_parts(G.mul_(geometry[:, :, None]), PART_SLICES)    # [2p, 3, C]
+            grad_f = grad_weights.mul_(z_pair[:, None]).view(2, p, 3 * C).sum(0)    # [p, 3C]
+            if grad_envelope is not None:
+                torch.sum(grad_f * radial, 1, out=grad_envelope[s:e])
+            if grad_rbf is not None:
+                torch.mm(grad_f * edge_envelope[s:e, None], layer.radial.weight, out=grad_rbf[s:e])
+            if grad_unit is not None:  # c(r̂) = c_0 + [r̂, r̂ r̂ᵀ] K: back through the constant matrix K [12, 9]
+                grad_terms = grad_geometry @ layer.direction.coefficients.T             # [p, 12]
+                grad_outer = grad_terms[:, 3:].view(p, 3, 3)                           # [p, 3, 3]
+                grad_unit[s:e] = grad_terms[:, :3] + torch.bmm(grad_outer + grad_outer.transpose(1, 2),
+                                                               edge_unit[s:e, :, None]).squeeze(2)  # [p, 3]
         return grad_rbf, grad_envelope, grad_unit, None, None, None, None, None
+
+
+def _pair_terms(layer: nn.Module, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor, pair_i: Tensor,
+                pair_j: Tensor, z_receiver: Tensor, z_sender: Tensor) -> Tuple[Tensor, ...]:
+    """The terms of ``FrozenEmbedding``'s messages on p pairs, both ways: (receiving atoms [2p],
+    Z [2p, C], the radial layer's output W_f e + b_f [p, 3C], c(r̂) and c(-r̂) [2p, 9], the weights
+    Z ∘ f [2p, 3, C])."""
+    p, C = edge_rbf.shape[0], layer.num_channels
+    pairs = torch.cat([pair_i, pair_j])                                             # [2p]: receiving atoms
+    z_pair = z_receiver.index_select(0, pairs) + z_sender.index_select(0, torch.cat([pair_j, pair_i]))  # [2p, C]
+    radial = F.linear(edge_rbf, layer.radial.weight, layer.radial.bias)             # [p, 3C]
+    f = (radial * edge_envelope[:, None]).view(p, 3, C)                             # [p, 3, C]
+    geometry = layer.direction(edge_unit)                                           # [p, 9]
+    geometry = torch.cat([geometry, geometry * layer.component_parity])             # [2p, 9]: to i, to j
+    weights = torch.mul(f, z_pair.view(2, p, 1, C)).view(2 * p, 3, C)               # [2p, 3, C]
+    return pairs, z_pair, radial, geometry, weights
+
+
+def _gate_terms(layer: nn.Module, X: Tensor) -> Tuple[Tensor, ...]:
+    """The gated channel map of ``FrozenEmbedding`` on n atoms' components X [9, n, C]:
+    (||X|| [n, C], LayerNorm's mean and 1/std, the gates spread over the components [9, n, C],
+    L(X) [9, n, C], the gate network's pre-activations)."""
+    C = X.shape[2]
+    norm = X.square().sum(0)                                                        # [n, C] = ||X||
+    normalized, mean, rstd = torch.native_layer_norm(norm, [C], layer.norm.weight, layer.norm.bias,
+                                                     layer.norm.eps)                # [n, C]
+    pre_activations: List[Tensor] = []
+    gates = _dense_chain(layer.gates, normalized, pre_activations)                  # [n, 3C]
+    scales = spread_over_rows(gates.view(-1, 3, C), PART_SLICES).transpose(0, 1)    # [9, n, C]
+    return (norm, mean, rstd, scales, _linear_by_part(X, layer.linear.weight), *pre_activations)

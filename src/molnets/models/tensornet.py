@@ -23,8 +23,8 @@ dense-layer work, the dominant cost); messages are formed in 9 irreducible compo
 channel, never as three ``[E, C, 3, 3]`` tensors, and summed by ``layers.pair_convolution``
 and ``layers.scatter_outer`` (on large systems, fused CPU kernels that never hold the
 per-pair messages in memory); the pair embedding W [z_i, z_j] is split into per-atom products;
-with frozen weights (a calculator) a small system's embedding and interaction layers run as one
-autograd node each, their backward written out (``_tensornet_kernel``).
+with frozen weights (a calculator) the embedding and interaction layers run as one autograd node
+each, their backward written out, chunk by chunk on crystals (``_tensornet_kernel``).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ from ..layers.pairs import pair_convolution
 from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import gather_rows, scatter_outer
-from .._frozen import frozen_cached, frozen_kernel_applies, parameters_of
-from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction
+from .._frozen import frozen_cached, frozen_on_cpu_eager, parameters_of
+from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction, pairs_in_one_chunk
 from .base import DesignSpace, count_parameters
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
@@ -111,8 +111,8 @@ class TensorEmbedding(nn.Module):
         species [N], edge_rbf [P, K], edge_envelope [P] (φ), edge_unit [P, 3] (r̂_ij of each
         pair), pair_i [P], pair_j [P], self_rbf [1, K] (e(0))  ->  [N, C, 3, 3]
 
-    With frozen weights on a small system (eager, CPU) the layer runs as one autograd node with a
-    hand-written backward (``_tensornet_kernel.FrozenEmbedding``); ``_reference`` is the
+    With frozen weights (eager, CPU) the layer runs as one autograd node with a hand-written
+    backward (``_tensornet_kernel.FrozenEmbedding``); ``_reference`` is the
     differentiable definition.
     """
 
@@ -133,7 +133,7 @@ class TensorEmbedding(nn.Module):
 
     def forward(self, species: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor,
                 pair_i: Tensor, pair_j: Tensor, self_rbf: Tensor) -> Tensor:
-        if frozen_kernel_applies(self, edge_rbf, pair_i.shape[0], 9 * self.num_channels, [self_rbf]):  # one node
+        if frozen_on_cpu_eager(self, edge_rbf, [self_rbf]):  # one node
             return FrozenEmbedding.apply(edge_rbf, edge_envelope, edge_unit, species, pair_i, pair_j, self_rbf, self)
         return self._reference(species, edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, self_rbf)
 
@@ -169,9 +169,12 @@ class TensorInteraction(nn.Module):
 
     The self pair (j = i, r = 0) adds f(0) Y_i.
 
-    With frozen weights on a small system (eager, CPU: ``molnets._frozen.frozen_kernel_applies``)
-    the layer runs as one autograd node with a hand-written backward (``FrozenInteraction``), the
-    same numbers with far fewer operations; ``_reference`` is the differentiable definition.
+    With frozen weights (eager, CPU: ``molnets._frozen.frozen_on_cpu_eager``) the layer runs as one
+    autograd node with a hand-written backward (``FrozenInteraction``), the same numbers with far
+    fewer operations; on more pairs than one chunk of messages (a crystal) its filter network runs
+    before it (``radial_filter``, chunk by chunk of edges on large systems) and the node gets the
+    filters. ``_reference`` is the differentiable definition, ``_update`` its part after the
+    filter network.
 
     Args:
         num_channels: C.
@@ -196,8 +199,11 @@ class TensorInteraction(nn.Module):
         # f(0), the same at every call while the weights are frozen (then kept: molnets._frozen)
         self_weights = frozen_cached(self._frozen, "self_weights", parameters_of(self.radial),
                                      lambda: self._self_weights(self_rbf), inputs=[self_rbf])  # [9, C]
-        if frozen_kernel_applies(self, X, pair_i.shape[0], 9 * self.num_channels, [self_weights]):  # one node
-            return FrozenInteraction.apply(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, self)
+        if frozen_on_cpu_eager(self, X, [self_weights]):  # one node
+            if pairs_in_one_chunk(pair_i.shape[0], self.num_channels):  # a molecule: its filters inside
+                return FrozenInteraction.apply(X, edge_rbf, edge_envelope, None, pair_i, pair_j, self_weights, self)
+            filters = radial_filter(self.radial, edge_rbf, edge_envelope, F.silu).unflatten(-1, (3, self.num_channels))
+            return FrozenInteraction.apply(X, None, None, filters, pair_i, pair_j, self_weights, self)
         return self._reference(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights)
 
     def _self_weights(self, self_rbf: Tensor) -> Tensor:
@@ -208,8 +214,11 @@ class TensorInteraction(nn.Module):
     def _reference(self, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor,
                    self_weights: Tensor) -> Tensor:
         """The layer in differentiable operations (``self_weights``: f(0) spread, [9, C])."""
-        C = self.num_channels
-        f = radial_filter(self.radial, edge_rbf, edge_envelope, F.silu).unflatten(-1, (3, C))  # [P, 3, C]
+        f = radial_filter(self.radial, edge_rbf, edge_envelope, F.silu).unflatten(-1, (3, self.num_channels))
+        return self._update(X, f, pair_i, pair_j, self_weights)                          # [N, C, 3, 3]
+
+    def _update(self, X: Tensor, f: Tensor, pair_i: Tensor, pair_j: Tensor, self_weights: Tensor) -> Tensor:
+        """The layer after its filter network, in differentiable operations (f [P, 3, C])."""
         X = X / (tensor_norm(X) + 1)[..., None, None]                                    # [N, C, 3, 3]
         Y = self.linear_in(X)                                                            # [N, C, 3, 3]
         basis = self.basis(X)                                                            # [9, 3, 3]
