@@ -193,14 +193,18 @@ CHUNKS = [(None, None), (4, 3), (None, 3), (4, None)]
 
 
 @pytest.mark.parametrize("pairs, atoms", CHUNKS)
-def test_frozen_interaction_kernel_equals_the_reference(monkeypatch, assert_kernel_equals_reference, pairs, atoms):
+@pytest.mark.parametrize("filters_kept", [True, False])
+def test_frozen_interaction_kernel_equals_the_reference(monkeypatch, assert_kernel_equals_reference, pairs, atoms,
+                                                        filters_kept):
     """FrozenInteraction (one autograd node, hand-written backward) against the layer's
     differentiable operations: values and input gradients to 1e-12, gradcheck and gradgradcheck
     (the double backward goes through the reference); taken only with frozen weights. In one
-    chunk (a molecule: the filter network inside the kernel) and in uneven chunks of 4 pairs
-    (15 pairs: the layer gives the kernel its filters from ``radial_filter``, the convolution
-    runs chunk by chunk) and of 3 atoms (7 atoms: the node updates chunk by chunk, computed
-    again in the backward), each way alone and both."""
+    chunk (a molecule) and in uneven chunks of 4 pairs (15 pairs: filters and convolution chunk
+    by chunk) and of 3 atoms (7 atoms: the node updates chunk by chunk, computed again in the
+    backward), each way alone and both; with the filter network's activations kept for the
+    backward, and computed again there (as on a large crystal)."""
+    from molnets.layers import _message_kernels
+    from molnets.models import _tensornet_kernel
     from molnets.models.tensornet import TensorInteraction
 
     torch.manual_seed(0)
@@ -209,10 +213,17 @@ def test_frozen_interaction_kernel_equals_the_reference(monkeypatch, assert_kern
     expected = layer._reference(X, edge_rbf, envelope, pair_i, pair_j, layer._self_weights(self_rbf))
     assert type(expected.grad_fn).__name__ != "FrozenInteractionBackward"
     _chunks_of(monkeypatch, pairs, atoms, 4)
-    kernel = _spy(monkeypatch, "FrozenInteraction")
+    if not filters_kept:  # any activation "too large to keep"
+        monkeypatch.setattr(_message_kernels, "FRESH_MAPPING_BYTES", 0)
+    filter_calls = []
+    monkeypatch.setattr(_tensornet_kernel, "_filters",
+                        lambda *args, f=_tensornet_kernel._filters: filter_calls.append(1) or f(*args))
     out = layer(*inputs)
     assert type(out.grad_fn).__name__ == "FrozenInteractionBackward"
-    assert kernel.given_filters == (pairs is not None)  # the filter network outside on many pairs
+    num_pair_chunks = 1 if pairs is None else 4
+    assert len(filter_calls) == num_pair_chunks
+    torch.autograd.grad(out, [X, edge_rbf, envelope], torch.ones_like(out), retain_graph=True)
+    assert len(filter_calls) == num_pair_chunks * (1 if filters_kept else 2)  # kept, or computed again
 
     def call(X, edge_rbf, envelope):
         return layer(X, edge_rbf, envelope, pair_i, pair_j, self_rbf)
@@ -248,23 +259,6 @@ def test_frozen_embedding_kernel_equals_the_reference(monkeypatch, assert_kernel
     trainable = TensorEmbedding(3, 4, num_rbf=3).to(DTYPE)
     assert type(trainable(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf).grad_fn).__name__ \
         != "FrozenEmbeddingBackward"
-
-
-def _spy(monkeypatch, name: str):
-    """The ctx of the last forward of the kernel ``name`` of ``_tensornet_kernel``."""
-    from types import SimpleNamespace
-
-    from molnets.models import _tensornet_kernel
-
-    kernel, seen = getattr(_tensornet_kernel, name), SimpleNamespace()
-
-    def forward(ctx, *args, forward=kernel.forward):
-        out = forward(ctx, *args)
-        seen.__dict__.update(ctx.__dict__)
-        return out
-
-    monkeypatch.setattr(kernel, "forward", staticmethod(forward))
-    return seen
 
 
 @pytest.mark.parametrize("pairs, atoms", [(None, None), (5, 4)])

@@ -16,14 +16,15 @@ never spreading a part's [.., 3, C] numbers over 9 rows first: the filters on th
 (``_linear_by_part``: three matrix products with the part's rows stacked). The per-pair
 temporaries [2p, 9, C] live in buffers reused from call to call (``_message_kernels.workspace``).
 
-On a crystal the same kernels run chunk by chunk: pairs in chunks of one such buffer, atoms in
-chunks of ``ATOM_CHUNK_NUMEL`` numbers per [9, n C] array, and the backward computes each chunk's
-node terms again instead of keeping them, so that besides the inputs and outputs only y, the pair
+On a crystal the same kernels run chunk by chunk: pairs in chunks of one such buffer (with their
+filters: the interaction's filter network, the embedding's radial layer), atoms in chunks of
+``ATOM_CHUNK_NUMEL`` numbers per [9, n C] array, and the backward computes each chunk's node
+terms again instead of keeping them, so that besides the inputs and outputs only y, the pair
 convolution and their gradients exist at full size ([N, 9, C]; the reference's ~20 node arrays
-per layer, each a fresh block of memory above 32 MB on 16384 atoms, are not formed). On a
-molecule (one chunk) the backward keeps what it needs. ``TensorInteraction._reference`` is the
-oracle; the tests compare the two (values and gradients, first and second order, in one chunk
-and in many).
+per layer and its [P, 3, C] filters and their gradients, each a fresh block of memory above
+32 MB on thousands of atoms, are not formed). On a molecule (one chunk) the backward keeps what
+it needs. ``TensorInteraction._reference`` is the oracle; the tests compare the two (values and
+gradients, first and second order, in one chunk and in many).
 
 Forward (paper Eqs. 7-11, see ``TensorInteraction``), with d_X = ||X|| + 1 and d_A = ||A|| + 1:
 
@@ -58,8 +59,7 @@ from torch.nn import functional as F
 from .._frozen import reference_gradients
 from ..layers._message_kernels import (
     _chunk_size,
-    backward_chunked,
-    forward_chunked,
+    filter_kernel_applies,
     scale_parts,
     spread_over_rows,
     sum_parts,
@@ -67,7 +67,7 @@ from ..layers._message_kernels import (
 )
 from ..layers.cartesian import PART_SLICES
 
-__all__ = ["FrozenInteraction", "FrozenEmbedding", "pairs_in_one_chunk"]
+__all__ = ["FrozenInteraction", "FrozenEmbedding"]
 
 # numbers in one [9, n C] array of a chunk of n atoms' node update (1 MiB in float64; the
 # update's ~10 live temporaries of a chunk stay in the 32 MiB cache)
@@ -97,11 +97,14 @@ def _dense_chain(layer: nn.Module, h: Tensor, pre_activations: List[Tensor]) -> 
     return h
 
 
-def _dense_chain_backward(layer: nn.Module, grad: Tensor, pre_activations: Sequence[Tensor]) -> Tensor:
-    """The input gradient of ``_dense_chain`` from its output gradient (frozen weights). [*, D_in]"""
+def _dense_chain_backward(layer: nn.Module, grad: Tensor, pre_activations: Sequence[Tensor],
+                          out: Optional[Tensor] = None) -> Tensor:
+    """The input gradient of ``_dense_chain`` from its output gradient (frozen weights), into
+    ``out`` when given. [*, D_in]"""
     linears = [m for m in layer if type(m) is nn.Linear]
-    for linear, a in zip(reversed(linears), reversed(pre_activations)):
-        grad = torch.ops.aten.silu_backward(grad, a) @ linear.weight                # [*, width in]
+    for k, (linear, a) in enumerate(zip(reversed(linears), reversed(pre_activations))):
+        last = k == len(linears) - 1
+        grad = torch.mm(torch.ops.aten.silu_backward(grad, a), linear.weight, out=out if last else None)
     return grad
 
 
@@ -143,15 +146,9 @@ def _atom_chunks(num_atoms: int, num_channels: int) -> List[Tuple[int, int]]:
     return [(a, min(a + rows, num_atoms)) for a in range(0, max(num_atoms, 1), rows)]
 
 
-def pairs_in_one_chunk(num_pairs: int, num_channels: int) -> bool:
-    """Whether the messages both ways of num_pairs pairs fit in one buffer of the message kernels
-    (``_message_kernels._chunk_size``): a molecule, whose pairs the kernels handle at once."""
-    return num_pairs <= _chunk_size(9 * num_channels)
-
-
 def _pair_chunks(num_pairs: int, num_channels: int) -> List[Tuple[int, int]]:
-    """Ranges of pairs whose messages both ways, [2p, 9, C], fill at most one buffer of the
-    message kernels (``_message_kernels._chunk_size``); a molecule's pairs are one chunk."""
+    """Ranges of pairs whose messages both ways, [2p, 9, C], take one buffer of the message
+    kernels' size (``_message_kernels._chunk_size``); a molecule's pairs are one chunk."""
     rows = _chunk_size(9 * num_channels)
     return [(a, min(a + rows, num_pairs)) for a in range(0, max(num_pairs, 1), rows)]
 
@@ -165,39 +162,37 @@ def _normalized_entries(X: Tensor) -> Tuple[Tensor, Tensor]:
 class FrozenInteraction(torch.autograd.Function):
     """``TensorInteraction`` with frozen weights as one autograd node (module docstring).
 
-    On a molecule (the pairs' messages both ways in one buffer of ``_message_kernels``) the filter
-    network runs here and its activations are kept for the backward; every node array is one
-    chunk, and what the backward needs is kept. On more pairs the caller gives the filters
-    (``radial_filter``: chunk by chunk of edges on large systems), the pair convolution runs
-    chunk by chunk of pairs (``_message_kernels.forward_chunked``) and the node updates chunk by
-    chunk of atoms, which the backward computes again from X, y and the convolution instead of
-    keeping every node array (each [N, C, 3, 3] array is 75 MB at 16384 atoms in float32: a fresh
-    mapping, faulted in page by page, at every call).
+    The filter network runs here chunk by chunk of pairs, each chunk's filters used by the pair
+    convolution at once, so that neither the filters of every pair nor their gradient are formed;
+    its activations are kept for the backward unless over all pairs they would exceed
+    ``FRESH_MAPPING_BYTES`` (a crystal of about a thousand atoms:
+    ``_message_kernels.filter_kernel_applies``), and are then computed again chunk by chunk. The
+    node updates run chunk by chunk of atoms; the backward computes each chunk's node terms again
+    from X, y and the convolution, or keeps them on a molecule (one chunk).
 
     Shapes:
-        X [N, C, 3, 3], edge_rbf [P, K] and edge_envelope [P] (or None with filters),
-        filters [P, 3, C] (f = φ SiLU(MLP(e)); or None: computed here), pair_i [P], pair_j [P],
+        X [N, C, 3, 3], edge_rbf [P, K], edge_envelope [P], pair_i [P], pair_j [P],
         self_weights [9, C] (f(0) spread over the components), layer  ->  [N, C, 3, 3]
     """
 
     @staticmethod
-    def forward(ctx: Any, X: Tensor, edge_rbf: Optional[Tensor], edge_envelope: Optional[Tensor],
-                filters: Optional[Tensor], pair_i: Tensor, pair_j: Tensor, self_weights: Tensor,
-                layer: nn.Module) -> Tensor:
+    def forward(ctx: Any, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor,
+                pair_j: Tensor, self_weights: Tensor, layer: nn.Module) -> Tensor:
         (N, C), P = X.shape[:2], pair_i.shape[0]
         basis = layer.basis(X).flatten(1)                                           # [9, 9]: B_k over (a, b)
-        pre_activations: List[Tensor] = []
-        h = None
-        if filters is None:  # a molecule: the filter network here, its activations kept
-            h = _dense_chain(layer.radial, edge_rbf, pre_activations)               # [P, 3C]
-            filters = (h * edge_envelope[:, None]).view(P, 3, C)                    # [P, 3, C]
         chunks = _atom_chunks(N, C)
         y = X.new_empty(N, 9, C)                                                    # components of Y
         for a, b in chunks:
             X_hat, X_norm = _normalized_entries(X[a:b])                             # [9, L], [L]
             u = _linear_by_part(torch.mm(basis, X_hat).view(9, b - a, C), layer.linear_in.weight)  # [9, n, C]
             y[a:b] = u.transpose(0, 1)
-        messages = _convolution(filters, y, pair_i, pair_j)                         # [N, 9, C]
+        messages = torch.zeros_like(y)                                              # Σ_pairs f ∘ y
+        keep = not filter_kernel_applies(layer.radial, edge_rbf)  # the filters' activations, or again
+        kept_filters: List[Tensor] = []
+        for s, e in _pair_chunks(P, C):
+            filters = _filters(layer, edge_rbf[s:e], edge_envelope[s:e])           # f, h, pre-activations
+            _convolve(filters[0], y, pair_i[s:e], pair_j[s:e], messages)
+            kept_filters += filters if keep else []
         out = X.new_empty(9, N * C)                                                 # entries
         for a, b in chunks:
             inputs = (X_hat, X_norm, u) if len(chunks) == 1 else _inputs_again(X[a:b], y[a:b])
@@ -205,26 +200,20 @@ class FrozenInteraction(torch.autograd.Function):
             X_hat, D = terms[0], terms[-1]
             torch.add(X_hat, D, out=out[:, a * C:b * C]).add_(_product(_matrices(D), _matrices(D)))
         kept = terms if len(chunks) == 1 else ()  # else computed again, chunk by chunk
-        ctx.layer, ctx.given_filters, ctx.num_kept = layer, h is None, len(kept)
-        ctx.save_for_backward(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, h, filters,
-                              y, messages, *kept, *pre_activations)
+        ctx.layer, ctx.num_kept = layer, len(kept)
+        ctx.save_for_backward(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, y, messages,
+                              *kept, *kept_filters)
         return out.T.view(N, C, 3, 3)  # entry-major, as the next layer and the backward read it
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, h, filters, y, messages, *rest = \
-            ctx.saved_tensors
-        kept, pre_activations = rest[:ctx.num_kept], rest[ctx.num_kept:]
-        layer, needs = ctx.layer, ctx.needs_input_grad[:4]
+        X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, y, messages, *rest = ctx.saved_tensors
+        kept, kept_filters = rest[:ctx.num_kept], rest[ctx.num_kept:]
+        layer, needs = ctx.layer, ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # a graph of the backward is wanted: through the reference
-            if ctx.given_filters:
-                grad_X, grad_f = reference_gradients(
-                    lambda X, f: layer._update(X, f, pair_i, pair_j, self_weights),
-                    [X, filters], (needs[0], needs[3]), grad, num_args=2)
-                return grad_X, None, None, grad_f, None, None, None, None
             return reference_gradients(
                 lambda X, e, u: layer._reference(X, e, u, pair_i, pair_j, self_weights),
-                [X, edge_rbf, edge_envelope], needs[:3], grad, num_args=8)
+                [X, edge_rbf, edge_envelope], needs, grad, num_args=7)
         (N, C), P = X.shape[:2], pair_i.shape[0]
         chunks = _atom_chunks(N, C)
         grad_m = X.new_empty(N, 9, C)                                               # ∂L/∂M, components
@@ -242,7 +231,16 @@ class FrozenInteraction(torch.autograd.Function):
             grad_m[a:b] = grad_M.transpose(0, 1)
             grad_u.append(torch.addmm((grad_M * self_weights[:, None]).view(9, -1), basis,
                                       grad_Y).view(9, b - a, C))                    # f(0) ∘ g_M + g_Y
-        grad_f, grad_y = _convolution_backward(grad_m, filters, y, pair_i, pair_j)  # [P, 3, C], [N, 9, C]
+        # the pair convolution's backward, chunk by chunk of pairs, and the filter network's
+        grad_y = torch.zeros_like(y)                                                # ∂L/∂y through the pairs
+        grad_rbf = torch.empty_like(edge_rbf) if needs[1] else None                 # [P, K]
+        grad_envelope = torch.empty_like(edge_envelope) if needs[2] else None       # [P]
+        pair_chunks = _pair_chunks(P, C)
+        width = len(kept_filters) // len(pair_chunks)                               # 0: not kept
+        for k, (s, e) in enumerate(pair_chunks):
+            filters = kept_filters[k * width:(k + 1) * width] or _filters(layer, edge_rbf[s:e], edge_envelope[s:e])
+            grad_f = _convolve_backward(grad_m, filters[0], y, pair_i[s:e], pair_j[s:e], grad_y)  # [p, 3, C]
+            _filters_backward(layer, grad_f, filters, edge_envelope[s:e], grad_rbf, grad_envelope, s, e)
         grad_X = X.new_empty(9, N * C)                                              # entries
         for (a, b), grad_u_rest in zip(chunks, grad_u):
             X_norm = kept[1] if kept else _normalized_entries(X[a:b])[1]            # [L]
@@ -250,14 +248,53 @@ class FrozenInteraction(torch.autograd.Function):
                                          adjoint=True)                              # [9, n, C]
             grad_X_hat = torch.addmm(grad[a:b].reshape(-1, 9).T, basis.T, grad_X_hat.view(9, -1))  # [9, L]
             _normalized_gradient(grad_X_hat, X[a:b].reshape(-1, 9).T, X_norm, out=grad_X[:, a * C:b * C])
-        grad_X = grad_X.T.view(N, C, 3, 3)                                          # entry-major
-        if ctx.given_filters:
-            return grad_X if needs[0] else None, None, None, grad_f if needs[3] else None, None, None, None, None
-        grad_f = grad_f.view(P, 3 * C)                                              # [P, 3C]
-        grad_envelope = (grad_f * h).sum(1) if needs[2] else None                   # [P]
-        grad_rbf = (_dense_chain_backward(layer.radial, grad_f * edge_envelope[:, None], pre_activations)
-                    if needs[1] else None)                                          # [P, K]
-        return grad_X if needs[0] else None, grad_rbf, grad_envelope, None, None, None, None, None
+        grad_X = grad_X.T.view(N, C, 3, 3) if needs[0] else None                   # entry-major
+        return grad_X, grad_rbf, grad_envelope, None, None, None, None
+
+
+def _filters(layer: nn.Module, edge_rbf: Tensor, edge_envelope: Tensor) -> List[Tensor]:
+    """The filters f = φ SiLU(MLP(e)) of p pairs and what their backward needs:
+    [f [p, 3, C], h = SiLU(MLP(e)) [p, 3C], the MLP's pre-activations]."""
+    pre_activations: List[Tensor] = []
+    h = _dense_chain(layer.radial, edge_rbf, pre_activations)                       # [p, 3C]
+    return [(h * edge_envelope[:, None]).view(h.shape[0], 3, h.shape[1] // 3), h, *pre_activations]
+
+
+def _filters_backward(layer: nn.Module, grad_f: Tensor, filters: Sequence[Tensor], edge_envelope: Tensor,
+                      grad_rbf: Optional[Tensor], grad_envelope: Optional[Tensor], start: int, stop: int) -> None:
+    """The backward of ``_filters`` from ∂L/∂f [p, 3, C]: ∂L/∂e and ∂L/∂φ of the pairs
+    start..stop written into ``grad_rbf`` [P, K] and ``grad_envelope`` [P] (those not None)."""
+    _, h, *pre_activations = filters
+    grad_f = grad_f.view(h.shape)                                                   # [p, 3C]
+    if grad_envelope is not None:
+        torch.sum(grad_f * h, 1, out=grad_envelope[start:stop])
+    if grad_rbf is not None:
+        _dense_chain_backward(layer.radial, grad_f * edge_envelope[:, None], pre_activations,
+                              out=grad_rbf[start:stop])
+
+
+def _convolve(filters: Tensor, y: Tensor, pair_i: Tensor, pair_j: Tensor, out: Tensor) -> None:
+    """out += Σ_pairs f ∘ y both ways (``layers.pair_convolution``) for p pairs: one gather,
+    product and sum over both directions in a reused buffer [2p, 9, C]."""
+    p, C = pair_i.shape[0], y.shape[2]
+    messages = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("messages", (2 * p, 9, C), y))
+    scale_parts(messages.view(2, p, 9, C), filters, PART_SLICES)                    # [2p, 9, C]
+    out.index_add_(0, torch.cat([pair_i, pair_j]), messages)
+
+
+def _convolve_backward(grad_m: Tensor, filters: Tensor, y: Tensor, pair_i: Tensor, pair_j: Tensor,
+                       grad_y: Tensor) -> Tensor:
+    """The backward of ``_convolve`` from ∂L/∂M [N, 9, C]: ∂L/∂y (the convolution of ∂L/∂M) is
+    added into ``grad_y``, ∂L/∂f returned. [p, 3, C]"""
+    p, C = pair_i.shape[0], y.shape[2]
+    grad_messages = torch.index_select(grad_m, 0, torch.cat([pair_i, pair_j]), out=workspace("gathered", (2 * p, 9, C), y))
+    products = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("products", (2 * p, 9, C), y))
+    products = products.mul_(grad_messages).view(2, p, 9, C)                        # [2, p, 9, C]
+    products = torch.add(products[0], products[1], out=workspace("summed", (p, 9, C), y))  # [p, 9, C]
+    grad_f = sum_parts(products, PART_SLICES)                                       # [p, 3, C]
+    scale_parts(grad_messages.view(2, p, 9, C), filters, PART_SLICES)               # [2p, 9, C]
+    grad_y.index_add_(0, torch.cat([pair_j, pair_i]), grad_messages)
+    return grad_f
 
 
 def _inputs_again(X: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -281,33 +318,6 @@ def _update_terms(X_hat: Tensor, X_norm: Tensor, u: Tensor, messages: Tensor, se
     D = torch.mm(basis.T, v.view(9, -1))                                            # [9, L] entries
     return X_hat, X_norm, Y, M, A, A_norm, D
 
-
-def _convolution(filters: Tensor, y: Tensor, pair_i: Tensor, pair_j: Tensor) -> Tensor:
-    """Σ_pairs f ∘ y both ways (``layers.pair_convolution``): on a molecule one gather, product
-    and sum over both directions of every pair in a reused buffer; on more pairs chunk by chunk
-    (``_message_kernels.forward_chunked``). [N, 9, C]"""
-    (P, C) = pair_i.shape[0], y.shape[2]
-    if not pairs_in_one_chunk(P, C):
-        return forward_chunked(filters, y, pair_i, pair_j, PART_SLICES)
-    messages = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("messages", (2 * P, 9, C), y))
-    scale_parts(messages.view(2, P, 9, C), filters, PART_SLICES)                    # [2P, 9, C]
-    return torch.zeros_like(y).index_add_(0, torch.cat([pair_i, pair_j]), messages)
-
-
-def _convolution_backward(grad_m: Tensor, filters: Tensor, y: Tensor, pair_i: Tensor, pair_j: Tensor
-                          ) -> Tuple[Tensor, Tensor]:
-    """The backward of ``_convolution`` from ∂L/∂M [N, 9, C]: (∂L/∂f [P, 3, C], ∂L/∂y [N, 9, C]
-    (the convolution of ∂L/∂M))."""
-    (P, C) = pair_i.shape[0], y.shape[2]
-    if not pairs_in_one_chunk(P, C):
-        return backward_chunked(grad_m, filters, y, pair_i, pair_j, PART_SLICES, True, True)
-    grad_messages = torch.index_select(grad_m, 0, torch.cat([pair_i, pair_j]), out=workspace("gathered", (2 * P, 9, C), y))
-    products = torch.index_select(y, 0, torch.cat([pair_j, pair_i]), out=workspace("products", (2 * P, 9, C), y))
-    products = products.mul_(grad_messages).view(2, P, 9, C)                        # [2, P, 9, C]
-    products = torch.add(products[0], products[1], out=workspace("summed", (P, 9, C), y))  # [P, 9, C]
-    grad_f = sum_parts(products, PART_SLICES)                                       # [P, 3, C]
-    scale_parts(grad_messages.view(2, P, 9, C), filters, PART_SLICES)               # [2P, 9, C]
-    return grad_f, torch.zeros_like(y).index_add_(0, torch.cat([pair_j, pair_i]), grad_messages)
 
 class FrozenEmbedding(torch.autograd.Function):
     """``TensorEmbedding`` with frozen weights as one autograd node (paper Eqs. 4-6):

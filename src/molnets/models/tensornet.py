@@ -58,7 +58,7 @@ from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import gather_rows, scatter_outer
 from .._frozen import frozen_cached, frozen_on_cpu_eager, parameters_of
-from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction, pairs_in_one_chunk
+from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction
 from .base import DesignSpace, count_parameters
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
@@ -171,10 +171,7 @@ class TensorInteraction(nn.Module):
 
     With frozen weights (eager, CPU: ``molnets._frozen.frozen_on_cpu_eager``) the layer runs as one
     autograd node with a hand-written backward (``FrozenInteraction``), the same numbers with far
-    fewer operations; on more pairs than one chunk of messages (a crystal) its filter network runs
-    before it (``radial_filter``, chunk by chunk of edges on large systems) and the node gets the
-    filters. ``_reference`` is the differentiable definition, ``_update`` its part after the
-    filter network.
+    fewer operations, chunk by chunk on a crystal; ``_reference`` is the differentiable definition.
 
     Args:
         num_channels: C.
@@ -200,10 +197,7 @@ class TensorInteraction(nn.Module):
         self_weights = frozen_cached(self._frozen, "self_weights", parameters_of(self.radial),
                                      lambda: self._self_weights(self_rbf), inputs=[self_rbf])  # [9, C]
         if frozen_on_cpu_eager(self, X, [self_weights]):  # one node
-            if pairs_in_one_chunk(pair_i.shape[0], self.num_channels):  # a molecule: its filters inside
-                return FrozenInteraction.apply(X, edge_rbf, edge_envelope, None, pair_i, pair_j, self_weights, self)
-            filters = radial_filter(self.radial, edge_rbf, edge_envelope, F.silu).unflatten(-1, (3, self.num_channels))
-            return FrozenInteraction.apply(X, None, None, filters, pair_i, pair_j, self_weights, self)
+            return FrozenInteraction.apply(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, self)
         return self._reference(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights)
 
     def _self_weights(self, self_rbf: Tensor) -> Tensor:
@@ -214,11 +208,8 @@ class TensorInteraction(nn.Module):
     def _reference(self, X: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, pair_i: Tensor, pair_j: Tensor,
                    self_weights: Tensor) -> Tensor:
         """The layer in differentiable operations (``self_weights``: f(0) spread, [9, C])."""
-        f = radial_filter(self.radial, edge_rbf, edge_envelope, F.silu).unflatten(-1, (3, self.num_channels))
-        return self._update(X, f, pair_i, pair_j, self_weights)                          # [N, C, 3, 3]
-
-    def _update(self, X: Tensor, f: Tensor, pair_i: Tensor, pair_j: Tensor, self_weights: Tensor) -> Tensor:
-        """The layer after its filter network, in differentiable operations (f [P, 3, C])."""
+        C = self.num_channels
+        f = radial_filter(self.radial, edge_rbf, edge_envelope, F.silu).unflatten(-1, (3, C))  # [P, 3, C]
         X = X / (tensor_norm(X) + 1)[..., None, None]                                    # [N, C, 3, 3]
         Y = self.linear_in(X)                                                            # [N, C, 3, 3]
         basis = self.basis(X)                                                            # [9, 3, 3]
