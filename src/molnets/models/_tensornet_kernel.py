@@ -139,6 +139,17 @@ def _normalized_gradient(grad: Tensor, X: Tensor, denominator: Tensor, out: Opti
     return torch.sub(grad / denominator, (2 * inner / denominator.square()) * X, out=out)  # [9, L]
 
 
+def _rows(x: Tensor, start: int, stop: int) -> Tensor:
+    """x[start:stop], or x itself where that is all of it (a molecule's one chunk: no view made,
+    whose dispatch costs as much as a small operation's)."""
+    return x if start == 0 and stop == x.shape[0] else x[start:stop]
+
+
+def _columns(x: Tensor, start: int, stop: int) -> Tensor:
+    """x[:, start:stop], or x itself where that is all of it."""
+    return x if start == 0 and stop == x.shape[1] else x[:, start:stop]
+
+
 def _atom_chunks(num_atoms: int, num_channels: int) -> List[Tuple[int, int]]:
     """Ranges of atoms whose [9, n C] arrays hold at most ``ATOM_CHUNK_NUMEL`` numbers: the node
     updates of a large system run chunk by chunk in cache-sized temporaries; a molecule is one chunk."""
@@ -183,22 +194,23 @@ class FrozenInteraction(torch.autograd.Function):
         chunks = _atom_chunks(N, C)
         y = X.new_empty(N, 9, C)                                                    # components of Y
         for a, b in chunks:
-            X_hat, X_norm = _normalized_entries(X[a:b])                             # [9, L], [L]
+            X_hat, X_norm = _normalized_entries(_rows(X, a, b))                     # [9, L], [L]
             u = _linear_by_part(torch.mm(basis, X_hat).view(9, b - a, C), layer.linear_in.weight)  # [9, n, C]
             y[a:b] = u.transpose(0, 1)
         messages = torch.zeros_like(y)                                              # Σ_pairs f ∘ y
         keep = not filter_kernel_applies(layer.radial, edge_rbf)  # the filters' activations, or again
         kept_filters: List[Tensor] = []
         for s, e in _pair_chunks(P, C):
-            filters = _filters(layer, edge_rbf[s:e], edge_envelope[s:e])           # f, h, pre-activations
-            _convolve(filters[0], y, pair_i[s:e], pair_j[s:e], messages)
+            rbf, envelope, i, j = (_rows(t, s, e) for t in (edge_rbf, edge_envelope, pair_i, pair_j))
+            filters = _filters(layer, rbf, envelope)                                # f, h, pre-activations
+            _convolve(filters[0], y, i, j, messages)
             kept_filters += filters if keep else []
         out = X.new_empty(9, N * C)                                                 # entries
         for a, b in chunks:
-            inputs = (X_hat, X_norm, u) if len(chunks) == 1 else _inputs_again(X[a:b], y[a:b])
-            terms = _update_terms(*inputs, messages[a:b], self_weights, basis, layer)
+            inputs = (X_hat, X_norm, u) if len(chunks) == 1 else _inputs_again(_rows(X, a, b), _rows(y, a, b))
+            terms = _update_terms(*inputs, _rows(messages, a, b), self_weights, basis, layer)
             X_hat, D = terms[0], terms[-1]
-            torch.add(X_hat, D, out=out[:, a * C:b * C]).add_(_product(_matrices(D), _matrices(D)))
+            torch.add(X_hat, D, out=_columns(out, a * C, b * C)).add_(_product(_matrices(D), _matrices(D)))
         kept = terms if len(chunks) == 1 else ()  # else computed again, chunk by chunk
         ctx.layer, ctx.num_kept = layer, len(kept)
         ctx.save_for_backward(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, y, messages,
@@ -220,8 +232,8 @@ class FrozenInteraction(torch.autograd.Function):
         grad_u = []  # per chunk: ∂L/∂u [9, n, C] but for the pairs' part
         for a, b in chunks:
             X_hat, X_norm, Y, M, A, A_norm, D = kept or _update_terms(
-                *_inputs_again(X[a:b], y[a:b]), messages[a:b], self_weights, basis, layer)
-            g = grad[a:b].reshape(-1, 9).T                                          # [9, L] entries
+                *_inputs_again(_rows(X, a, b), _rows(y, a, b)), _rows(messages, a, b), self_weights, basis, layer)
+            g = _rows(grad, a, b).reshape(-1, 9).T                                  # [9, L] entries
             grad_D = g + _anticommutator(_matrices(g), _transposed(D))              # [9, L]
             grad_A = _linear_by_part(torch.mm(basis, grad_D).view(9, b - a, C), layer.linear_out.weight,
                                      adjoint=True)                                  # [9, n, C]
@@ -238,16 +250,18 @@ class FrozenInteraction(torch.autograd.Function):
         pair_chunks = _pair_chunks(P, C)
         width = len(kept_filters) // len(pair_chunks)                               # 0: not kept
         for k, (s, e) in enumerate(pair_chunks):
-            filters = kept_filters[k * width:(k + 1) * width] or _filters(layer, edge_rbf[s:e], edge_envelope[s:e])
-            grad_f = _convolve_backward(grad_m, filters[0], y, pair_i[s:e], pair_j[s:e], grad_y)  # [p, 3, C]
-            _filters_backward(layer, grad_f, filters, edge_envelope[s:e], grad_rbf, grad_envelope, s, e)
+            rbf, envelope, i, j = (_rows(t, s, e) for t in (edge_rbf, edge_envelope, pair_i, pair_j))
+            filters = kept_filters[k * width:(k + 1) * width] or _filters(layer, rbf, envelope)
+            grad_f = _convolve_backward(grad_m, filters[0], y, i, j, grad_y)        # [p, 3, C]
+            _filters_backward(layer, grad_f, filters, envelope, grad_rbf, grad_envelope, s, e)
         grad_X = X.new_empty(9, N * C)                                              # entries
         for (a, b), grad_u_rest in zip(chunks, grad_u):
-            X_norm = kept[1] if kept else _normalized_entries(X[a:b])[1]            # [L]
-            grad_X_hat = _linear_by_part(grad_u_rest.add_(grad_y[a:b].transpose(0, 1)), layer.linear_in.weight,
+            X_norm = kept[1] if kept else _normalized_entries(_rows(X, a, b))[1]    # [L]
+            grad_X_hat = _linear_by_part(grad_u_rest.add_(_rows(grad_y, a, b).transpose(0, 1)), layer.linear_in.weight,
                                          adjoint=True)                              # [9, n, C]
-            grad_X_hat = torch.addmm(grad[a:b].reshape(-1, 9).T, basis.T, grad_X_hat.view(9, -1))  # [9, L]
-            _normalized_gradient(grad_X_hat, X[a:b].reshape(-1, 9).T, X_norm, out=grad_X[:, a * C:b * C])
+            grad_X_hat = torch.addmm(_rows(grad, a, b).reshape(-1, 9).T, basis.T, grad_X_hat.view(9, -1))  # [9, L]
+            _normalized_gradient(grad_X_hat, _rows(X, a, b).reshape(-1, 9).T, X_norm,
+                                 out=_columns(grad_X, a * C, b * C))
         grad_X = grad_X.T.view(N, C, 3, 3) if needs[0] else None                   # entry-major
         return grad_X, grad_rbf, grad_envelope, None, None, None, None
 
@@ -267,10 +281,10 @@ def _filters_backward(layer: nn.Module, grad_f: Tensor, filters: Sequence[Tensor
     _, h, *pre_activations = filters
     grad_f = grad_f.view(h.shape)                                                   # [p, 3C]
     if grad_envelope is not None:
-        torch.sum(grad_f * h, 1, out=grad_envelope[start:stop])
+        torch.sum(grad_f * h, 1, out=_rows(grad_envelope, start, stop))
     if grad_rbf is not None:
         _dense_chain_backward(layer.radial, grad_f * edge_envelope[:, None], pre_activations,
-                              out=grad_rbf[start:stop])
+                              out=_rows(grad_rbf, start, stop))
 
 
 def _convolve(filters: Tensor, y: Tensor, pair_i: Tensor, pair_j: Tensor, out: Tensor) -> None:
@@ -352,8 +366,8 @@ class FrozenEmbedding(torch.autograd.Function):
         X = torch.zeros(N, 9, C, dtype=edge_rbf.dtype, device=edge_rbf.device)     # [N, 9, C]
         pair_chunks = _pair_chunks(pair_i.shape[0], C)
         for s, e in pair_chunks:
-            pair_terms = _pair_terms(layer, edge_rbf[s:e], edge_envelope[s:e], edge_unit[s:e], pair_i[s:e],
-                                     pair_j[s:e], z_receiver, z_sender)
+            inputs = (_rows(t, s, e) for t in (edge_rbf, edge_envelope, edge_unit, pair_i, pair_j))
+            pair_terms = _pair_terms(layer, *inputs, z_receiver, z_sender)
             pairs, _, _, geometry, weights = pair_terms
             messages = workspace("messages", (2 * (e - s), 9, C), X)                 # [2p, 9, C]
             X.index_add_(0, pairs, scale_parts(geometry[:, :, None], weights, PART_SLICES, out=messages))
@@ -362,9 +376,9 @@ class FrozenEmbedding(torch.autograd.Function):
         atom_chunks = _atom_chunks(N, C)
         out = X.new_empty(9, N * C)                                                 # entries
         for a, b in atom_chunks:
-            node_terms = _gate_terms(layer, X[a:b].transpose(0, 1))
+            node_terms = _gate_terms(layer, _rows(X, a, b).transpose(0, 1))
             scales, v = node_terms[3:5]
-            torch.mm(basis.T, (v * scales).view(9, -1), out=out[:, a * C:b * C])
+            torch.mm(basis.T, (v * scales).view(9, -1), out=_columns(out, a * C, b * C))
         kept = (pair_terms if len(pair_chunks) == 1 else ()) + (node_terms if len(atom_chunks) == 1 else ())
         ctx.layer, ctx.constants = layer, (species, self_rbf)  # no gradient; pair_i, pair_j are saved
         ctx.kept = len(pair_chunks) == 1, len(atom_chunks) == 1
@@ -388,9 +402,9 @@ class FrozenEmbedding(torch.autograd.Function):
         (N, _, C), P = X.shape, edge_rbf.shape[0]
         grad_X = X.new_empty(N, 9, C)
         for a, b in _atom_chunks(N, C):
-            X_rows = X[a:b].transpose(0, 1)                                         # [9, n, C]
+            X_rows = _rows(X, a, b).transpose(0, 1)                                 # [9, n, C]
             norm, mean, rstd, scales, v, *pre_activations = node_terms or _gate_terms(layer, X_rows)
-            g = torch.mm(basis, grad[a:b].reshape(-1, 9).T).view(9, b - a, C)       # [9, n, C] components
+            g = torch.mm(basis, _rows(grad, a, b).reshape(-1, 9).T).view(9, b - a, C)  # [9, n, C] components
             grad_gates = sum_parts((g * v).transpose(0, 1), PART_SLICES).view(b - a, 3 * C)  # [n, 3C]
             grad_normalized = _dense_chain_backward(layer.gates, grad_gates, pre_activations)  # [n, C]
             grad_norm = torch.ops.aten.native_layer_norm_backward(
@@ -403,8 +417,8 @@ class FrozenEmbedding(torch.autograd.Function):
         for s, e in _pair_chunks(P, C):
             p = e - s
             pairs, z_pair, radial, geometry, weights = pair_terms or _pair_terms(
-                layer, edge_rbf[s:e], edge_envelope[s:e], edge_unit[s:e], pair_i[s:e], pair_j[s:e],
-                z_receiver, z_sender)
+                layer, *(_rows(t, s, e) for t in (edge_rbf, edge_envelope, edge_unit, pair_i, pair_j)), z_receiver,
+                z_sender)
             # the scatter of outer products: G_e = grad_X at each pair's receiving atom (both directions)
             G = torch.index_select(grad_X, 0, pairs, out=workspace("gathered", (2 * p, 9, C), grad_X))
             grad_geometry = scale_parts(G, weights, PART_SLICES, out=workspace("products", (2 * p, 9, C), grad_X))
@@ -413,9 +427,9 @@ class FrozenEmbedding(torch.autograd.Function):
             grad_weights = sum_parts(G.mul_(geometry[:, :, None]), PART_SLICES)    # [2p, 3, C]
             grad_f = grad_weights.mul_(z_pair[:, None]).view(2, p, 3 * C).sum(0)    # [p, 3C]
             if grad_envelope is not None:
-                torch.sum(grad_f * radial, 1, out=grad_envelope[s:e])
+                torch.sum(grad_f * radial, 1, out=_rows(grad_envelope, s, e))
             if grad_rbf is not None:
-                torch.mm(grad_f * edge_envelope[s:e, None], layer.radial.weight, out=grad_rbf[s:e])
+                torch.mm(grad_f * _rows(edge_envelope, s, e)[:, None], layer.radial.weight, out=_rows(grad_rbf, s, e))
             if grad_unit is not None:  # c(r̂) = c_0 + [r̂, r̂ r̂ᵀ] K: back through the constant matrix K [12, 9]
                 grad_terms = grad_geometry @ layer.direction.coefficients.T             # [p, 12]
                 grad_outer = grad_terms[:, 3:].view(p, 3, 3)                           # [p, 3, 3]
