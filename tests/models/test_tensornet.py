@@ -183,8 +183,9 @@ def _chunks_of(monkeypatch, pairs: Optional[int], atoms: Optional[int], channels
     from molnets.layers import _message_kernels
     from molnets.models import _tensornet_kernel
 
-    if pairs is not None:
+    if pairs is not None:  # and the system "large": the kernels run (``kernels_apply``)
         monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", pairs * 9 * channels // torch.get_num_threads())
+        monkeypatch.setattr(_message_kernels, "FRESH_MAPPING_BYTES", 0)
     if atoms is not None:
         monkeypatch.setattr(_tensornet_kernel, "ATOM_CHUNK_NUMEL", atoms * 9 * channels)
 
@@ -212,8 +213,10 @@ def test_frozen_interaction_kernel_equals_the_reference(monkeypatch, assert_kern
     X, edge_rbf, envelope, pair_i, pair_j, self_rbf = inputs = _interaction_inputs(7, 15, 4, 3, seed=6)
     expected = layer._reference(X, edge_rbf, envelope, pair_i, pair_j, layer._self_weights(self_rbf))
     assert type(expected.grad_fn).__name__ != "FrozenInteractionBackward"
-    _chunks_of(monkeypatch, pairs, atoms, 4)
-    if not filters_kept:  # any activation "too large to keep"
+    _chunks_of(monkeypatch, pairs, atoms, 4)  # on many pairs: filter activations "too large to keep" ...
+    if filters_kept and pairs is not None:  # ... unless freed memory is reused (molnets.memory)
+        monkeypatch.setattr(_message_kernels, "freed_memory_is_reused", lambda: True)
+    elif not filters_kept:
         monkeypatch.setattr(_message_kernels, "FRESH_MAPPING_BYTES", 0)
     filter_calls = []
     monkeypatch.setattr(_tensornet_kernel, "_filters",
@@ -259,6 +262,26 @@ def test_frozen_embedding_kernel_equals_the_reference(monkeypatch, assert_kernel
     trainable = TensorEmbedding(3, 4, num_rbf=3).to(DTYPE)
     assert type(trainable(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf).grad_fn).__name__ \
         != "FrozenEmbeddingBackward"
+
+
+def test_frozen_kernels_skip_mid_sized_systems(monkeypatch):
+    """More pairs than one chunk, but filter activations below ``FRESH_MAPPING_BYTES`` (a few
+    hundred atoms): the reference runs; above them (a large crystal) the kernels do."""
+    from molnets.layers import _message_kernels
+    from molnets.models.tensornet import TensorEmbedding, TensorInteraction
+
+    interaction = TensorInteraction(4, num_rbf=3).to(DTYPE).requires_grad_(False)
+    embedding = TensorEmbedding(3, 4, num_rbf=3).to(DTYPE).requires_grad_(False)
+    X, edge_rbf, envelope, pair_i, pair_j, self_rbf = inputs = _interaction_inputs(7, 15, 4, 3, seed=9)
+    unit = torch.nn.functional.normalize(edge_rbf.detach(), dim=1)
+    species = torch.zeros(7, dtype=torch.long)
+    monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", 4 * 9 * 4 // torch.get_num_threads())  # 4 pairs a chunk
+    for large in (False, True):
+        if large:
+            monkeypatch.setattr(_message_kernels, "FRESH_MAPPING_BYTES", 15 * 12 * 8 - 1)  # 15 pairs x 3C
+        names = (type(interaction(*inputs).grad_fn).__name__,
+                 type(embedding(species, edge_rbf, envelope, unit, pair_i, pair_j, self_rbf).grad_fn).__name__)
+        assert (names == ("FrozenInteractionBackward", "FrozenEmbeddingBackward")) == large, names
 
 
 @pytest.mark.parametrize("pairs, atoms", [(None, None), (5, 4)])

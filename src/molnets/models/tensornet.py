@@ -23,8 +23,9 @@ dense-layer work, the dominant cost); messages are formed in 9 irreducible compo
 channel, never as three ``[E, C, 3, 3]`` tensors, and summed by ``layers.pair_convolution``
 and ``layers.scatter_outer`` (on large systems, fused CPU kernels that never hold the
 per-pair messages in memory); the pair embedding W [z_i, z_j] is split into per-atom products;
-with frozen weights (a calculator) the embedding and interaction layers run as one autograd node
-each, their backward written out, chunk by chunk on crystals (``_tensornet_kernel``).
+with frozen weights (a calculator) the embedding and interaction layers of a molecule or a large
+crystal run as one autograd node each, their backward written out, chunk by chunk on the crystal
+(``_tensornet_kernel``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import gather_rows, scatter_outer
 from .._frozen import frozen_cached, frozen_on_cpu_eager, parameters_of
-from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction
+from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction, kernels_apply
 from .base import DesignSpace, count_parameters
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
@@ -111,9 +112,10 @@ class TensorEmbedding(nn.Module):
         species [N], edge_rbf [P, K], edge_envelope [P] (φ), edge_unit [P, 3] (r̂_ij of each
         pair), pair_i [P], pair_j [P], self_rbf [1, K] (e(0))  ->  [N, C, 3, 3]
 
-    With frozen weights (eager, CPU) the layer runs as one autograd node with a hand-written
-    backward (``_tensornet_kernel.FrozenEmbedding``); ``_reference`` is the
-    differentiable definition.
+    With frozen weights (eager, CPU) on a molecule or a large crystal
+    (``_tensornet_kernel.kernels_apply``) the layer runs as one autograd node with a hand-written
+    backward (``_tensornet_kernel.FrozenEmbedding``); ``_reference`` is the differentiable
+    definition.
     """
 
     def __init__(self, num_species: int, num_channels: int, *, num_rbf: int) -> None:
@@ -133,7 +135,7 @@ class TensorEmbedding(nn.Module):
 
     def forward(self, species: Tensor, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor,
                 pair_i: Tensor, pair_j: Tensor, self_rbf: Tensor) -> Tensor:
-        if frozen_on_cpu_eager(self, edge_rbf, [self_rbf]):  # one node
+        if frozen_on_cpu_eager(self, edge_rbf, [self_rbf]) and kernels_apply(self, pair_i.shape[0], edge_rbf):
             return FrozenEmbedding.apply(edge_rbf, edge_envelope, edge_unit, species, pair_i, pair_j, self_rbf, self)
         return self._reference(species, edge_rbf, edge_envelope, edge_unit, pair_i, pair_j, self_rbf)
 
@@ -169,9 +171,10 @@ class TensorInteraction(nn.Module):
 
     The self pair (j = i, r = 0) adds f(0) Y_i.
 
-    With frozen weights (eager, CPU: ``molnets._frozen.frozen_on_cpu_eager``) the layer runs as one
-    autograd node with a hand-written backward (``FrozenInteraction``), the same numbers with far
-    fewer operations, chunk by chunk on a crystal; ``_reference`` is the differentiable definition.
+    With frozen weights (eager, CPU: ``molnets._frozen.frozen_on_cpu_eager``) on a molecule or a
+    large crystal (``_tensornet_kernel.kernels_apply``) the layer runs as one autograd node with a
+    hand-written backward (``FrozenInteraction``), the same numbers with far fewer operations,
+    chunk by chunk on the crystal; ``_reference`` is the differentiable definition.
 
     Args:
         num_channels: C.
@@ -196,7 +199,7 @@ class TensorInteraction(nn.Module):
         # f(0), the same at every call while the weights are frozen (then kept: molnets._frozen)
         self_weights = frozen_cached(self._frozen, "self_weights", parameters_of(self.radial),
                                      lambda: self._self_weights(self_rbf), inputs=[self_rbf])  # [9, C]
-        if frozen_on_cpu_eager(self, X, [self_weights]):  # one node
+        if frozen_on_cpu_eager(self, X, [self_weights]) and kernels_apply(self, pair_i.shape[0], X):  # one node
             return FrozenInteraction.apply(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, self)
         return self._reference(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights)
 
