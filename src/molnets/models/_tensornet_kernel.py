@@ -147,7 +147,7 @@ def kernels_apply(layer: nn.Module, num_pairs: int, like: Tensor) -> bool:
     one chunk) or a crystal whose filter network's widest activation over all pairs exceeds
     ``_message_kernels.FRESH_MAPPING_BYTES`` (about a thousand atoms). Between those (a few
     hundred atoms) the reference runs, with its chunked convolution kernels and each filter
-    network as one product per layer: A/B on 256 atoms of Cu, the kernels 0.83-0.93x in float64
+    network as one product per layer: A/B on 256 atoms of Cu, the kernels 0.83-0.94x in float64
     (1.05x in float32). Shapes only."""
     return (num_pairs <= _chunk_size(9 * layer.num_channels)
             or num_pairs * _widest(layer.radial) * like.element_size() > _message_kernels.FRESH_MAPPING_BYTES)
