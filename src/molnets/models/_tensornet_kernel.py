@@ -167,15 +167,19 @@ def _columns(x: Tensor, start: int, stop: int) -> Tensor:
 def _atom_chunks(num_atoms: int, num_channels: int) -> List[Tuple[int, int]]:
     """Ranges of atoms whose [9, n C] arrays hold at most ``ATOM_CHUNK_NUMEL`` numbers: the node
     updates of a large system run chunk by chunk in cache-sized temporaries; a molecule is one chunk."""
-    rows = max(1, ATOM_CHUNK_NUMEL // (9 * num_channels))
-    return [(a, min(a + rows, num_atoms)) for a in range(0, max(num_atoms, 1), rows)]
+    return _ranges(num_atoms, max(1, ATOM_CHUNK_NUMEL // (9 * num_channels)))
 
 
 def _pair_chunks(num_pairs: int, num_channels: int) -> List[Tuple[int, int]]:
     """Ranges of pairs whose messages both ways, [2p, 9, C], take one buffer of the message
     kernels' size (``_message_kernels._chunk_size``); a molecule's pairs are one chunk."""
-    rows = _chunk_size(9 * num_channels)
-    return [(a, min(a + rows, num_pairs)) for a in range(0, max(num_pairs, 1), rows)]
+    return _ranges(num_pairs, _chunk_size(9 * num_channels))
+
+
+def _ranges(count: int, size: int) -> List[Tuple[int, int]]:
+    """(start, stop) of consecutive ranges of ``size`` covering 0..count; one empty range when
+    count is 0 (so that a kernel's loops run once, and keep what one chunk keeps)."""
+    return [(a, min(a + size, count)) for a in range(0, max(count, 1), size)]
 
 
 def _normalized_entries(X: Tensor) -> Tuple[Tensor, Tensor]:
