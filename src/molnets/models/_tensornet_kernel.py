@@ -182,9 +182,14 @@ def _ranges(count: int, size: int) -> List[Tuple[int, int]]:
     return [(a, min(a + size, count)) for a in range(0, max(count, 1), size)]
 
 
+def _denominator(X: Tensor) -> Tensor:
+    """d_X = ||X|| + 1 of X [n, C, 3, 3]. [n C]"""
+    return X.square().sum((-2, -1)).view(-1) + 1                                    # [L]
+
+
 def _normalized_entries(X: Tensor) -> Tuple[Tensor, Tensor]:
-    """X̂ = X / d_X, d_X = ||X|| + 1, for X [n, C, 3, 3]. -> (X̂ [9, n C] entries, d_X [n C])"""
-    X_norm = X.square().sum((-2, -1)).view(-1) + 1                                  # [L]
+    """X̂ = X / d_X for X [n, C, 3, 3]. -> (X̂ [9, n C] entries, d_X [n C])"""
+    X_norm = _denominator(X)                                                        # [L]
     return X.reshape(-1, 9).T / X_norm, X_norm                                      # [9, L], [L]
 
 
@@ -225,11 +230,12 @@ class FrozenInteraction(torch.autograd.Function):
             kept_filters += filters if keep else []
         out = X.new_empty(9, N * C)                                                 # entries
         for a, b in chunks:
-            inputs = (X_hat, X_norm, u) if len(chunks) == 1 else _inputs_again(_rows(X, a, b), _rows(y, a, b))
-            terms = _update_terms(*inputs, _rows(messages, a, b), self_weights, basis, layer)
-            X_hat, D = terms[0], terms[-1]
+            if len(chunks) > 1:  # this chunk's X̂ and u again (u from y: L_in is not applied again)
+                X_hat, u = _normalized_entries(_rows(X, a, b))[0], _rows(y, a, b).transpose(0, 1).contiguous()
+            terms = _update_terms(u, _rows(messages, a, b), self_weights, basis, layer)
+            D = terms[-1]
             torch.add(X_hat, D, out=_columns(out, a * C, b * C)).add_(_product(_matrices(D), _matrices(D)))
-        kept = terms if len(chunks) == 1 else ()  # else computed again, chunk by chunk
+        kept = (X_norm, *terms) if len(chunks) == 1 else ()  # else computed again, chunk by chunk
         ctx.layer, ctx.num_kept = layer, len(kept)
         ctx.save_for_backward(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, y, messages,
                               *kept, *kept_filters)
@@ -249,8 +255,8 @@ class FrozenInteraction(torch.autograd.Function):
         grad_m = X.new_empty(N, 9, C)                                               # ∂L/∂M, components
         grad_u = []  # per chunk: ∂L/∂u [9, n, C] but for the pairs' part
         for a, b in chunks:
-            X_hat, X_norm, Y, M, A, A_norm, D = kept or _update_terms(
-                *_inputs_again(_rows(X, a, b), _rows(y, a, b)), _rows(messages, a, b), self_weights, basis, layer)
+            Y, M, A, A_norm, D = kept[1:] or _update_terms(
+                _rows(y, a, b).transpose(0, 1).contiguous(), _rows(messages, a, b), self_weights, basis, layer)
             g = _rows(grad, a, b).reshape(-1, 9).T                                  # [9, L] entries
             grad_D = g + _anticommutator(_matrices(g), _transposed(D))              # [9, L]
             grad_A = _linear_by_part(torch.mm(basis, grad_D).view(9, b - a, C), layer.linear_out.weight,
@@ -274,7 +280,7 @@ class FrozenInteraction(torch.autograd.Function):
             _filters_backward(layer, grad_f, filters, envelope, grad_rbf, grad_envelope, s, e)
         grad_X = X.new_empty(9, N * C)                                              # entries
         for (a, b), grad_u_rest in zip(chunks, grad_u):
-            X_norm = kept[1] if kept else _normalized_entries(_rows(X, a, b))[1]    # [L]
+            X_norm = kept[0] if kept else _denominator(_rows(X, a, b))              # [L]
             grad_X_hat = _linear_by_part(grad_u_rest.add_(_rows(grad_y, a, b).transpose(0, 1)), layer.linear_in.weight,
                                          adjoint=True)                              # [9, n, C]
             grad_X_hat = torch.addmm(_rows(grad, a, b).reshape(-1, 9).T, basis.T, grad_X_hat.view(9, -1))  # [9, L]
@@ -329,17 +335,11 @@ def _convolve_backward(grad_m: Tensor, filters: Tensor, y: Tensor, pair_i: Tenso
     return grad_f
 
 
-def _inputs_again(X: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """X̂ [9, n C], d_X [n C] and the components u [9, n, C] of Y of a chunk of atoms, again,
-    from X [n, C, 3, 3] and y [n, 9, C] (kept at full size: L_in is not applied again)."""
-    return (*_normalized_entries(X), y.transpose(0, 1).contiguous())
-
-
-def _update_terms(X_hat: Tensor, X_norm: Tensor, u: Tensor, messages: Tensor, self_weights: Tensor,
-                  basis: Tensor, layer: nn.Module) -> Tuple[Tensor, ...]:
-    """The node update of ``FrozenInteraction`` on a chunk of n atoms, from X̂ [9, n C], d_X [n C],
-    the components u [9, n, C] of Y = L_in(X̂) and the pair convolution Σ_pairs f ∘ y [n, 9, C]:
-    (X̂, d_X, Y, M, A = M Y + Y M, d_A, D = L_out(A / d_A)), entry-major [9, n C] (d_A [n C])."""
+def _update_terms(u: Tensor, messages: Tensor, self_weights: Tensor, basis: Tensor,
+                  layer: nn.Module) -> Tuple[Tensor, ...]:
+    """The node update of ``FrozenInteraction`` on a chunk of n atoms, from the components
+    u [9, n, C] of Y = L_in(X̂) and the pair convolution Σ_pairs f ∘ y [n, 9, C]:
+    (Y, M, A = M Y + Y M, d_A, D = L_out(A / d_A)), entry-major [9, n C] (d_A [n C])."""
     n, C = u.shape[1:]
     Y = torch.mm(basis.T, u.view(9, -1))                                            # [9, L] entries
     M = torch.mul(u, self_weights[:, None]).add_(messages.transpose(0, 1))          # f(0) ∘ y + pairs: [9, n, C]
@@ -348,7 +348,7 @@ def _update_terms(X_hat: Tensor, X_norm: Tensor, u: Tensor, messages: Tensor, se
     A_norm = A.square().sum(0) + 1                                                  # [L]
     v = _linear_by_part(torch.mm(basis, A / A_norm).view(9, n, C), layer.linear_out.weight)  # [9, n, C]
     D = torch.mm(basis.T, v.view(9, -1))                                            # [9, L] entries
-    return X_hat, X_norm, Y, M, A, A_norm, D
+    return Y, M, A, A_norm, D
 
 
 class FrozenEmbedding(torch.autograd.Function):
