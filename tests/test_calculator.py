@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zipfile
+
 import ase.build
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 from molnets.calculator import MolnetsCalculator
+from molnets.graph import AtomicGraph
 from molnets.layers.readout import set_energy_normalization
 from molnets.models import Potential, SchNet, SchNetConfig, load_model, save_model
 
@@ -105,6 +109,63 @@ def test_corrupt_or_foreign_files_are_clear_errors(tmp_path):
     torch.save({**data, "version": 10**6}, newer)
     with pytest.raises(ValueError, match="upgrade molnets"):
         load_model(newer)
+
+
+def _flip_a_bit_of_the_weights(path) -> None:
+    """Flip one bit in the middle of the first tensor's bytes of a file ``torch.save`` wrote
+    (a zip archive whose entries are stored uncompressed)."""
+    with zipfile.ZipFile(path) as archive:
+        entry = next(info for info in archive.infolist() if info.filename.endswith("/data/0"))
+        assert entry.compress_type == zipfile.ZIP_STORED and entry.file_size >= 8
+    raw = bytearray(path.read_bytes())
+    # the local file header: 30 bytes, then the name and the extra field, then the data
+    name_length, extra_length = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_length + extra_length
+    raw[start + entry.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_in_a_model_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.pt"
+    save_model(_model(), path)
+    _flip_a_bit_of_the_weights(path)
+    torch.load(path, weights_only=True)  # torch itself reads it without a word
+    with pytest.raises(ValueError, match="corrupt molnets model file: the checksum"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": None}, "has no \\['model'\\]"), ({"state_dict": None}, "has no \\['state_dict'\\]"),
+    ({"dtype": "float16"}, "dtype 'float16'"), ({"version": 0}, "versions start at 1"),
+])
+def test_tampered_model_files_are_clear_errors(tmp_path, change, message):
+    path = tmp_path / "model.pt"
+    save_model(_model(), path)
+    data = torch.load(path, weights_only=True)
+    for key, value in change.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    torch.save(data, path)
+    with pytest.raises(ValueError, match=message):
+        load_model(path)
+
+
+def test_a_neighbor_cutoff_below_the_models_is_refused():
+    model = _model()  # cutoff 4 Å
+    for cutoff in (3.9, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="at least the model's"):
+            MolnetsCalculator(model, cutoff=cutoff)
+    atoms = _crystal()  # a larger one adds pairs beyond the model's cutoff, which add nothing
+    atoms.calc = MolnetsCalculator(model)
+    default = (atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress())
+    wider = MolnetsCalculator(model, cutoff=6.0)
+    wider.calculate(atoms, ["energy", "forces", "stress"])
+    assert AtomicGraph.from_ase(atoms, 6.0).num_edges > AtomicGraph.from_ase(atoms, 4.0).num_edges
+    np.testing.assert_allclose(wider.results["energy"], default[0], rtol=1e-12)
+    np.testing.assert_allclose(wider.results["forces"], default[1], atol=1e-12)
+    np.testing.assert_allclose(wider.results["stress"], default[2], atol=1e-12)
 
 
 def test_compiled_calculator_is_reused_and_equals_eager():

@@ -114,6 +114,17 @@ def test_from_ase_empty_list_raises():
         AtomicGraph.from_ase([], 3.0)
 
 
+def test_positions_and_atomic_numbers_of_the_wrong_kind_raise():
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.2, 0.0, 0.0], [-0.6, 0.9, 0.0]], dtype=torch.float64)
+    for positions, kind in ((x.tolist(), "list"), (x.half(), "float16"), (x.long(), "int64")):
+        with pytest.raises(ValueError, match=f"positions must be a float32 or float64 tensor.*{kind}"):
+            AtomicGraph.from_positions(positions, [6, 8, 1], 3.0)
+    with pytest.raises(ValueError, match="whole numbers"):  # not truncated to 6
+        AtomicGraph.from_positions(x, torch.tensor([6.7, 8.0, 1.0]), 3.0)
+    graph = AtomicGraph.from_positions(x, torch.tensor([6.0, 8.0, 1.0]), 3.0)
+    assert graph.atomic_numbers.dtype == torch.long and graph.atomic_numbers.tolist() == [6, 8, 1]
+
+
 def test_empty_structures_raise():
     """A structure without atoms is an error naming it: alone, in a list of ase.Atoms, or a
     structure of a batch (cell [B, 3, 3]) that no atom belongs to."""

@@ -5,7 +5,10 @@ the weights alone (ACE's weights folded into the coupling, an equivariant linear
 block matrix) are then the same at every step, and rebuilding them is a fixed cost per call that
 dominates on small molecules. ``frozen_cached`` keeps such a tensor in a module's dict and
 rebuilds it when any weight changes: in place (its version counter), by a new storage
-(``load_state_dict`` into a new tensor, a device move) or a dtype cast. Never under
+(``load_state_dict`` into a new tensor, a device move, ``p.data = new``) or a dtype cast. An
+in-place write through ``p.data`` (``p.data.copy_(q)``) is not seen: ``.data`` is a tensor with a
+version counter of its own, and comparing the weights' values at every call would cost more than
+the cache saves (README, "Changing a frozen model's weights"). Never under
 ``torch.compile`` or ``torch.export`` (there the tensor is built in the traced graph), never
 while a weight needs a gradient (training).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Optional, Sequence, Union
 
@@ -52,7 +53,8 @@ class MolnetsCalculator(Calculator):
             skips the element check of the model, so the calculator checks the elements
             itself.
         neighbor_backend: backend of ``molnets.neighbor_list``.
-        cutoff: neighbor cutoff in Å; default the model's ``config.cutoff``.
+        cutoff: neighbor cutoff in Å, at least the model's ``config.cutoff`` (its default);
+            pairs beyond the model's cutoff add nothing.
         keep_heap: on the CPU, call ``molnets.memory.keep_heap_between_calls()`` (default
             True); False leaves the C library's malloc as it is.
     """
@@ -83,6 +85,10 @@ class MolnetsCalculator(Calculator):
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.device, self.dtype = torch.device(device), dtype
         self.cutoff = float(cutoff if cutoff is not None else model.config.cutoff)
+        if not math.isfinite(self.cutoff) or self.cutoff < model.config.cutoff:
+            # a smaller neighbor cutoff than the model's drops pairs the model sees: wrong energies
+            raise ValueError(f"cutoff {self.cutoff} Å: the neighbor cutoff must be finite and at least the "
+                             f"model's ({model.config.cutoff} Å)")
         self.species: Sequence[int] = tuple(model.config.species)
         self.neighbor_backend = neighbor_backend
         self.potential = Potential(self.model).eval()

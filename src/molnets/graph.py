@@ -85,10 +85,14 @@ class AtomicGraph(NamedTuple):
             pbc [3] or [B, 3], batch [N]  ->  AtomicGraph
 
         Raises:
-            ValueError: a structure without atoms (N = 0, or a structure of the batch that no atom
-                belongs to), besides the neighbor list's checks (NaN positions, a singular
+            ValueError: positions not a float32 or float64 tensor, atomic numbers that are not
+                whole numbers, a structure without atoms (N = 0, or a structure of the batch that
+                no atom belongs to), besides the neighbor list's checks (NaN positions, a singular
                 periodic cell, atoms on top of each other, a cutoff <= 0).
         """
+        if not isinstance(positions, Tensor) or positions.dtype not in (torch.float32, torch.float64):
+            what = positions.dtype if isinstance(positions, Tensor) else type(positions).__name__
+            raise ValueError(f"positions must be a float32 or float64 tensor [N, 3] (Å), got {what}")
         num_atoms = positions.shape[0]
         if num_atoms == 0:
             raise ValueError("the structure is empty (no atoms): a graph needs at least one atom")
@@ -108,7 +112,10 @@ class AtomicGraph(NamedTuple):
         if pbc is None:
             pbc = torch.zeros(3, dtype=torch.bool)
         pbc = torch.as_tensor(pbc, dtype=torch.bool, device=positions.device).expand(cell.shape[0], 3)
-        atomic_numbers = torch.as_tensor(atomic_numbers, dtype=torch.long, device=positions.device)
+        atomic_numbers = torch.as_tensor(atomic_numbers, device=positions.device)
+        if atomic_numbers.is_floating_point() and not bool((atomic_numbers == atomic_numbers.round()).all()):
+            raise ValueError(f"atomic_numbers must be whole numbers, got {atomic_numbers.tolist()}")
+        atomic_numbers = atomic_numbers.long()
         if atomic_numbers.shape != (num_atoms,):
             raise ValueError(
                 f"atomic_numbers must have shape [N] = [{num_atoms}], got {tuple(atomic_numbers.shape)}"

@@ -32,6 +32,25 @@ def test_energy_only_mode_builds_no_force_graph():
     assert not graph.positions.requires_grad  # the caller's tensors are not touched
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_inference_mode_gives_the_same_forces(frozen):
+    """Under torch.inference_mode(), and with a graph built under it and used outside: the same
+    energy, forces and stress as in normal mode (autograd is off in inference mode, and its
+    tensors cannot be saved for a backward)."""
+    model = _schnet().requires_grad_(not frozen)
+    potential = Potential(model, compute_stress=True).eval()
+    reference = potential(random_graph(6, cutoff=3.5, species=SPECIES, periodic=True, seed=4))
+    with torch.inference_mode():
+        inside = potential(random_graph(6, cutoff=3.5, species=SPECIES, periodic=True, seed=4))
+        graph = random_graph(6, cutoff=3.5, species=SPECIES, periodic=True, seed=4)
+    assert graph.positions.is_inference()
+    for out in (inside, potential(graph)):
+        for key in ("energy", "forces", "stress"):
+            torch.testing.assert_close(out[key], reference[key], rtol=1e-12, atol=1e-12)
+    energy_only = Potential(model, compute_forces=False).train()  # a graph to the weights
+    torch.testing.assert_close(energy_only(graph)["energy"], reference["energy"], rtol=1e-12, atol=1e-12)
+
+
 def test_force_loss_double_backward_matches_finite_difference():
     """d(Σ F²)/dθ from create_graph=True equals a central difference in one weight."""
     model = _schnet()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from molnets import testing
@@ -36,3 +37,9 @@ def test_subclass_save_load(tmp_path):
     assert type(loaded) is SchNetLinearReadout
     graph = testing.random_graph(6, cutoff=3.5, seed=3)
     torch.testing.assert_close(Potential(loaded).eval()(graph)["forces"], Potential(model).eval()(graph)["forces"])
+
+
+def test_subclass_file_without_model_type_names_the_fix(tmp_path):
+    save_model(_model(), tmp_path / "mine.pt")
+    with pytest.raises(ValueError, match="model_type"):  # SchNet's head has other weights
+        load_model(tmp_path / "mine.pt")

@@ -27,6 +27,7 @@ from typing import Dict, Literal, Optional, Tuple, Type, Union
 import torch
 from torch import Tensor, nn
 
+from .._archive import check_archive
 from ..graph import AtomicGraph
 from ..layers.scatter import scatter_sum
 
@@ -110,7 +111,11 @@ class Potential(nn.Module):
     What is computed is fixed at construction (no per-call flags): ``compute_forces=False``
     is the energy-only mode, which builds no graph for the position derivatives. In training
     mode (``.train()``) the derivatives are built with ``create_graph=True``, so a loss on
-    forces or stress can be back-propagated to the parameters (double backward).
+    forces or stress can be back-propagated to the parameters (double backward). Forces are
+    computed also under a caller's ``torch.no_grad()`` or ``torch.inference_mode()``, and from a
+    graph built under the latter. Positions are checked for NaN and infinite values when the
+    graph is built (``AtomicGraph.from_positions``), not at every call (that would be a host
+    synchronization per call): a graph whose positions are replaced later is not checked again.
 
     Compiling: ``torch.compile(potential, fullgraph=True, dynamic=True)`` traces energy, forces
     and stress into one graph (when traced, the derivatives are taken by ``torch.func.grad``,
@@ -140,11 +145,16 @@ class Potential(nn.Module):
 
     def forward(self, graph: AtomicGraph) -> Dict[str, Tensor]:
         _check_model_matches_graph(self.model, graph)
+        if not torch.compiler.is_compiling():
+            # tensors made under torch.inference_mode() cannot be saved for a backward: copies
+            graph = _without_inference_tensors(graph)
         if not self.compute_forces:
             energies = self.model(graph)                                               # [N]
             energy = scatter_sum(energies, graph.batch, dim_size=graph.num_graphs)     # [B]
             return {"energy": energy, "energies": energies}
-
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):  # forces also under a caller's inference_mode()
+                return self.forward(graph)
         with torch.enable_grad():  # forces also under a caller's no_grad()
             return self._forward_with_derivatives(graph)
 
@@ -215,6 +225,14 @@ class Potential(nn.Module):
         return cls(model, compute_forces=compute_forces, compute_stress=compute_stress)
 
 
+def _without_inference_tensors(graph: AtomicGraph) -> AtomicGraph:
+    """The graph with a normal copy of each tensor made under ``torch.inference_mode()`` (such
+    tensors cannot be saved for a backward, so forces could not be taken through them); the
+    graph itself when it has none."""
+    copies = {name: t.clone() for name, t in zip(graph._fields, graph) if t.is_inference()}
+    return graph._replace(**copies) if copies else graph
+
+
 def _check_model_matches_graph(model: nn.Module, graph: AtomicGraph) -> None:
     """Raise a ValueError naming the mismatch when the model's floating-point parameters and the
     graph's positions differ in dtype or device (instead of an error from deep inside a layer)."""
@@ -267,25 +285,40 @@ def load_model(
         model_type: class to rebuild (e.g. a user's subclass); default ``model_class(name)``.
 
     Raises:
-        ValueError: the file is not a molnets model, is corrupt, or is from a newer format.
+        ValueError: the file is not a molnets model, is corrupt (unreadable, a checksum of its
+            archive that does not match, missing entries), is from a newer format, or its weights
+            do not fit the model it names (a subclass's file: pass ``model_type``).
     """
+    name = os.fspath(path)
+    check_archive(name, "molnets model file")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # corrupt zip, foreign pickle, unsafe globals
-        raise ValueError(f"{os.fspath(path)!r} is not a readable molnets model file: {error}") from error
+        raise ValueError(f"{name!r} is not a readable molnets model file: {error}") from error
     if not isinstance(data, dict) or data.get("format") != "molnets":
-        raise ValueError(f"{os.fspath(path)!r} is not a molnets model file (no 'format': 'molnets')")
-    if not isinstance(data.get("version"), int) or data["version"] > FORMAT_VERSION:
-        raise ValueError(
-            f"{os.fspath(path)!r} has format version {data.get('version')!r}; this molnets reads "
-            f"versions <= {FORMAT_VERSION}: upgrade molnets"
-        )
+        raise ValueError(f"{name!r} is not a molnets model file (no 'format': 'molnets')")
+    version = data.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{name!r} has format version {version!r}; this molnets reads versions <= "
+                         f"{FORMAT_VERSION}: upgrade molnets")
+    if version < 1:
+        raise ValueError(f"{name!r} has format version {version!r}; versions start at 1: the file is corrupt")
+    missing = [key for key in ("model", "config", "state_dict") if key not in data]
+    if missing:
+        raise ValueError(f"{name!r} is a corrupt molnets model file: it has no {missing}")
+    dtype = data.get("dtype", "float32")
+    if dtype not in _DTYPES:
+        raise ValueError(f"{name!r} is a corrupt molnets model file: dtype {dtype!r} is not one of {tuple(_DTYPES)}")
     cls = model_type if model_type is not None else model_class(data["model"])
     model = cls(config_from_dict(cls.config_class, data["config"]))
-    model.to(_DTYPES[data.get("dtype", "float32")])
-    model.load_state_dict(data["state_dict"])
+    model.to(_DTYPES[dtype])
+    try:
+        model.load_state_dict(data["state_dict"])
+    except RuntimeError as error:  # missing, unexpected or mis-shaped weights
+        hint = "" if model_type is not None else " (a file saved from a subclass loads with model_type=that class)"
+        raise ValueError(f"the weights of {name!r} do not fit {cls.__name__}{hint}: {error}") from error
     return model.to(map_location)
 
 
