@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -55,7 +57,10 @@ _TRAIN_HELP = {
     "dtype": "float32 or float64",
     "device": "auto (CUDA when available), cpu or cuda",
     "output_dir": "folder for checkpoint.pt, best_model.pt, logs and plots",
-    "resume": "continue the run in output_dir from its last checkpoint",
+    "resume": "continue the run in output_dir from its last checkpoint; its model, optimizer, schedule and EMA "
+              "go on, so model, cutoff, model_config, atomic_energies, lr, weight_decay, scheduler, "
+              "scheduler_patience, scheduler_factor, min_lr and ema_decay must be as they were (an error "
+              "otherwise; model_config and atomic_energies may be left out); the other options may change",
     "progress": "show a progress bar per epoch",
 }
 
@@ -64,13 +69,36 @@ _TRAIN_HELP = {
 # Parsing helpers
 
 
-def _parse_value(text: str) -> Any:
-    """YAML scalar: 3 -> int, 1e-3 -> float, none/null -> None, true -> bool, else str."""
+# YAML 1.1 (PyYAML's) reads a float only with a dot, a signed exponent and no sign before a
+# leading dot: 1e-4, 5e3, 2.5e3 and -.5 would be strings. YAML 1.2 and Python read them as
+# numbers, and so do the options here.
+_FLOAT = re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+|\.[0-9_]+)$")
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_loader() -> type:
+    """``yaml.SafeLoader`` that also resolves ``_FLOAT`` as float (checked after its own int and float)."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    return Loader
+
+
+def _load_yaml(stream: Any) -> Any:
+    """``yaml.safe_load`` with 1e-4, 1E-4, 5e3, .5 and -1e-3 read as floats."""
+    import yaml
+
+    return yaml.load(stream, Loader=_yaml_loader())
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar: 3 -> int, 1e-3 -> float, none/null -> None, true -> bool, else str."""
     if text.strip().lower() == "none":
         return None
-    return yaml.safe_load(text)
+    return _load_yaml(text)
 
 
 def _key_values(items: Optional[List[str]], what: str) -> Optional[Dict[str, Any]]:
@@ -106,14 +134,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def resolve_train_config(args: argparse.Namespace) -> "TrainConfig":  # noqa: F821
     """Defaults, then the YAML file (``--config``), then the flags given on the command line."""
-    import yaml
-
     from .training import TrainConfig
 
     data: Dict[str, Any] = {}
     if args.config:
         with open(args.config) as handle:
-            loaded = yaml.safe_load(handle) or {}
+            loaded = _load_yaml(handle) or {}
         if not isinstance(loaded, dict):
             raise SystemExit(f"molnets: {args.config} must hold a mapping of training options")
         data.update(loaded)
@@ -392,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  molnets train --train-file data.xyz --model mace --cutoff 5 \\\n"
             "      --model-config num_channels=32 --max-epochs 200 --output-dir run1\n\n"
             "Several processes (DDP, same options):  torchrun --nproc-per-node 4 $(which molnets) train ...\n"
-            "Resume after a crash or kill:  molnets train --config run.yaml --resume\n\n"
+            "Resume after a crash or kill:  molnets train --config run.yaml --resume\n"
+            "(the options of the model, optimizer, schedule and EMA must be as they were;\n"
+            "the data, batch size, max epochs, time, loss weights and the like may change)\n\n"
             "Writes to output_dir: checkpoint.pt (every epoch), best_model.pt (load with\n"
             "molnets.models.Potential.load or MolnetsCalculator), log.csv, log.json,\n"
             "metrics.json (test set), learning_curve.png, parity_energy.png, parity_forces.png."

@@ -12,7 +12,7 @@ import torch
 import yaml
 from ase.build import molecule
 
-from molnets.cli import build_parser, main
+from molnets.cli import build_parser, main, resolve_train_config
 from molnets.models.base import load_model
 
 
@@ -59,6 +59,63 @@ def test_train_resolves_yaml_then_flags_and_evaluate(tiny_xyz, tmp_path, capsys)
     metrics = json.loads((tmp_path / "ev/metrics.json").read_text())["metrics"]
     assert metrics["forces_mae"] > 0 and metrics["energy_rmse"] >= metrics["energy_mae"]
     assert (tmp_path / "ev/parity_forces.png").stat().st_size > 0
+
+
+# YAML 1.1 reads 1e-4, 5e3 and -.5 as strings: wherever a number is expected they are floats
+_NUMBERS = [("1e-4", 1e-4), ("1E-4", 1e-4), ("5e3", 5000.0), (".5", 0.5), ("-1e-3", -1e-3), ("-.5", -0.5),
+            ("2.5e3", 2500.0), ("+1.0e-2", 0.01)]
+
+
+@pytest.mark.parametrize("text, number", _NUMBERS, ids=[text for text, _ in _NUMBERS])
+def test_exponent_notation_is_a_float_in_flags_and_in_the_yaml_file(text, number, tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"min_lr: {text}\natomic_energies: {{Cu: {text}}}\n"
+                           f"model_config:\n  avg_num_neighbors: {text}\n")
+    parser = build_parser()
+    from_file = resolve_train_config(parser.parse_args(["train", "--config", str(config_file)]))
+    from_flags = resolve_train_config(parser.parse_args([
+        "train", f"--min-lr={text}", "--atomic-energies", f"Cu={text}", "--model-config", f"avg_num_neighbors={text}",
+    ]))
+    for config in (from_file, from_flags):
+        assert type(config.min_lr) is float and config.min_lr == number
+        assert config.atomic_energies == {"Cu": number}
+        assert config.model_config == {"avg_num_neighbors": number}
+    assert resolve_train_config(parser.parse_args(["train", "--max-epochs", "3"])).max_epochs == 3
+
+
+def test_train_with_learning_rates_in_exponent_notation(tiny_xyz, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--threads", "1", "train", "--train-file", tiny_xyz, "--model", "schnet", "--cutoff", "4",
+                 "--model-config", "num_channels=4", "num_basis=4", "num_layers=1", "--max-epochs", "2",
+                 "--lr", "1e-2", "--weight-decay", "1e-6", "--scheduler", "cosine", "--min-lr", "1e-4",
+                 "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    lrs = [row["lr"] for row in json.loads((out / "log.json").read_text())]
+    assert lrs == [pytest.approx(1e-2), pytest.approx((1e-2 + 1e-4) / 2)]
+
+
+def test_a_non_number_is_an_error_that_names_the_option():
+    with pytest.raises(SystemExit, match="lr must be a number, got 'fast'"):
+        resolve_train_config(build_parser().parse_args(["train", "--lr", "fast"]))
+
+
+def test_resume_refuses_another_model_cutoff_or_model_config(tiny_xyz, tmp_path, capsys):
+    run = ["--threads", "1", "train", "--train-file", tiny_xyz, "--model", "schnet", "--cutoff", "4",
+           "--model-config", "num_channels=4", "num_basis=4", "num_layers=1", "--batch-size", "8",
+           "--no-progress", "--output-dir", str(tmp_path)]
+    assert main(run + ["--max-epochs", "1"]) == 0
+    capsys.readouterr()
+    for change, message in (
+        (["--cutoff", "1.0"], "cutoff: checkpoint 4.0, given 1.0"),
+        (["--model", "mace"], "model: checkpoint 'schnet', given 'mace'"),
+        (["--model-config", "num_channels=16"], "model_config.num_channels: checkpoint 4, given 16"),
+    ):
+        assert main(run + ["--max-epochs", "2", "--resume"] + change) == 2
+        assert message in capsys.readouterr().err
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    assert main(run + ["--max-epochs", "2", "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_evaluate_names_a_structure_with_unknown_elements(tiny_xyz, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +129,73 @@ def test_resume_after_kill_9_while_writing_the_checkpoint(tiny_xyz, tmp_path, st
     straight, after_kill = straight_run[1], _weights(tmp_path / "checkpoint.pt")
     for key in straight:
         assert torch.equal(straight[key], after_kill[key]), key
+
+
+# Resuming continues what the checkpoint holds the state of: the model (kind, cutoff, config
+# and E0), the optimizer, the learning-rate schedule and the EMA. Another value of their options
+# is refused: (option, value given on resume, what the error says).
+_FIXED_ON_RESUME = [
+    ("cutoff", 1.0, "cutoff: checkpoint 4.0, given 1.0"),
+    ("model", "mace", "model: checkpoint 'schnet', given 'mace'"),
+    ("model_config", dict(num_channels=16), "model_config.num_channels: checkpoint 8, given 16"),
+    ("model_config", dict(lmax=2), "model_config.lmax: not a field of the checkpoint's schnet model"),
+    ("atomic_energies", {"Cu": -1.0, "Au": -2.0}, "atomic_energies: checkpoint {29: "),
+    ("lr", 1e-4, "lr: checkpoint 0.005, given 0.0001"),
+    ("scheduler", "cosine", "scheduler: checkpoint 'plateau', given 'cosine'"),
+    ("ema_decay", None, "ema_decay: checkpoint 0.99, given None"),
+]
+
+
+@pytest.mark.parametrize("option, value, message", _FIXED_ON_RESUME,
+                         ids=[message.split(":")[0] for *_, message in _FIXED_ON_RESUME])
+def test_resume_refuses_to_change_what_the_checkpoint_holds(option, value, message, tiny_xyz, tmp_path, straight_run):
+    shutil.copytree(straight_run[0].output_dir, tmp_path, dirs_exist_ok=True)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    changed = {**_RESUME_OPTIONS, "max_epochs": 4, option: value}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(_config(tiny_xyz, tmp_path, resume=True, **changed))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_takes_the_model_from_the_checkpoint_and_the_rest_may_change(tiny_xyz, tmp_path, straight_run):
+    shutil.copytree(straight_run[0].output_dir, tmp_path, dirs_exist_ok=True)
+    changed = dict(model="schnet", model_config={}, max_epochs=5, batch_size=8, forces_weight=1.0,
+                   clip_grad_norm=None, early_stopping_patience=100)
+    resumed = train(_config(tiny_xyz, tmp_path, resume=True, **changed))
+    assert [row["epoch"] for row in resumed.history] == [0, 1, 2, 3, 4]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 4 and saved["model_config"]["num_channels"] == 8
+    recorded = saved["train_config"]  # what was trained: the checkpoint's model, the new rest
+    assert (recorded["model"], recorded["cutoff"], recorded["model_config"]) == (
+        "schnet", 4.0, _RESUME_OPTIONS["model_config"])
+    assert (recorded["max_epochs"], recorded["batch_size"], recorded["forces_weight"]) == (5, 8, 1.0)
+
+
+def test_resume_with_more_epochs_continues_the_cosine_decay(tiny_xyz, tmp_path):
+    options = dict(model="schnet", model_config=dict(num_channels=4, num_basis=4, num_layers=1),
+                   scheduler="cosine", lr=1e-2, min_lr=1e-4)
+    train(_config(tiny_xyz, tmp_path, max_epochs=3, **options), stop_after_epochs=1)
+    resumed = train(_config(tiny_xyz, tmp_path, max_epochs=6, resume=True, **options))
+    lrs = [row["lr"] for row in resumed.history]
+    assert len(lrs) == 6 and all(later < earlier for earlier, later in zip(lrs, lrs[1:])), lrs
+    assert lrs[-1] > 1e-4
+
+
+@pytest.mark.parametrize("option, value", [
+    ("lr", "1e-4"), ("weight_decay", "fast"), ("min_lr", True), ("cutoff", "4"), ("max_time", [60]),
+    ("batch_size", 2.5), ("max_epochs", "10"), ("ema_decay", "none"),
+])
+def test_numeric_options_must_be_numbers(option, value):
+    with pytest.raises(ValueError, match=f"^{option} must be "):
+        TrainConfig(**{option: value})
+
+
+def test_numeric_options_take_ints_as_floats_and_whole_floats_as_ints():
+    config = TrainConfig(lr=1, cutoff=4, clip_grad_norm=None, max_epochs=1e3, batch_size=4.0)
+    assert (config.lr, config.cutoff, config.max_epochs, config.batch_size) == (1.0, 4.0, 1000, 4)
+    assert [type(v) for v in (config.lr, config.cutoff, config.max_epochs, config.batch_size)] == [
+        float, float, int, int]
+    assert config.clip_grad_norm is None
 
 
 def test_ema_follows_the_formula():

@@ -20,7 +20,16 @@ What one run does:
 
 Resuming (``resume=True``) continues from the last complete epoch of ``checkpoint.pt``: the
 epoch order comes from ``seed + epoch`` and every state is restored, so an interrupted run
-(``kill -9`` included) ends with the same weights as an uninterrupted one.
+(``kill -9`` included) ends with the same weights as an uninterrupted one. The checkpoint
+fixes the options whose state it holds: the model (``model``, ``cutoff``,
+``model_config``, ``atomic_energies``), the optimizer (``lr``, ``weight_decay``), the
+learning-rate schedule (``scheduler``, ``scheduler_patience``, ``scheduler_factor``,
+``min_lr``) and the EMA (``ema_decay``). A different value of one of these is an error, never
+silently ignored; ``model_config`` and ``atomic_energies`` may be left out (they are then the
+checkpoint's). Every other option may change: the data and its keys, ``seed``,
+``batch_size``, ``max_epochs`` (a cosine schedule then decays to ``min_lr`` at the new last
+epoch), ``max_time``, ``clip_grad_norm``, ``early_stopping_patience``, the loss weights,
+``dtype``, ``device`` and ``progress``.
 
 Distributed: launched by ``torchrun --nproc-per-node N``, the same call runs DDP (gloo on CPU,
 nccl on CUDA). ``batch_size`` is the global batch; each rank takes ``batch_size / N``
@@ -36,9 +45,11 @@ import dataclasses
 import io
 import json
 import math
+import numbers
 import os
 import random
 import time
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
@@ -90,8 +101,13 @@ class TrainConfig:
         energy_weight, forces_weight, stress_weight: λ of the loss terms.
         dtype: "float32" or "float64". device: "auto" (CUDA if there is one), "cpu", "cuda".
     Output:
-        output_dir: every file of the run goes here. resume: continue ``checkpoint.pt``.
+        output_dir: every file of the run goes here. resume: continue ``checkpoint.pt``; the
+            options of the model, optimizer, schedule and EMA must then be the checkpoint's
+            (the module docstring lists them).
         progress: show a tqdm progress bar per epoch.
+
+    Numeric options are checked here: an int is taken for a float, a whole float (``1e3``)
+    for an int; anything else (a string, a bool) is a ``ValueError`` that names the option.
     """
 
     train_file: Optional[str] = None
@@ -130,6 +146,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.scheduler not in ("plateau", "cosine", "constant"):
@@ -147,6 +164,23 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training options {unknown}; known: {names}")
         return cls(**data)
+
+
+def _check_numbers(config: TrainConfig) -> None:
+    """Make every int and float field of ``config`` a number of its type, or name it in a ValueError."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(config):
+        kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+        kind = int if int in kinds else float if float in kinds else None
+        value = getattr(config, f.name)
+        if kind is None or (value is None and type(None) in kinds):
+            continue
+        what = ("an integer" if kind is int else "a number") + (" or null" if type(None) in kinds else "")
+        # bool is an int to Python, not a number of an option; a whole float may count epochs
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not number or (kind is int and not float(value).is_integer()):
+            raise ValueError(f"{f.name} must be {what}, got {value!r}")
+        setattr(config, f.name, kind(value))
 
 
 @dataclass
@@ -367,6 +401,67 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Options whose state a checkpoint holds besides the model's: the optimizer's, the schedule's and
+# the EMA's. Restoring that state would ignore a new value, so resuming refuses one.
+_OPTIMIZER_OPTIONS = ("lr", "weight_decay", "scheduler", "scheduler_patience", "scheduler_factor", "min_lr",
+                      "ema_decay")
+
+
+def _resumed_config(config: TrainConfig, checkpoint: Dict[str, Any], path: str) -> TrainConfig:
+    """The resuming run's ``config``, its model's options taken from ``checkpoint`` once checked.
+
+    The model's options are ``model``, ``cutoff``, ``model_config`` and ``atomic_energies``;
+    they and ``_OPTIMIZER_OPTIONS`` must not differ from the checkpoint's. ``model`` and
+    ``cutoff`` are compared with the checkpoint's model, each given key of
+    ``model_config`` with the field of the model's config, given ``atomic_energies`` with the
+    model's E0 and the other options with the checkpoint's training options. ``model_config``
+    and ``atomic_energies`` may be left out (empty, null).
+
+    Args:
+        config: the options of the resuming run.
+        checkpoint: ``checkpoint.pt`` of the run, as ``load_checkpoint`` returns it.
+        path: the checkpoint's file, for the message.
+
+    Raises:
+        ValueError: naming every option that differs, with the checkpoint's and the given value.
+    """
+    model_name, model_config = checkpoint["model_name"], checkpoint["model_config"]
+    saved = checkpoint["train_config"]
+    conflicts = []
+
+    def compare(option: str, in_checkpoint: Any, given: Any) -> None:
+        if _as_lists(in_checkpoint) != _as_lists(given):
+            conflicts.append(f"{option}: checkpoint {in_checkpoint!r}, given {given!r}")
+
+    compare("model", model_name, config.model)
+    compare("cutoff", float(model_config["cutoff"]), config.cutoff)
+    for key, value in config.model_config.items():
+        if key in model_config:
+            compare(f"model_config.{key}", model_config[key], value)
+        else:
+            conflicts.append(f"model_config.{key}: not a field of the checkpoint's {model_name} model")
+    if config.atomic_energies is not None:
+        given_e0 = {_atomic_number(k): float(v) for k, v in config.atomic_energies.items()}
+        compare("atomic_energies", checkpoint["normalization"]["atomic_energies"], given_e0)
+    for option in _OPTIMIZER_OPTIONS:
+        compare(option, saved[option], getattr(config, option))
+    if conflicts:
+        raise ValueError(
+            f"cannot resume {path} with other settings ({'; '.join(conflicts)}): resuming continues the "
+            "checkpoint's model, optimizer, learning-rate schedule and EMA, so give these options as they "
+            "were (model_config and atomic_energies may be left out), or start a new run in another output_dir"
+        )
+    return dataclasses.replace(config, model=model_name, cutoff=float(model_config["cutoff"]),
+                               model_config=dict(saved["model_config"]), atomic_energies=saved["atomic_energies"])
+
+
+def _as_lists(value: Any) -> Any:
+    """Tuples as lists, recursively: a config's (16,) is the (16,) or [16] given again."""
+    if isinstance(value, (tuple, list)):
+        return [_as_lists(v) for v in value]
+    return value
+
+
 def train(config: TrainConfig, *, stop_after_epochs: Optional[int] = None) -> TrainResult:
     """Run the training described in the module docstring; returns the best potential.
 
@@ -397,20 +492,19 @@ def _train(config: TrainConfig, d: _Dist, stop_after_epochs: Optional[int]) -> T
     _barrier(d)
     _seed_everything(config.seed)
 
+    resume_state = None
+    if config.resume and os.path.exists(checkpoint_path):
+        resume_state = load_checkpoint(checkpoint_path)
+        config = _resumed_config(config, resume_state, checkpoint_path)  # the graphs use the model's cutoff
+
     train_set, valid_set, test_set = _read_splits(config)
     species = sorted({int(z) for s in train_set + valid_set + test_set for z in s.atoms.numbers})
     train_data = GraphDataset.cached(train_set, config.cutoff, dtype=dtype)
     valid_data = GraphDataset.cached(valid_set, config.cutoff, dtype=dtype) if valid_set else None
 
-    resume_state = None
-    if config.resume and os.path.exists(checkpoint_path):
-        resume_state = load_checkpoint(checkpoint_path)
     if resume_state is not None:
         normalization = Normalization(**resume_state["normalization"])
         normalization.atomic_energies = {int(z): e for z, e in normalization.atomic_energies.items()}
-        if d.main and resume_state["model_name"] != config.model:
-            print(f"note: resuming the {resume_state['model_name']} model of {checkpoint_path}; "
-                  f"the model option ({config.model!r}) applies to new runs only", flush=True)
         cls = model_class(resume_state["model_name"])
         model = cls(config_from_dict(cls.config_class, resume_state["model_config"]))
     else:
@@ -445,6 +539,8 @@ def _train(config: TrainConfig, d: _Dist, stop_after_epochs: Optional[int]) -> T
         potential.load_state_dict(resume_state["potential"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
+        if config.scheduler == "cosine":  # max_epochs may change: decay from here to min_lr at its new end
+            scheduler.T_max = max(config.max_epochs, 1)
         if ema is not None:
             ema.load_state_dict(resume_state["ema"])
         history = list(resume_state["history"])
