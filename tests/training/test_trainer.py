@@ -5,9 +5,11 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -179,6 +181,24 @@ def test_resume_with_more_epochs_continues_the_cosine_decay(tiny_xyz, tmp_path):
     lrs = [row["lr"] for row in resumed.history]
     assert len(lrs) == 6 and all(later < earlier for earlier, later in zip(lrs, lrs[1:])), lrs
     assert lrs[-1] > 1e-4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bit"])
+def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(damage, tiny_xyz, tmp_path):
+    train(_config(tiny_xyz, tmp_path, **_RESUME_OPTIONS), stop_after_epochs=1)
+    path = tmp_path / "checkpoint.pt"
+    raw = bytearray(path.read_bytes())
+    if damage == "truncated":
+        raw = raw[:len(raw) // 2]
+    else:  # one bit in the middle of the first tensor's bytes (stored uncompressed)
+        with zipfile.ZipFile(path) as archive:
+            entry = next(info for info in archive.infolist() if info.filename.endswith("/data/0"))
+        name_length, extra_length = struct.unpack("<HH", raw[entry.header_offset + 26:entry.header_offset + 30])
+        raw[entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+    message = "not a readable checkpoint" if damage == "truncated" else "corrupt checkpoint: the checksum"
+    with pytest.raises(ValueError, match=message):
+        train(_config(tiny_xyz, tmp_path, resume=True, **_RESUME_OPTIONS))
 
 
 @pytest.mark.parametrize("option, value", [

@@ -19,6 +19,8 @@ from typing import Any, BinaryIO, Callable, Dict, Union
 import numpy as np
 import torch
 
+from .._archive import check_archive
+
 __all__ = ["atomic_write", "atomic_save", "load_checkpoint", "atomic_write_text", "rng_state", "set_rng_state"]
 
 PathLike = Union[str, os.PathLike]
@@ -63,8 +65,24 @@ def atomic_write_text(text: str, path: PathLike) -> None:
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint written by ``atomic_save`` (``weights_only=True``)."""
-    return torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    """Load a checkpoint written by ``atomic_save`` (``weights_only=True``).
+
+    Raises:
+        ValueError: naming the file, when it is unreadable, not a checkpoint's dict, or corrupt
+            (an entry of its archive whose checksum does not match: ``torch.load`` alone would
+            read flipped bits into the weights and the optimizer's state).
+    """
+    path = os.fspath(path)
+    check_archive(path, "checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # truncated or foreign file, unsafe globals
+        raise ValueError(f"{path!r} is not a readable checkpoint: {error}") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def rng_state() -> Dict[str, Any]:
