@@ -1,11 +1,14 @@
-"""Files that ``torch.save`` writes, checked before ``torch.load`` reads them (private)."""
+"""Files that ``torch.save`` writes, checked as ``torch.load`` reads them (private)."""
 
 from __future__ import annotations
 
 import os
 import zipfile
+from typing import Any, Union
 
-__all__ = ["check_archive"]
+import torch
+
+__all__ = ["check_archive", "load_checked"]
 
 
 def check_archive(path: str, what: str) -> None:
@@ -24,3 +27,16 @@ def check_archive(path: str, what: str) -> None:
     if bad is not None:
         raise ValueError(f"{path!r} is a corrupt {what}: the checksum of its entry {bad!r} does not match "
                          "its contents")
+
+
+def load_checked(path: str, what: str, map_location: Union[str, torch.device]) -> Any:
+    """``torch.load(path, weights_only=True)`` after ``check_archive``; any failure to read the
+    file but a missing one (a truncated or foreign file, a pickled class) is a ValueError that
+    names ``path`` and ``what`` it should be."""
+    check_archive(path, what)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # truncated or foreign file, unsafe globals
+        raise ValueError(f"{path!r} is not a readable {what}: {error}") from error

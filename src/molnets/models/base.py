@@ -27,7 +27,7 @@ from typing import Dict, Literal, Optional, Tuple, Type, Union
 import torch
 from torch import Tensor, nn
 
-from .._archive import check_archive
+from .._archive import load_checked
 from ..graph import AtomicGraph
 from ..layers.scatter import scatter_sum
 
@@ -290,13 +290,7 @@ def load_model(
             do not fit the model it names (a subclass's file: pass ``model_type``).
     """
     name = os.fspath(path)
-    check_archive(name, "molnets model file")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # corrupt zip, foreign pickle, unsafe globals
-        raise ValueError(f"{name!r} is not a readable molnets model file: {error}") from error
+    data = load_checked(name, "molnets model file", map_location)
     if not isinstance(data, dict) or data.get("format") != "molnets":
         raise ValueError(f"{name!r} is not a molnets model file (no 'format': 'molnets')")
     version = data.get("version")

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Callable, Dict, Union
 import numpy as np
 import torch
 
-from .._archive import check_archive
+from .._archive import load_checked
 
 __all__ = ["atomic_write", "atomic_save", "load_checkpoint", "atomic_write_text", "rng_state", "set_rng_state"]
 
@@ -73,13 +73,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
             read flipped bits into the weights and the optimizer's state).
     """
     path = os.fspath(path)
-    check_archive(path, "checkpoint")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # truncated or foreign file, unsafe globals
-        raise ValueError(f"{path!r} is not a readable checkpoint: {error}") from error
+    state = load_checked(path, "checkpoint", map_location)
     if not isinstance(state, dict):
         raise ValueError(f"{path!r} is not a checkpoint (it holds a {type(state).__name__}, not a dict)")
     return state
