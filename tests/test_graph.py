@@ -107,6 +107,17 @@ def test_to_dtype_casts_only_floats():
     torch.testing.assert_close(single.positions.double(), graph.positions, atol=1e-4, rtol=0)
     assert graph.to(torch.device("cpu")).positions.dtype == torch.float64
     assert AtomicGraph.from_ase(structures()[0], 3.0).positions.dtype == torch.get_default_dtype()
+    assert graph.to(torch.float32).positions.dtype == torch.float32  # a dtype first, as Tensor.to takes it
+    assert graph.to("cpu", torch.float32).cell.dtype == torch.float32
+    with pytest.raises(ValueError, match="float32 or float64, got torch.float16"):
+        graph.to(dtype=torch.float16)
+
+
+def test_batching_graphs_of_two_dtypes_raises():
+    single, double = (AtomicGraph.from_ase(structures()[0], 3.0, dtype=dtype) for dtype in (torch.float32, torch.float64))
+    with pytest.raises(ValueError, match="one dtype and device"):  # not a silent promotion to float64
+        batch_graphs([single, double])
+    assert batch_graphs([double, double]).positions.dtype == torch.float64
 
 
 def test_from_ase_empty_list_raises():

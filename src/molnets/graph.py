@@ -168,9 +168,17 @@ class AtomicGraph(NamedTuple):
         return atoms
 
     def to(
-        self, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None
+        self, device: Optional[Union[str, torch.device, torch.dtype]] = None, dtype: Optional[torch.dtype] = None
     ) -> "AtomicGraph":
-        """Move every tensor to ``device`` and cast the float ones (positions, cell) to ``dtype``."""
+        """Move every tensor to ``device`` and cast the float ones (positions, cell) to ``dtype``
+        (float32 or float64); as with ``Tensor.to``, a dtype alone may come first:
+        ``graph.to(torch.float64)``."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("AtomicGraph.to got two dtypes")
+            device, dtype = None, device
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"a graph's positions and cell are float32 or float64, got {dtype}")
         return AtomicGraph(
             *(t.to(device=device, dtype=dtype if t.is_floating_point() else None) for t in self)
         )
@@ -259,6 +267,10 @@ def batch_graphs(graphs: Sequence[AtomicGraph]) -> AtomicGraph:
     """
     if not graphs:
         raise ValueError("batch_graphs needs at least one graph")
+    kinds = {(g.positions.dtype, g.positions.device) for g in graphs}
+    if len(kinds) > 1:  # torch.cat would promote float32 to float64 without a word
+        raise ValueError(f"batch_graphs needs graphs of one dtype and device, got {sorted(map(str, kinds))}: "
+                         "convert them first (graph.to(device, dtype))")
     atom_offsets = torch.tensor([0] + [g.num_atoms for g in graphs[:-1]]).cumsum(0).tolist()
     graph_offsets = torch.tensor([0] + [g.num_graphs for g in graphs[:-1]]).cumsum(0).tolist()
     return AtomicGraph(

@@ -118,6 +118,7 @@ def test_schnet_parameter_count_and_design_space():
     assert (space.body_order, space.num_layers, space.receptive_field) == (2, 3, 15.0)
     table = describe(model, print_table=False)
     assert "| schnet" in table and "15" in table and f"{space.num_parameters:,}" in table
+    assert model.requires_grad_(False).design_space().num_parameters == space.num_parameters  # frozen: same size
     rows = compare([model, Potential(_schnet())], print_table=False).splitlines()
     cells = [c.strip() for c in rows[3].split("|")[1:-1]]
     assert len(rows) == 4 and cells[3:6] == ["2", "3.5", "7"]  # 2 layers x 3.5 Å

@@ -87,6 +87,45 @@ def test_nan_energy_names_the_structure():
         structures_from_atoms(frames, source="src.xyz")
 
 
+@pytest.mark.parametrize("where, value, message", [
+    ("info", "abc", r"structure 1 \(Cu4\): energy is not numbers: 'abc'"),
+    ("arrays", np.ones(4), r"structure 1 \(Cu4\): energy under the key 'energy' has 4 numbers"),
+    ("weight", "heavy", r"structure 1 \(Cu4\): weight is not numbers: 'heavy'"),
+])
+def test_labels_that_are_not_one_number_name_the_structure(where, value, message):
+    frames = _labelled_cu(2)
+    for atoms in frames:
+        atoms.calc = None
+        atoms.info["energy"] = 0.0
+        atoms.arrays["forces"] = np.zeros((4, 3))
+    if where == "info":
+        frames[1].info["energy"] = value
+    elif where == "arrays":  # a per-atom array under the energy key
+        del frames[1].info["energy"]
+        frames[1].arrays["energy"] = value
+    else:
+        frames[1].info["weight"] = value
+    with pytest.raises(DataError, match=message):
+        structures_from_atoms(frames, source="src.xyz")
+
+
+def test_a_stress_label_without_a_cell_is_refused():
+    water = molecule("H2O")
+    water.info.update(energy=0.0, stress=np.zeros(6))
+    water.arrays["forces"] = np.zeros((3, 3))
+    with pytest.raises(DataError, match=r"structure 0 \(H2O\): has a stress label but no cell"):
+        structures_from_atoms([water], source="src.xyz")
+
+
+def test_a_frame_read_by_index_is_named_by_its_place_in_the_selection(tmp_path):
+    frames = _labelled_cu(4)
+    frames[3].calc = None  # the file's last frame has no labels
+    path = tmp_path / "cu.xyz"
+    ase.io.write(path, frames, format="extxyz")
+    with pytest.raises(DataError, match=r"cu.xyz\[2:\], structure 1 \(Cu4\): no energy"):
+        read_structures(path, index="2:")
+
+
 def test_empty_file_and_no_structures(tmp_path):
     empty = tmp_path / "empty.xyz"
     empty.write_text("")

@@ -73,8 +73,9 @@ def model_class(name: ModelName) -> type:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of trainable scalars."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Number of learnable scalars (each shared parameter once), frozen or not: a model's size,
+    the same for the calculator's frozen copy as for the model being trained."""
+    return sum(p.numel() for p in model.parameters())
 
 
 @dataclass(frozen=True)

@@ -83,10 +83,18 @@ def _lookup(atoms, key: str):
     return None
 
 
+def _numbers(value, name: str, what: str) -> np.ndarray:
+    """``value`` as a float64 array, or a DataError naming the structure and the label."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{name}: {what} is not numbers: {str(value)[:60]!r} ({error})") from error
+
+
 def _stress_matrix(value, name: str) -> np.ndarray:
     from ase.stress import voigt_6_to_full_3x3_stress
 
-    array = np.asarray(value, dtype=np.float64).reshape(-1)
+    array = _numbers(value, name, "stress").reshape(-1)
     if array.size == 6:
         return voigt_6_to_full_3x3_stress(array)
     if array.size == 9:
@@ -118,8 +126,9 @@ def structures_from_atoms(
             is an error; if False (prediction), missing labels are None.
 
     Raises:
-        DataError: empty input, missing energy/forces, NaN or infinite labels, wrong shapes,
-            negative weights; the message names the structure.
+        DataError: empty input, missing energy/forces, labels that are not numbers, NaN or
+            infinite labels, wrong shapes, a stress label without a cell, negative weights; the
+            message names the structure.
     """
     if len(frames) == 0:
         raise DataError(f"{source}: contains no structures")
@@ -137,7 +146,11 @@ def structures_from_atoms(
                 if require_labels:
                     raise DataError(f"{name}: no energy under the key {energy_key!r} (set --energy-key)")
             else:
-                energy = float(np.asarray(value, dtype=np.float64).reshape(()))
+                energy_array = _numbers(value, name, "energy")
+                if energy_array.size != 1:
+                    raise DataError(f"{name}: energy under the key {energy_key!r} has {energy_array.size} "
+                                    "numbers, expected one (the total energy)")
+                energy = float(energy_array.reshape(()))
                 if not np.isfinite(energy):
                     raise DataError(f"{name}: energy is {energy}")
         if forces_key is not None:
@@ -149,7 +162,7 @@ def structures_from_atoms(
                         "or forces_key: null for an energy-only data set)"
                     )
             else:
-                forces = np.asarray(value, dtype=np.float64)
+                forces = _numbers(value, name, "forces")
                 if forces.shape != (len(atoms), 3):
                     raise DataError(f"{name}: forces have shape {forces.shape}, expected ({len(atoms)}, 3)")
                 if not np.all(np.isfinite(forces)):
@@ -160,7 +173,11 @@ def structures_from_atoms(
                 stress = _stress_matrix(value, name)
                 if not np.all(np.isfinite(stress)):
                     raise DataError(f"{name}: stress contains NaN or inf")
-        weight = float(atoms.info.get(weight_key, 1.0))
+                if abs(atoms.cell.volume) == 0:
+                    raise DataError(f"{name}: has a stress label but no cell (zero volume), where a model's "
+                                    "stress is zero: give the cell or drop the label")
+        weight = _numbers(atoms.info.get(weight_key, 1.0), name, "weight")
+        weight = float(weight.reshape(())) if weight.size == 1 else float("nan")
         if not (np.isfinite(weight) and weight >= 0):
             raise DataError(f"{name}: weight must be a finite number >= 0, got {weight}")
         out.append(LabeledStructure(atoms, energy, forces, stress, weight, name))
@@ -179,7 +196,9 @@ def read_structures(
 ) -> List[LabeledStructure]:
     """Read every structure of ``path`` with ``ase.io.read`` and check its labels.
 
-    See ``structures_from_atoms`` for the keys and the errors.
+    See ``structures_from_atoms`` for the keys and the errors; with an ``index`` other than
+    ":", messages name a structure by its place among the frames read ("data.xyz[2:],
+    structure 0" is the file's third frame).
 
     Raises:
         FileNotFoundError: no such file.
@@ -204,7 +223,7 @@ def read_structures(
         forces_key=forces_key,
         stress_key=stress_key,
         weight_key=weight_key,
-        source=path,
+        source=path if index == ":" else f"{path}[{index}]",  # structure k of the frames read
         require_labels=require_labels,
     )
 
