@@ -14,8 +14,13 @@ physics is broken:
 ``check_forces_finite_difference``        F = -∂E/∂x by central differences
 ``check_stress_finite_difference``        σ = (1/V) ∂E/∂ε by central differences of the strain
                                           (ASE's ``calculate_numerical_stress`` formula)
-``check_cutoff_smoothness``               an atom crossing the cutoff: E continuous with zero
-                                          slope (C¹), forces continuous and equal to -dE/dr
+``check_cutoff_smoothness``               an atom crossing the cutoff of an atom that has
+                                          another neighbor, for every pair of species (a
+                                          subset beyond 12 species): E continuous with zero
+                                          slope (C¹), F = -dE/dr
+``check_periodic_images``                 a crystal: atoms moved by lattice vectors change
+                                          nothing; 2x1x1 and 1x2x1 supercells have 2 E, the
+                                          same E_i, F and σ
 ``check_distinguishes_isomers``           decalin and bicyclopentyl (both C10H18, same bond
                                           degrees) get different energies
 ``check_compile``                         eager == ``torch.compile(Potential(model),
@@ -71,6 +76,7 @@ __all__ = [
     "check_forces_finite_difference",
     "check_stress_finite_difference",
     "check_cutoff_smoothness",
+    "check_periodic_images",
     "check_distinguishes_isomers",
     "check_compile",
     "check_export",
@@ -375,39 +381,152 @@ def check_stress_finite_difference(model: nn.Module, *, species=None, cutoff=Non
     _close(stress, numeric, "stress differs from finite differences of the strain", rtol=1e-5, atol=1e-7)
 
 
-def check_cutoff_smoothness(model: nn.Module, *, species=None, cutoff=None) -> None:
-    """One atom moves away from another across the cutoff r_c, the graph rebuilt at each step:
+def _species_pairs(species: Sequence[int]) -> List[Tuple[int, int]]:
+    """The species pairs that ``check_cutoff_smoothness`` moves across the cutoff: every
+    unordered pair for up to 12 species (at most 78 pairs); for more, each species with itself
+    and with the next one in ``species`` (cyclically), 2 S pairs, so that every species crosses
+    the cutoff both from a like and from an unlike atom."""
+    species = list(dict.fromkeys(species))
+    if len(species) <= 12:
+        return [(a, b) for k, a in enumerate(species) for b in species[k:]]
+    return [(a, a) for a in species] + [(a, species[(k + 1) % len(species)]) for k, a in enumerate(species)]
 
-    - beyond r_c the energy is exactly that of the separated atoms;
-    - E(r_c - δ) - E(∞) vanishes faster than δ (continuous energy with zero slope, so forces
-      are continuous): the ratio over δ falls at least 5x from δ = 1e-2 to 1e-3 Å;
-    - the force along the path equals -dE/dr by central differences on both sides of r_c.
+
+def check_cutoff_smoothness(model: nn.Module, *, species=None, cutoff=None) -> None:
+    """An atom leaving the cutoff sphere r_c (Å) of an atom that keeps another neighbor: the
+    energy (eV) is continuous with zero slope and the forces (eV/Å) are -dE/dr.
+
+    Physics: molecular dynamics conserves energy and geometry optimisers converge only if E is
+    continuously differentiable (C¹) in the positions, while the neighbor list, and with it the
+    graph, changes discontinuously when a pair crosses r_c. Every term of a pair must therefore
+    vanish with zero slope at r_c, for every pair of species, whatever else the atoms see. A
+    lone pair is not enough to show this: with one neighbor a mean over neighbors equals their
+    sum, so a mean (or softmax, or a normalisation by the neighbor count) that jumps when a
+    second neighbor enters passes it. Here each structure is three atoms: A at the origin, B
+    moving away from A along a fixed direction across r_c, and a third atom C 1.2 Å from A (at
+    120° from B's path, so that C stays out of B's range along the path and only the pair A-B
+    crosses r_c). A and B run over the pairs of ``_species_pairs(species)`` (all pairs for up to
+    12 species), all of them batched into one graph per distance (each structure its own graph),
+    the neighbor list rebuilt at each distance:
+
+    - beyond r_c (r_c + 1e-6, + 1e-3, + 0.1 Å) each energy is exactly that at r_c + 1 Å (B
+      separated from A and C);
+    - E(r_c - δ) - E(r_c + 1 Å) vanishes faster than δ (continuous energy with zero slope, so
+      that forces are continuous): its ratio over δ at δ = 1e-4 Å is at most a fifth of the
+      larger ratio at δ = 1e-2 and 1e-3 Å (a C¹ energy gives a tenth or less, a kink the same
+      ratio, a jump ten times more);
+    - the force on B along its path equals -dE/dr by central differences (h = 1e-5 Å) at
+      r_c - 0.3, - 0.01, - 1e-4 and + 1e-4 Å.
+
+    Args:
+        species: atomic numbers whose pairs cross the cutoff (default ``model.config.species``).
+        cutoff: r_c in Å (default ``model.config.cutoff``), more than 1.2 Å so that C is a
+            neighbor of A (C never comes within r_c of B on B's path, whatever r_c).
     """
     species, cutoff = _species_and_cutoff(model, species, cutoff)
     potential = _potential(model, stress=False)
     device = _device(model)
-    numbers = torch.tensor([species[0], species[-1]], device=device)
-    direction = torch.tensor([0.48, 0.6, 0.64], dtype=DTYPE, device=device)  # unit vector
+    pairs = _species_pairs(species)
+    unique = list(dict.fromkeys(species))
+    third = [unique[(unique.index(a) + unique.index(b) + 1) % len(unique)] for a, b in pairs]
+    numbers = torch.tensor([[a, b, c] for (a, b), c in zip(pairs, third)], device=device).reshape(-1)  # [3P]
+    batch = torch.arange(len(pairs), device=device).repeat_interleave(3)                               # [3P]
+    direction = torch.tensor([0.48, 0.6, 0.64], dtype=DTYPE, device=device)                           # unit vector
+    normal = torch.linalg.cross(direction, torch.tensor([0.0, 0.0, 1.0], dtype=DTYPE, device=device))
+    normal = normal / normal.norm()                                                                    # ⟂ direction
+    neighbor = 1.2 * (math.cos(2 * math.pi / 3) * direction + math.sin(2 * math.pi / 3) * normal)      # [3], Å
+    names = [f"{a}-{b} (third atom {c})" for (a, b), c in zip(pairs, third)]
 
     def run(distance: float) -> Dict[str, Tensor]:
-        positions = torch.stack([torch.zeros(3, dtype=DTYPE, device=device), distance * direction])
-        return potential(AtomicGraph.from_positions(positions, numbers, cutoff))
+        one = torch.stack([torch.zeros_like(direction), distance * direction, neighbor])               # [3, 3]
+        positions = one.repeat(len(pairs), 1)                                                          # [3P, 3]
+        return potential(AtomicGraph.from_positions(positions, numbers, cutoff, batch=batch))
 
-    far = run(cutoff + 1.0)["energy"].sum().detach()
+    def energy(distance: float) -> Tensor:
+        return run(distance)["energy"].detach()                                                        # [P]
+
+    far = energy(cutoff + 1.0)                                                                         # [P]
     for distance in (cutoff + 1e-6, cutoff + 1e-3, cutoff + 0.1):
-        _close(run(distance)["energy"].sum(), far, f"energy beyond the cutoff (r = {distance} Å) depends on r")
-    gap = {d: abs(float(run(cutoff - d)["energy"].sum().detach() - far)) for d in (0.5, 1e-2, 1e-3)}
-    assert gap[0.5] > 1e-9, f"the pair interaction is invisible at r_c - 0.5 Å ({gap}): check cannot run"
-    assert gap[1e-3] / 1e-3 <= 0.2 * gap[1e-2] / 1e-2 + 1e-12, (
-        f"energy is not C¹ at the cutoff: |E(r_c - δ) - E(∞)| = {gap} does not vanish faster than δ"
-    )
+        _close(energy(distance), far, f"energy beyond the cutoff (r = {distance} Å) depends on r, pairs {names}")
+    gap = {d: (energy(cutoff - d) - far).abs() for d in (0.5, 1e-2, 1e-3, 1e-4)}                       # [P] each
+    for k, name in enumerate(names):
+        gaps = {d: float(g[k]) for d, g in gap.items()}
+        assert gaps[0.5] > 1e-9, f"pair {name}: the pair is invisible at r_c - 0.5 Å ({gaps}): check cannot run"
+        # |E(r_c - δ) - E(∞)| / δ ~ δ for a C¹ energy, constant for a kink, 1/δ for a jump. The larger of
+        # two probes, as a smooth difference may cross zero near one of them; rounding of ~ 1e-16 |E|.
+        roundoff = 1e-15 * (abs(float(far[k])) + 1.0) / 1e-4
+        assert gaps[1e-4] / 1e-4 <= 0.2 * max(gaps[1e-2] / 1e-2, gaps[1e-3] / 1e-3) + roundoff, (
+            f"pair {name}: energy is not C¹ at the cutoff: |E(r_c - δ) - E(r_c + 1 Å)| = {gaps} eV does not "
+            "vanish faster than δ"
+        )
     h = 1e-5
+    moving = torch.arange(1, 3 * len(pairs), 3, device=device)                                         # [P]: atoms B
     for distance in (cutoff - 0.3, cutoff - 0.01, cutoff - 1e-4, cutoff + 1e-4):
-        force = (run(distance)["forces"][1] @ direction).detach()
-        numeric = -(run(distance + h)["energy"].sum() - run(distance - h)["energy"].sum()) / (2 * h)
+        force = (run(distance)["forces"][moving] @ direction).detach()                                 # [P]
+        numeric = -(energy(distance + h) - energy(distance - h)) / (2 * h)                             # [P]
         # Central differences of a total energy |E| carry rounding of ~ 1e-16 |E| / h.
-        roundoff = 1e-15 * (abs(float(far)) + 1.0) / h
-        _close(force, numeric.detach(), f"force along the path at r = {distance} Å", rtol=1e-5, atol=1e-8 + roundoff)
+        roundoff = 1e-15 * (float(far.abs().max()) + 1.0) / h
+        _close(force, numeric, f"force along the path at r = {distance} Å, pairs {names}", rtol=1e-5,
+               atol=1e-8 + roundoff)
+
+
+def check_periodic_images(model: nn.Module, *, species=None, cutoff=None, seed: int = 0) -> None:
+    """A crystal is the same crystal however its atoms are drawn and however large a cell
+    describes it: energy E (eV), per-atom energies E_i (eV), forces F (eV/Å) and stress σ
+    (eV/Å³) follow, to 1e-10 (float64).
+
+    Physics: a periodic structure is an infinite lattice of copies of the cell; the model sees
+    the copies only through the edges' cell shifts S (r_ij = x_j - x_i + S @ cell). A model that
+    ignores or misuses the shifts still passes rotation, translation, strain and finite-difference
+    checks, which are self-consistent with whatever edge vectors it uses, so this check changes
+    the description of the crystal, not the crystal. On a random triclinic cell of 6 atoms whose
+    side is about the cutoff r_c (so that atoms see their own periodic images), graphs rebuilt
+    from positions each time:
+
+    - moving atom 0 by the lattice vector a₁ and the last atom by a₂ - a₃ (the same crystal)
+      leaves E, E_i, F and σ unchanged;
+    - the 2x1x1 and the 1x2x1 supercells (cell a₁ or a₂ doubled, atoms x and x + a₁ or x + a₂)
+      have twice the energy (E is extensive), the cell's E_i and F on both copies of each atom,
+      and the same σ (intensive: E and the volume both double).
+
+    Args:
+        species: atomic numbers to draw the atoms from (default ``model.config.species``).
+        cutoff: Å (default ``model.config.cutoff``).
+        seed: seed of the random structure.
+    """
+    species, cutoff = _species_and_cutoff(model, species, cutoff)
+    potential = _potential(model)
+    device = _device(model)
+    num_atoms = 6
+    crystal = random_graph(num_atoms, cutoff=cutoff, species=species, seed=61 + seed, periodic=True,
+                           density=num_atoms / cutoff**3).to(device)
+    cell = crystal.cell[0]                                                                 # [3, 3], rows a₁ a₂ a₃
+
+    def run(positions: Tensor, numbers: Tensor, cell: Tensor) -> Dict[str, Tensor]:
+        graph = AtomicGraph.from_positions(positions, numbers, cutoff, cell=cell, pbc=crystal.pbc[0])
+        return {key: value.detach() for key, value in potential(graph).items()}
+
+    ref = run(crystal.positions, crystal.atomic_numbers, cell)
+    moved = crystal.positions.clone()                                                      # [N, 3]
+    moved[0] += cell[0]
+    moved[-1] += cell[1] - cell[2]
+    out = run(moved, crystal.atomic_numbers, cell)
+    for key in ("energy", "energies", "forces", "stress"):
+        _close(out[key], ref[key], f"{key} changed when atoms moved by lattice vectors (the same crystal)",
+               rtol=1e-10, atol=1e-10)
+    for axis in (0, 1):
+        name = ["2x1x1", "1x2x1"][axis]
+        supercell = cell.clone()
+        supercell[axis] *= 2
+        positions = torch.cat([crystal.positions, crystal.positions + cell[axis]])       # [2N, 3]
+        out = run(positions, crystal.atomic_numbers.repeat(2), supercell)
+        _close(out["energy"], 2 * ref["energy"], f"{name} supercell: energy is not twice the cell's",
+               rtol=1e-10, atol=1e-10)
+        for key in ("energies", "forces"):
+            _close(out[key], ref[key].repeat(2, *[1] * (ref[key].dim() - 1)),
+                   f"{name} supercell: {key} differ from the cell's", rtol=1e-10, atol=1e-10)
+        _close(out["stress"], ref["stress"], f"{name} supercell: stress differs from the cell's",
+               rtol=1e-10, atol=1e-10)
 
 
 def check_distinguishes_isomers(model: nn.Module, *, species=None, cutoff=None) -> None:
@@ -531,6 +650,7 @@ CHECKS: Tuple[Callable[..., None], ...] = (
     check_forces_finite_difference,
     check_stress_finite_difference,
     check_cutoff_smoothness,
+    check_periodic_images,
     check_distinguishes_isomers,
     check_compile,
     check_export,

@@ -26,7 +26,7 @@ def _model() -> SchNetLinearReadout:
 def test_subclass_passes_the_suite():
     model = _model()
     for check in (testing.check_o3_equivariance, testing.check_batching, testing.check_forces_finite_difference,
-                  testing.check_cutoff_smoothness):
+                  testing.check_cutoff_smoothness, testing.check_periodic_images):
         check(model)
 
 
