@@ -64,3 +64,27 @@ def test_compiled_scatter_and_gather_equal_eager():
             torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dim_size", [1, 2, 3])
+@pytest.mark.parametrize("bad", [5, -1])
+def test_out_of_range_index_raises_in_eager_mode(dim_size, bad):
+    """An index outside [0, dim_size) never silently gives a sum; the one-bucket shortcut
+    (dim_size = 1) used to return the total. Checked in eager mode on the CPU (documented)."""
+    src = torch.tensor([1.0, 2.0])
+    with pytest.raises(IndexError):
+        scatter_sum(src, torch.tensor([0, bad]), dim_size=dim_size)
+    with pytest.raises(IndexError):
+        scatter_mean(src, torch.tensor([0, bad]), dim_size=dim_size)
+
+
+def test_one_bucket_shortcut_compiles_without_a_check():
+    """Under torch.compile the dim_size = 1 shortcut reads no index value (no host sync, no
+    graph break): an in-range index gives the eager sum."""
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda s, i: scatter_sum(s, i, dim_size=1), fullgraph=True, backend="eager")
+        src, index = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0, 0])
+        torch.testing.assert_close(compiled(src, index), scatter_sum(src, index, dim_size=1))
+    finally:
+        torch._dynamo.reset()

@@ -189,3 +189,58 @@ def test_compile_fullgraph_matches_eager():
     (g,) = torch.autograd.grad(y.sum(), v)
     torch.testing.assert_close(y, reference(v, 3, True, "integral"), rtol=0, atol=1e-12)
     torch.testing.assert_close(g, torch.autograd.grad(m(v).sum(), v)[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("ls", [[0, 2], [2, 1], [1, 1, 3], [3], [0, 1, 2]])
+@pytest.mark.parametrize("shape", [(7,), (4, 5), (2, 1, 3)])
+def test_selected_ls_any_order_and_leading_dimensions_equal_e3nn(ls, shape):
+    v = make_vectors()[:math.prod(shape)].reshape(shape + (3,))
+    for normalization in ("component", "integral"):
+        got = spherical_harmonics_l(v, ls, normalization=normalization)
+        expected = o3.spherical_harmonics(ls, v, True, normalization)
+        assert got.shape == expected.shape == shape + (sum(2 * l + 1 for l in ls),)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_invalid_degrees_rejected():
+    v = make_vectors(num=3)
+    with pytest.raises(ValueError, match="lmax"):
+        spherical_harmonics(v, -1)
+    with pytest.raises(ValueError, match="lmax"):
+        SphericalHarmonics(-1)
+    for ls in ([], [1, -1]):
+        with pytest.raises(ValueError, match="ls"):
+            spherical_harmonics_l(v, ls)
+
+
+@pytest.mark.parametrize("dtype, scales", [
+    (torch.float32, [1e18, 2e19, 1e25, 1e36, 1e38]),
+    (torch.float64, [1e150, 1e155, 1e200, 1e300]),
+])
+@pytest.mark.parametrize("lmax", [2, 5, 8])  # polynomial kernel (backward: Eq. 3 / Eq. 2), recursion
+def test_vectors_whose_squared_norm_overflows(dtype, scales, lmax):
+    """|r|^2 overflows above ~1.8e19 (float32) / 1.3e154 (float64): Y(r) must still be
+    Y(r / |r|) (it was Y(0) off the sphere: Y_2 = [0, 0, -1.118, 0, 1.936]), on every path,
+    with the gradient J(r / |r|) / |r|."""
+    unit = make_vectors(num=12)[:12]
+    unit = unit / unit.norm(dim=1, keepdim=True)                                 # [12, 3]
+    expected = reference(unit, lmax, True, "component").to(dtype)               # [12, M]
+    weights = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    directional = torch.autograd.grad((reference(unit.requires_grad_(True), lmax, True, "component")
+                                       * weights).sum(), unit)[0].to(dtype)
+    weights = weights.to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    tensors = tuple(sh_module._coefficient_tensors(lmax, "component", dtype, torch.device("cpu")))
+    for scale in scales:
+        v = (unit.detach() * scale).to(dtype)
+        torch.testing.assert_close(spherical_harmonics(v, lmax), expected, **tol)   # no autograd
+        torch.testing.assert_close(sh_module._forward_plain(v, lmax, True, tensors), expected, **tol)
+        for create_graph in (False, True):  # blocked first-order kernels; differentiable backward
+            x = v.clone().requires_grad_(True)
+            y = spherical_harmonics(x, lmax)
+            (g,) = torch.autograd.grad((y * weights).sum(), x, create_graph=create_graph)
+            torch.testing.assert_close(y.detach(), expected, **tol)
+            torch.testing.assert_close(g.detach() * scale, directional, **tol)
+        x = v.clone().requires_grad_(True)  # the plain-op path (torch.compile, GPUs)
+        (g,) = torch.autograd.grad((sh_module._forward_plain(x, lmax, True, tensors) * weights).sum(), x)
+        torch.testing.assert_close(g * scale, directional, **tol)

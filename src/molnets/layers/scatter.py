@@ -27,6 +27,13 @@ def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
     ``dim_size`` must come from a tensor *shape* (e.g. ``node_feats.shape[0]``), never from
     ``index.max()``: that would sync with the host and break ``torch.export``.
 
+    Index range: an index outside [0, dim_size) raises IndexError in eager mode on the CPU (ATen's
+    ``index_add`` checks it, and the one-bucket shortcut below checks it itself) and on the
+    compiled CPU path (ATen's ``scatter_add``: RuntimeError); on CUDA it is a device-side assert.
+    The one exception is the one-bucket shortcut (``dim_size == 1``) under ``torch.compile`` /
+    ``torch.export``, on other devices and under torch.func transforms: it sums every row
+    whatever its index, because a check would need a host sync or a value-dependent branch.
+
     Shapes:
         src [E, *F], index [E] (long, values in [0, dim_size))  ->  [dim_size, *F]
 
@@ -38,6 +45,8 @@ def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
         # One bucket (a single structure's energy): a plain sum. A shape, not a value, so no
         # sync; it also sidesteps torch 2.13's inductor CPU code generation, which fails on
         # an index_add into one row.
+        if _eager_on_cpu(index) and bool((index != 0).any()):  # what index_add would raise
+            raise IndexError("scatter_sum: index out of range [0, dim_size) with dim_size=1")
         return src.sum(0, keepdim=True)
     out = src.new_zeros((dim_size,) + tuple(src.shape[1:]))
     if _compiling_for_cpu(src):
@@ -67,6 +76,13 @@ def _compiling_for_cpu(like: Tensor) -> bool:
     kernels for per-edge messages; ``scatter_add`` and ``gather`` (whose backward is a
     ``scatter_add``) stay calls of ATen's kernels there."""
     return torch.compiler.is_compiling() and like.device.type == "cpu"
+
+
+def _eager_on_cpu(index: Tensor) -> bool:
+    """Whether ``index`` may be read on the host for a check: eager mode (not compiling or
+    exporting, no torch.func transform) on the CPU, where reading it costs no device sync."""
+    return (index.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
 
 
 def scatter_mean(src: Tensor, index: Tensor, dim_size: int) -> Tensor:

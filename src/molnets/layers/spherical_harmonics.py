@@ -34,6 +34,10 @@ The backward uses Eq. (3) up to lmax 4 and Eq. (2) above, where D A (growing as 
 costs more than the recursion. Written in differentiable ops (used when create_graph=True,
 under torch.compile and on GPUs), Eq. (1)-(2) give exact double backward.
 
+Very long vectors: where |r|^2 would overflow (|r| above about 1.8e19 in float32, 1.3e154 in
+float64) r is first divided by its largest component, so u = r / |r| stays a unit vector
+(e3nn returns Y_{l>0} = 0 there).
+
 The zero vector: with ``normalize=True`` it is normalized as ``torch.nn.functional.normalize``
 and e3nn do, r / max(|r|, 1e-12), so Y_0 = 1 and Y_{l>0} = 0 there; first and second
 derivatives are finite (no NaN; the first derivative of Y_1 at r = 0 is 1e12 times that of
@@ -247,9 +251,23 @@ _EPS = 1e-12  # r / max(|r|, eps), as torch.nn.functional.normalize and e3nn
 _CLAMPED = 0.9999 / _EPS  # inverse norms from here on are clamped: u = r / eps is not unit
 
 
+def _overflow_scale(vectors: Tensor) -> Tensor:
+    """1, or b / max_k |r_k| for vectors longer than b = tiny^(-1/4) (3e9 in float32, 8e76 in
+    float64): u = r / |r| does not change when r is scaled, so the scaled vector normalizes to
+    the same u, with a finite squared norm (it overflows above 1.8e19 in float32, 1.3e154 in
+    float64) and a first derivative whose |r|^-3 does not underflow. Detached: a constant
+    factor c has du/dr = c J(c r) = J(r), the exact Jacobian. Five elementwise ops, fused
+    under torch.compile. [E, 3] -> [E, 1]"""
+    big = torch.finfo(vectors.dtype).tiny ** -0.25
+    largest = vectors.detach().abs().amax(dim=-1, keepdim=True)                 # [E, 1]
+    return big / largest.clamp_min(big)  # exactly 1 unless largest > big        # [E, 1]
+
+
 def _normalize(vectors: Tensor) -> Tensor:
     """r / max(|r|, eps) in differentiable ops, through the clamped squared norm, so that
-    second derivatives at r = 0 are finite too (those of F.normalize are NaN there)."""
+    second derivatives at r = 0 are finite too (those of F.normalize are NaN there). Vectors
+    whose squared norm would overflow are scaled down first (``_overflow_scale``)."""
+    vectors = vectors * _overflow_scale(vectors)                                # [E, 3]
     squared = (vectors * vectors).sum(dim=-1, keepdim=True)                     # [E, 1]
     return vectors * torch.rsqrt(squared.clamp_min(_EPS * _EPS))                # [E, 3]
 
@@ -257,11 +275,13 @@ def _normalize(vectors: Tensor) -> Tensor:
 def _normalize_backward(vectors: Tensor, grad_u: Tensor) -> Tensor:
     """Vector-Jacobian product of ``_normalize``: (g - (g.u) u) / |r|, or g / eps where the
     norm is clamped; differentiable (double backward)."""
+    scale = _overflow_scale(vectors)                                            # [E, 1]
+    vectors = vectors * scale                                                   # [E, 3]
     squared = (vectors * vectors).sum(dim=-1, keepdim=True)                     # [E, 1]
     inv_norm = torch.rsqrt(squared.clamp_min(_EPS * _EPS))                      # [E, 1]
     u = vectors * inv_norm                                                      # [E, 3]
     radial = (grad_u * u).sum(dim=-1, keepdim=True) * (squared > _EPS * _EPS)   # [E, 1]
-    return (grad_u - radial * u) * inv_norm                                     # [E, 3]
+    return (grad_u - radial * u) * (inv_norm * scale)                           # [E, 3]
 
 
 def _forward_reference(u: Tensor, lmax: int, y0: Tensor, forward_t: Sequence[Tensor]) -> Tensor:
@@ -304,7 +324,9 @@ def _unit_block(vectors: Tensor, start: int, n: int, normalize: bool, u_buffer: 
     times faster than a strided copy, and otherwise a stack of the three columns (2.5x faster
     than that matmul in float64; measured on CPU at 1e3-1e4 vectors); the norm is not
     linalg.vector_norm(dim=0), two orders of magnitude slower here, nor sqrt, which with 2
-    OpenMP threads stalls for milliseconds on a busy CPU (rsqrt does not)."""
+    OpenMP threads stalls for milliseconds on a busy CPU (rsqrt does not). Where the squared
+    norm overflows (rsqrt gives 0; |r| above about 1.8e19 in float32), those vectors are
+    normalized again after division by their largest component (eager CPU only: a host sync)."""
     u_t, inv_norm = u_buffer[:, :n], norm_buffer[:n]                            # [3, c], [c]
     block = vectors[start:start + n]                                            # [c, 3]
     if vectors.dtype == torch.float32:
@@ -315,6 +337,14 @@ def _unit_block(vectors: Tensor, start: int, n: int, normalize: bool, u_buffer: 
         torch.sum(u_t * u_t, dim=0, out=inv_norm)
         torch.rsqrt(inv_norm.clamp_min_(_EPS * _EPS), out=inv_norm)
         u_t.mul_(inv_norm)
+        if float(inv_norm.min()) == 0.0:  # |r|^2 overflowed: rsqrt(inf) = 0, u = 0
+            huge = (inv_norm == 0.0).nonzero()[:, 0]                            # [h]
+            r = block.index_select(0, huge).t()                                 # [3, h]
+            inv_largest = r.abs().amax(dim=0).reciprocal()                      # [h]
+            scaled = r * inv_largest                                            # [3, h]
+            inv_scaled_norm = torch.rsqrt((scaled * scaled).sum(0))             # [h]
+            u_t[:, huge] = scaled * inv_scaled_norm
+            inv_norm[huge] = inv_largest * inv_scaled_norm
     return u_t, inv_norm
 
 
@@ -544,9 +574,14 @@ def spherical_harmonics(vectors: Tensor, lmax: int, *, normalize: bool = True,
     Shapes:
         vectors [E, 3]  ->  [E, (lmax+1)^2]   (any leading dimensions: [..., 3] -> [..., M])
 
+    Raises:
+        ValueError: if lmax < 0.
+
     >>> spherical_harmonics(torch.tensor([[0.0, 0.0, 2.0]]), 1)
     tensor([[1.0000, 0.0000, 0.0000, 1.7321]])
     """
+    if lmax < 0:  # a Python int: no check on tensor values
+        raise ValueError(f"spherical_harmonics needs lmax >= 0, got lmax={lmax}")
     tensors = _coefficient_tensors(lmax, normalization, vectors.dtype, vectors.device)
     return _evaluate(vectors, lmax, normalize, tensors)
 
@@ -555,20 +590,30 @@ def spherical_harmonics_l(vectors: Tensor, ls: Sequence[int], *, normalize: bool
                           normalization: Normalization = "component") -> Tensor:
     """The blocks Y_l of ``spherical_harmonics`` for the degrees in ``ls`` only, in that order.
 
+    Equal to ``e3nn.o3.spherical_harmonics(ls, vectors, normalize, normalization)``.
+
     Args:
         vectors: edge vectors in Å.
-        ls: degrees to keep, e.g. [0, 2, 4] (repeats allowed).
+        ls: degrees to keep, in any order, e.g. [0, 2, 4] or [2, 1] (repeats allowed).
         normalize, normalization: as in ``spherical_harmonics``.
 
     Shapes:
-        vectors [E, 3]  ->  [E, sum_l (2l+1)]
+        vectors [E, 3]  ->  [E, sum_l (2l+1)]   (any leading dimensions: [..., 3] -> [..., sum_l (2l+1)])
+
+    Raises:
+        ValueError: if ``ls`` is empty or holds a negative degree.
+
+    >>> spherical_harmonics_l(torch.zeros(4, 5, 3), [2, 0]).shape
+    torch.Size([4, 5, 6])
     """
     ls = [int(l) for l in ls]
+    if not ls or min(ls) < 0:
+        raise ValueError(f"spherical_harmonics_l needs a non-empty ls of degrees >= 0, got ls={ls}")
     sh = spherical_harmonics(vectors, max(ls), normalize=normalize,
-                             normalization=normalization)                       # [E, M]
+                             normalization=normalization)                       # [..., M]
     if ls == list(range(max(ls) + 1)):
         return sh
-    return torch.cat([sh[:, l * l:(l + 1) ** 2] for l in ls], dim=1)            # [E, sum 2l+1]
+    return torch.cat([sh[..., l * l:(l + 1) ** 2] for l in ls], dim=-1)        # [..., sum 2l+1]
 
 
 class SphericalHarmonics(nn.Module):
@@ -589,6 +634,8 @@ class SphericalHarmonics(nn.Module):
     def __init__(self, lmax: int, *, normalize: bool = True,
                  normalization: Normalization = "component") -> None:
         super().__init__()
+        if lmax < 0:
+            raise ValueError(f"SphericalHarmonics needs lmax >= 0, got lmax={lmax}")
         self.lmax = int(lmax)
         self.normalize = bool(normalize)
         self.normalization: Normalization = normalization
