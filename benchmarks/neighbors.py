@@ -136,7 +136,7 @@ def main() -> None:
     print(f"\ntorch cell list: time ~ N^{slope:.2f} (fit over N = {sizes.astype(int).tolist()})")
     molecules_case = {n: t for n, (t, _) in results["64 molecules (g2)"].items() if n.startswith("molnets") and "auto" not in n}
     print(f"64 molecules: fastest molnets backend {min(molecules_case, key=molecules_case.get)}; "
-          f"auto picks {_resolve('auto', validate(*case_inputs(cases['64 molecules (g2)'])))}")
+          f"auto picks {_resolve('auto', validate(*case_inputs(cases['64 molecules (g2)'])), CUTOFF)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the origin, one atom, no atom, each under a random rotation (det ±1) and transl
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Tuple
 
@@ -15,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
+from ase.build import bulk, fcc111, molecule
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from molnets.neighbors import neighbor_list
+from molnets.neighbors import _resolve, neighbor_list
 from molnets.neighbors._geometry import reduce_cell, validate
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -271,3 +273,292 @@ def test_huge_finite_positions_are_not_taken_for_inf():
     positions[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"atoms \[1\]"):
         validate(positions, 3.0, None, None, None)
+
+
+# ----------------------------------------------------------------------------- far atoms
+# An atom that flies away during molecular dynamics: vesin's cell grid follows the atoms' extent
+# and divides by zero (SIGFPE, the process dies) or searches for minutes; the torch cell list
+# must stay exact and small. "auto" is checked to route away from vesin *before* it is called,
+# so that a regression fails the test instead of killing the test process.
+
+FAR_CUTOFF = 5.0
+FAR_DISTANCES = (1e6, 1e15, 1e30)
+
+
+def far_atom_system(kind: str, distance: float, rotated: bool):
+    """Positions [n, 3], cell [3, 3], pbc [3] (tensors), the far atoms' indices and a description.
+
+    ``molecule``: ethanol with one H moved ``distance`` Å along x; ``fragment``: two H moved
+    together (a pair far from the rest); ``slab``: Cu(111) 2x2x3, pbc [T, T, F], its top atom
+    moved ``distance`` Å up (along the non-periodic direction); ``drifting``: the same atom also
+    moved sideways, 0.3 and 0.2 x ``distance`` along x and y (at 1e30 Å, 1e28 cells along the
+    periodic vectors: it must stay unwrapped, and pairs only with its own images).
+    """
+    if kind in ("slab", "drifting"):
+        atoms = fcc111("Cu", (2, 2, 3), vacuum=5.0)
+        atoms.pbc = [True, True, False]
+        far = [len(atoms) - 1]
+        atoms.positions[far[0]] += distance * np.array([0.3, 0.2, 1.0] if kind == "drifting" else [0.0, 0.0, 1.0])
+    else:
+        atoms = molecule("CH3CH2OH")
+        far = [len(atoms) - 2, len(atoms) - 1] if kind == "fragment" else [len(atoms) - 1]
+        atoms.positions[far, 0] += distance
+    positions, cell = atoms.positions, atoms.cell[:]
+    rotation = np.eye(3)
+    if rotated:
+        rotation, _ = np.linalg.qr(np.random.default_rng(5).normal(size=(3, 3)))
+        positions, cell = positions @ rotation.T, cell @ rotation.T
+    context = f"{kind}, far atoms {far} moved {distance:g} Å, rotation={rotation.tolist()}"
+    return torch.tensor(positions), torch.tensor(cell), torch.tensor(atoms.pbc), far, context
+
+
+def assert_far_atoms_isolated(pairs: Dict, far: List[int], context: str) -> None:
+    """No pair between a far atom and the rest (pairs among the far atoms are fine)."""
+    crossing = [key for key in pairs if (key[0] in far) != (key[1] in far)]
+    assert not crossing, f"{context}: pairs across the gap {crossing[:5]}"
+
+
+@pytest.mark.parametrize("backend, kind, distance, rotated", [
+    (backend, kind, distance, rotated)
+    for backend in ("auto", "torch") for kind in ("molecule", "fragment", "slab", "drifting")
+    for distance in FAR_DISTANCES for rotated in (False, True)
+    # (not: the fragment rotated at 1e30 Å, whose two far atoms round to the same point there,
+    # float64's spacing being 1e14 Å: no neighbor list can tell them apart)
+    if not (kind == "fragment" and rotated and distance > 1e15)
+])
+def test_far_atom_equals_reference(backend, kind, distance, rotated):
+    x, c, pbc, far, context = far_atom_system(kind, distance, rotated)
+    if backend == "auto":
+        assert _resolve("auto", validate(x, FAR_CUTOFF, c, pbc, None), FAR_CUTOFF) == "torch", context
+    expected = molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, pbc, backend="reference"), x, c)
+    actual = molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, pbc, backend=backend), x, c)
+    assert_same_pairs(expected, actual, f"backend={backend}, {context}")
+    assert_far_atoms_isolated(actual, far, context)
+    if kind == "fragment":  # the far pair itself is found (H-H 1.8 Å apart)
+        assert (far[0], far[1], (0, 0, 0)) in actual, context
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_far_atom_keeps_its_self_images(rotated):
+    """At 1e30 Å up and 3e29 Å sideways the atom is 6e28 cells along the periodic vectors
+    (unwrappable in float64) but far from every other atom along the normal: it keeps exactly its
+    six images closer than a 6 Å cutoff (Cu(111), |a| = 5.1 Å), at zero cost of precision."""
+    x, c, pbc, far, context = far_atom_system("drifting", 1e30, rotated)
+    expected = molnets_pairs(*neighbor_list(x, 6.0, c, pbc, backend="reference"), x, c)
+    for backend in ("torch", "auto"):
+        actual = molnets_pairs(*neighbor_list(x, 6.0, c, pbc, backend=backend), x, c)
+        assert_same_pairs(expected, actual, f"backend={backend}, {context}")
+        images = {key: d for key, d in actual.items() if far[0] in key[:2]}
+        assert all(i == j for i, j, _ in images) and len(images) == 6, images
+        assert all(abs(d - 5.105) < 1e-2 for d in images.values()), images
+
+
+@pytest.mark.parametrize("distance", [1e154, 1e300])
+@pytest.mark.parametrize("kind, rotated", [("molecule", False), ("drifting", True)])
+def test_far_atom_beyond_squared_overflow(kind, rotated, distance):
+    """Past 1e154 Å squared distances overflow float64 (to inf: still not a pair) and vesin's grid
+    would be degenerate or infinite: the right list from auto and torch, a ValueError from vesin."""
+    x, c, pbc, far, context = far_atom_system(kind, distance, rotated=rotated)
+    expected = molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, pbc, backend="reference"), x, c)
+    for backend in ("auto", "torch"):
+        assert_same_pairs(expected, molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, pbc, backend=backend), x, c), context)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        neighbor_list(x, FAR_CUTOFF, c, pbc, backend="vesin")
+
+
+@pytest.mark.parametrize("kind, distance", [("slab", 1e5)] + [(kind, d) for kind in ("molecule", "slab")
+                                                               for d in FAR_DISTANCES])
+def test_explicit_vesin_on_far_atom_raises(kind, distance):
+    """vesin would die with SIGFPE (or, for the slab at 1e5 Å, search for minutes): a ValueError
+    that names backend="torch" instead (a molecule with an atom 1e5 Å away vesin still handles,
+    in 10 ms). The routing is asserted first, so that vesin is never called on such a system by
+    this test."""
+    x, c, pbc, _, context = far_atom_system(kind, distance, rotated=False)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        _resolve("vesin", validate(x, FAR_CUTOFF, c, pbc, None), FAR_CUTOFF)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        neighbor_list(x, FAR_CUTOFF, c, pbc, backend="vesin")
+
+
+@pytest.mark.parametrize(
+    "case, works, fails",
+    [("ethanol, one H moved along x", 3e5, 5e5), ("periodic cell L x L x 3 Å, two atoms", 1e3, 2e3)],
+)
+def test_vesin_guard_matches_vesin(case, works, fails):
+    """The guard's model of vesin's grid against vesin itself, on both sides of a crash measured
+    with vesin 0.6.2 (SIGFPE at 5e5 Å and 2000 Å, none at 3e5 Å and 1000 Å): vesin is called
+    only on the side where it works, and must then equal the reference."""
+    def system(size):
+        if case.startswith("ethanol"):
+            return far_atom_system("molecule", size, rotated=False)[:3]
+        two = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+        return two, torch.diag(torch.tensor([size, size, 3.0], dtype=torch.float64)), torch.tensor([True] * 3)
+
+    x, c, pbc = system(fails)
+    with pytest.raises(ValueError, match="SIGFPE"):
+        _resolve("vesin", validate(x, FAR_CUTOFF, c, pbc, None), FAR_CUTOFF)
+    x, c, pbc = system(works)
+    assert _resolve("vesin", validate(x, FAR_CUTOFF, c, pbc, None), FAR_CUTOFF) == "vesin"
+    expected = molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, pbc, backend="reference"), x, c)
+    assert_same_pairs(expected, molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, pbc, backend="vesin"), x, c), case)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_huge_periodic_cell(backend):
+    """Two atoms 1 Å apart across the boundary of a periodic box 1e12 Å wide: a few bins 5e11 Å
+    wide, whose stencil must still reach the neighbor images (S = ±1)."""
+    x = torch.tensor([[0.5, 0.5, 0.5], [1e12 - 0.5, 0.5, 0.5]], dtype=torch.float64)
+    c = torch.eye(3, dtype=torch.float64) * 1e12
+    expected = molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, True, backend="reference"), x, c)
+    assert set(expected) == {(0, 1, (-1, 0, 0)), (1, 0, (1, 0, 0))}
+    assert_same_pairs(expected, molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, True, backend=backend), x, c), backend)
+
+
+def copper_crystal(num_atoms: int):
+    reps = round((num_atoms / 4) ** (1 / 3))
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True) * (reps, reps, reps)
+    atoms.rattle(0.05, seed=0)
+    return atoms
+
+
+@functools.lru_cache(maxsize=None)
+def ordinary_systems():
+    """Structures that "auto" must keep giving to vesin (the fastest there, benchmarks/neighbors.py)."""
+    systems = {"ethanol": molecule("CH3CH2OH"), "benzene (planar)": molecule("C6H6"), "benzene 1e4 Å away": molecule("C6H6")}
+    systems["benzene 1e4 Å away"].translate([1e4, -3e3, 2e3])
+    for n in (256, 2048, 16384):
+        systems[f"Cu fcc {n}"] = copper_crystal(n)
+    for vacuum in (10.0, 30.0):
+        slab = fcc111("Cu", (6, 6, 4), vacuum=vacuum)
+        slab.pbc = [True, True, False]
+        systems[f"Cu(111) slab, {vacuum} Å vacuum, pbc TTF"] = slab
+        periodic = slab.copy()
+        periodic.pbc = True
+        systems[f"Cu(111) slab, {vacuum} Å vacuum, pbc TTT"] = periodic
+    adsorbate = fcc111("Cu", (6, 6, 4), vacuum=15.0)
+    adsorbate.pbc = [True, True, False]
+    adsorbate.positions[-1, 2] += 30.0  # a desorbing atom 30 Å above the surface
+    systems["slab, one atom 30 Å above"] = adsorbate
+    cluster = copper_crystal(500)
+    cluster.pbc = False
+    systems["Cu cluster 500, no pbc"] = cluster
+    return systems
+
+
+@pytest.mark.parametrize("name", sorted(ordinary_systems()))
+def test_auto_keeps_vesin_on_ordinary_systems(name):
+    atoms = ordinary_systems()[name]
+    system = validate(torch.tensor(atoms.positions), FAR_CUTOFF, torch.tensor(atoms.cell[:]), torch.tensor(atoms.pbc), None)
+    assert _resolve("auto", system, FAR_CUTOFF) == "vesin"
+
+
+def vesin_failures():
+    """(positions, cell, pbc) that vesin 0.6 handles slowly (slab, atom 1e4 Å up: ~1 s, its search
+    visits cells ~ extent^2) or not at all (a thin periodic cell 2000 x 2000 x 3 Å: SIGFPE; an atom
+    1e12 Å along a periodic direction: its int32 cell shifts overflow, pairs are lost), and whether
+    backend="vesin" must refuse it."""
+    slab_up = far_atom_system("slab", 1e4, rotated=False)[:3]
+    diagonal = far_atom_system("molecule", 1e6, rotated=True)[:3]  # no thin grid: vesin takes ~10 ms
+    two = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    thin = (two, torch.diag(torch.tensor([2e3, 2e3, 3.0], dtype=torch.float64)), torch.tensor([True] * 3))
+    sideways = far_atom_system("slab", 0.0, rotated=False)[:3]
+    sideways[0][-1, 0] += 1e12
+    return {"slab, atom 1e4 Å up": (slab_up, False), "molecule, atom 1e6 Å away (rotated)": (diagonal, False),
+            "thin periodic cell": (thin, True), "atom 1e12 Å along a periodic vector": (sideways, True)}
+
+
+@pytest.mark.parametrize("name", sorted(vesin_failures()))
+def test_auto_avoids_vesin_where_it_would_fail(name):
+    (x, c, pbc), refused = vesin_failures()[name]
+    system = validate(x, FAR_CUTOFF, c, pbc, None)
+    assert _resolve("auto", system, FAR_CUTOFF) == "torch"
+    if refused:
+        with pytest.raises(ValueError, match="backend='torch'"):
+            _resolve("vesin", system, FAR_CUTOFF)
+    else:
+        assert _resolve("vesin", system, FAR_CUTOFF) == "vesin"
+    expected = molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, pbc, backend="reference"), x, c)
+    assert_same_pairs(expected, molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, pbc), x, c), name)
+
+
+def test_batch_with_a_far_atom():
+    """One structure of a batch with a far atom sends the whole batch to the torch cell list."""
+    parts = [far_atom_system("slab", 1e30, rotated=True), far_atom_system("molecule", 0.0, rotated=False)]
+    x = torch.cat([p[0] for p in parts])
+    cells = torch.stack([p[1] for p in parts])
+    pbc = torch.stack([p[2] for p in parts])
+    batch = torch.tensor([0] * len(parts[0][0]) + [1] * len(parts[1][0]))
+    assert _resolve("auto", validate(x, FAR_CUTOFF, cells, pbc, batch), FAR_CUTOFF) == "torch"
+    for backend in ("auto", "torch"):
+        expected, actual = (
+            neighbor_list(x, FAR_CUTOFF, cells, pbc, batch, backend=b) for b in ("reference", backend)
+        )
+        key = lambda r: sorted(zip(r[0].tolist(), r[1].tolist(), map(tuple, r[2].tolist())))  # noqa: E731
+        assert key(actual) == key(expected)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference", "vesin"])
+def test_far_along_a_periodic_direction(backend):
+    """1e6 Å along a periodic lattice vector is just another image (exact); at 1e20 Å float64
+    can no longer tell where in the cell the atom is: a ValueError, not a wrong list."""
+    x, c, pbc, far, context = far_atom_system("slab", 0.0, rotated=False)
+    x[far[0], 0] += 1e6
+    expected = ase_pairs(x.numpy(), c.numpy(), pbc.numpy(), FAR_CUTOFF)
+    assert_same_pairs(expected, molnets_pairs(*neighbor_list(x, FAR_CUTOFF, c, pbc, backend=backend), x, c), backend)
+    x[far[0], 0] += 1e20
+    with pytest.raises(ValueError, match="periodic"):
+        neighbor_list(x, FAR_CUTOFF, c, pbc, backend=backend)
+
+
+def test_gaps_at_the_cutoff_along_a_line():
+    """Atoms on a line whose gaps straddle the cutoff (4.999 / 5.001 / exactly 5 Å), spread over
+    1e30 Å: exactly the pairs closer than the cutoff."""
+    gaps = [4.999, 5.001, 1.0, 1e3, 4.999, 1e15, 2.5, 2.5, 1e30]
+    coordinates = np.concatenate([[0.0], np.cumsum(gaps)])
+    x = torch.zeros(len(coordinates), 3, dtype=torch.float64)
+    x[:, 0] = torch.tensor(coordinates)
+    assert _resolve("auto", validate(x, FAR_CUTOFF, None, None, None), FAR_CUTOFF) == "torch"
+    for backend in ("torch", "auto", "reference"):
+        receivers, senders, _ = neighbor_list(x, FAR_CUTOFF, backend=backend)
+        found = sorted(zip(receivers.tolist(), senders.tolist()))
+        exact = [coordinates[j] - coordinates[i] for i, j in found]
+        expected = sorted(
+            p for i in range(len(coordinates)) for j in range(len(coordinates))
+            if i != j and abs(coordinates[j] - coordinates[i]) < FAR_CUTOFF for p in [(i, j)]
+        )
+        assert found == expected, (backend, found, exact)
+
+
+def free_direction(cell: np.ndarray, pbc: np.ndarray, rng) -> np.ndarray:
+    """A unit vector orthogonal to the periodic lattice vectors (a direction in which the
+    structure is not periodic). Shapes: [3, 3], [3] -> [3]"""
+    v = rng.normal(size=3)
+    for a in np.linalg.qr(cell[pbc].T)[0].T if pbc.any() else []:
+        v -= (v @ a) * a
+    return v / np.linalg.norm(v)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(structures(), st.integers(3, 30), st.integers(0, 2**32 - 1))
+def test_far_atom_on_random_structures(case, exponent, seed):
+    """Random structures (triclinic, skewed, smaller than the cutoff, rotated) with one atom
+    moved 10^3 .. 10^30 Å along a non-periodic direction: torch and auto equal the reference."""
+    (positions, cell, pbc, transform), cutoff = case
+    assume(len(positions) >= 2 and not pbc.all())
+    rng = np.random.default_rng(seed)
+    positions = positions.copy()
+    atom = int(rng.integers(len(positions)))
+    positions[atom] += 10.0**exponent * free_direction(cell, pbc, rng)
+    x, c, p = torch.tensor(positions), torch.tensor(cell), torch.tensor(pbc)
+    try:
+        expected = molnets_pairs(*neighbor_list(x, cutoff, c, p, backend="reference"), x, c)
+    except ValueError as error:  # overlapping atoms (or their images) of the drawn structure
+        assume("on top of each other" not in str(error))
+        raise
+    for backend in ("torch", "auto"):
+        if backend == "auto":  # vesin only where it is safe (decided before it is called)
+            _resolve("auto", validate(x, cutoff, c, p, None), cutoff)
+        actual = molnets_pairs(*neighbor_list(x, cutoff, c, p, backend=backend), x, c)
+        context = f"backend={backend}, atom {atom} moved 1e{exponent} Å, pbc={pbc.tolist()}, cutoff={cutoff}, {transform}"
+        assert_same_pairs(expected, actual, context)
+        assert_far_atoms_isolated(actual, [atom], context)

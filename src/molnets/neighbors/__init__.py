@@ -18,7 +18,7 @@ from ._cell_list import cell_list_neighbor_list
 from ._cluster import cluster_neighbor_list
 from ._geometry import MIN_PAIR_DISTANCE, PbcLike, System, check_no_overlap, validate
 from ._reference import reference_neighbor_list
-from ._vesin import vesin_neighbor_list
+from ._vesin import SECONDS_PER_VISIT, vesin_cost, vesin_neighbor_list
 
 __all__ = ["neighbor_list", "Backend", "BACKENDS", "MIN_PAIR_DISTANCE"]
 
@@ -68,7 +68,10 @@ def neighbor_list(
             non-periodic only), or ``"auto"``, the fastest measured: on other devices the torch
             cell list; on the CPU vesin, except for batches of small structures (at most 64 atoms
             on average): torch-cluster if every structure is non-periodic and it is installed,
-            else the batched torch cell list from 32 structures on.
+            else the batched torch cell list from 32 structures on; and except for systems that
+            vesin would search slowly or not at all (an atom far from the rest, see
+            ``_vesin.vesin_cost``): the torch cell list, whose time and memory stay O(N) however
+            far apart the atoms are (tested up to 1e300 Å).
 
     Returns:
         receivers [E] (i), senders [E] (j), shifts [E, 3] (long, S) such that the edge vector is
@@ -78,7 +81,11 @@ def neighbor_list(
     Raises:
         ValueError: NaN/inf positions or cell, cutoff <= 0, a singular cell along periodic
             directions, pbc without a cell, mismatched shapes, atoms on top of each other
-            (closer than ``MIN_PAIR_DISTANCE``), or ``"cluster"`` asked for a periodic system.
+            (closer than ``MIN_PAIR_DISTANCE``), an atom 2^52 or more cells away along a periodic
+            lattice vector but within the cutoff of other atoms along the non-periodic ones
+            (float64 cannot place it in the cell), ``"cluster"`` asked for a periodic system, or
+            ``"vesin"`` asked for a system it would crash on, get wrong or search for seconds (the
+            message says which; ``"torch"`` computes it).
 
     >>> import torch
     >>> x = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 3.0]])
@@ -87,7 +94,7 @@ def neighbor_list(
     [(0, 1), (1, 0)]
     """
     system = validate(positions, cutoff, cell, pbc, batch)
-    receivers, senders, shifts, distances = _BACKENDS[_resolve(backend, system)](system, float(cutoff))
+    receivers, senders, shifts, distances = _BACKENDS[_resolve(backend, system, float(cutoff))](system, float(cutoff))
     check_no_overlap(receivers, senders, distances)
     return receivers, senders, shifts
 
@@ -98,19 +105,36 @@ def neighbor_list(
 # the batched torch cell list and 0.9 ms with torch-cluster's batched radius graph.
 _SMALL_STRUCTURE = 64   # atoms per structure, on average
 _MANY_STRUCTURES = 32
+# ... and vesin only where its cell search is not the slower one: the torch cell list takes about
+# 1 ms + 12 µs per atom on the CPU (benchmarks/neighbors.py, fcc Cu 4-16384 atoms, 1 thread), vesin
+# ~4 ns per cell its search visits (see _vesin.py). Ordinary systems are far below: fcc Cu 16384
+# visits 3.6e4 cells, ethanol 245, a 6x6x4 Cu(111) slab with an atom 30 Å above it 7e3. A slab of
+# 12 atoms with its top atom 1e3 Å up visits 2e6 (vesin 8.9 ms, torch 1.3 ms): torch.
+_TORCH_SECONDS = 1e-3
+_TORCH_SECONDS_PER_ATOM = 12e-6
 
 
-def _resolve(backend: str, system: System) -> str:
+def _resolve(backend: str, system: System, cutoff: float) -> str:
     if backend == "auto":
         if not system.positions.is_cpu:
             return "torch"
-        num_graphs = system.cell.shape[0]
-        small = system.positions.shape[0] <= _SMALL_STRUCTURE * num_graphs
+        num_atoms, num_graphs = system.positions.shape[0], system.cell.shape[0]
+        small = num_atoms <= _SMALL_STRUCTURE * num_graphs
         if num_graphs > 1 and small and _has_torch_cluster() and not bool(system.pbc.any()):
             return "cluster"
         if num_graphs >= _MANY_STRUCTURES and small:
             return "torch"
-        return "vesin"
+        # vesin unless its search would visit more cells than the torch cell list takes time
+        enough = (_TORCH_SECONDS + _TORCH_SECONDS_PER_ATOM * num_atoms) / SECONDS_PER_VISIT
+        vesin = vesin_cost(system, cutoff, enough)
+        return "vesin" if vesin.problem is None and vesin.visits <= enough else "torch"
     if backend not in _BACKENDS:
         raise ValueError(f"unknown neighbor-list backend {backend!r}; choose one of {('auto',) + BACKENDS}")
+    if backend == "vesin":
+        problem = vesin_cost(system, cutoff).problem
+        if problem is not None:
+            raise ValueError(
+                f"backend='vesin' cannot compute this neighbor list: {problem}. Use backend='torch' "
+                "(the pure-torch cell list, which \"auto\" picks here)"
+            )
     return backend

@@ -13,6 +13,11 @@ cell shift, which makes cells smaller than the cutoff work: many stencil offsets
 non-periodic bins span the atoms' extent. Only half the stencil is searched and every pair found
 is emitted in both directions, (i, j, S) and (j, i, -S).
 
+Memory and time stay O(N) however far apart the atoms are (one atom 1e30 Å from the rest, a
+molecule spread over a huge box): empty stretches wider than the cutoff along non-periodic
+directions are closed up before binning (:func:`_close_gaps`), and a structure that would still
+need more than ``MAX_BINS_PER_ATOM`` bins per atom gets wider bins (:func:`_coarse_width`).
+
 All structures of a batch are binned together in one global bin index; the only loops are over
 the (few) partially periodic structures in :func:`complete_cell`. Output sizes depend on the data,
 so there are a handful of host synchronisations (totals of bins, stencil entries, candidates).
@@ -25,14 +30,19 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ._geometry import System, complete_cell, reduce_cell
+from ._geometry import MAX_WRAP, System, complete_cell, reduce_cell, unwrapped_far_atoms
 
 # Bins are at least cutoff / BINS_PER_CUTOFF wide: 2 searches 5^3 bins of (cutoff/2)^3, a volume
 # of 15.6 cutoff^3 per atom, instead of 27 cutoff^3 with bins one cutoff wide (measured faster).
 BINS_PER_CUTOFF = 2
-# At most this many bins per atom of a structure: a few atoms in a huge box (or a molecule
-# spread over 1e4 Å) get coarser bins instead of millions of empty ones.
+# About this many bins per atom of a structure at most (8x that in the worst case, see
+# _coarse_width): a few atoms in a huge periodic box, or a sparse gas, get bins wider than
+# cutoff / 2 instead of millions of empty ones. Dense matter needs ~1 (Cu, cutoff 5 Å: 0.8).
 MAX_BINS_PER_ATOM = 4
+# Beyond this distance (Å) from the origin along a non-periodic direction, the rounding of
+# u_i - S' @ cell (|u| * 1e-16 Å) is no longer negligible: the distance test is done as
+# (u_j - u_i) + S' @ cell instead.
+EXACT_ORDER_BEYOND = 1e6
 # Relative safety on the search radius: bins and stencils are sized for cutoff * (1 + margin), so
 # that rounding at bin boundaries never loses a pair (the distance test itself is exact).
 SEARCH_MARGIN = 1e-6
@@ -73,17 +83,14 @@ def cell_list_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
     # Periodic coordinates are wrapped into [0, 1); a_i remembers by how many cells, so that a
     # pair found between wrapped atoms with shift S' has S = S' + a_i - a_j.
     image = torch.where(atom_pbc, torch.floor(frac), torch.zeros_like(frac))         # [N, 3]
+    # Extents before wrapping: along periodic directions they are unused by the bins, and tell
+    # how many cells away the farthest atom is.
+    index = batch.unsqueeze(1).expand(num_atoms, 3)
+    lo, hi = _extent(frac, index, num_graphs)                                         # [B, 3] x2
     frac = frac - image                                                               # [N, 3]
-    image_long = image.to(torch.long)                                                 # [N, 3]
-    # Wrapped Cartesian positions u_i = x_i - a_i @ cell: the distance test uses u_j - u_i + S' @ cell,
-    # which equals x_j - x_i + S @ cell (and is exactly x_j - x_i for non-periodic atoms).
-    unwrap = image @ cell64[0] if single else torch.einsum("nx,nxy->ny", image, cell64[batch])
-    wrapped = (x64 - unwrap).to(dtype)                                                # [N, 3]
 
     # Per structure and direction: number of bins n, width (Å, perpendicular), stencil half-width m.
-    index = batch.unsqueeze(1).expand(num_atoms, 3)
-    lo = frac.new_zeros(num_graphs, 3).scatter_reduce(0, index, frac, "amin", include_self=False)
-    hi = frac.new_zeros(num_graphs, 3).scatter_reduce(0, index, frac, "amax", include_self=False)
+    # Counted in float64 until they are known to be small: an atom 1e30 Å away asks for 4e29 bins.
     spacing = 1.0 / inv.norm(dim=-2)                                                  # [B, 3] Å
     reach = cutoff * (1.0 + SEARCH_MARGIN)
     width = torch.full((num_graphs, 1), reach / BINS_PER_CUTOFF, dtype=torch.float64, device=device)
@@ -91,13 +98,48 @@ def cell_list_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
     num_bins = _bins(length, width, pbc)                                              # [B, 3]
     atoms_per_graph = torch.bincount(batch, minlength=num_graphs)                     # [B]
     limit = (MAX_BINS_PER_ATOM * atoms_per_graph).clamp(min=1).to(torch.float64)     # [B]
-    excess = (num_bins.prod(-1).to(torch.float64) / limit).clamp(min=1.0)             # [B]
-    width = width * excess.pow(1.0 / 3.0).unsqueeze(1)                                # [B, 1]
-    num_bins = _bins(length, width, pbc)                                              # [B, 3]
+    bins_per_graph = num_bins.prod(-1)                                                # [B]
+    crowded = bins_per_graph > limit                                                  # [B]
+    magnitude = torch.maximum(lo.abs(), hi.abs())                                     # [B, 3]
+    zero = torch.zeros_like(magnitude)
+    # One host sync for all four: the common case (no far atom, few bins) goes straight on.
+    total_bins, most_crowded, most_cells, farthest = torch.stack((
+        bins_per_graph.sum(),
+        (bins_per_graph - limit).max(),                  # > 0: some structure has too many bins
+        torch.where(pbc, magnitude, zero).max(),         # cells away along a periodic vector
+        torch.where(pbc, zero, magnitude).max(),         # Å along a non-periodic direction
+    )).tolist()
+    any_crowded, any_too_far = most_crowded > 0, most_cells >= MAX_WRAP
+    # Atoms this far along a non-periodic direction need the distance test in its exact order,
+    # (u_j - u_i) + S' @ cell (one more gather per candidate: +10-15% at 2048 atoms, so only then).
+    exact_order = farthest > EXACT_ORDER_BEYOND or any_too_far
+    if any_too_far:
+        # Isolated far atoms keep a = 0 (their periodic coordinate stays wrapped for the binning,
+        # which is all their self-images need); any other raises.
+        far = unwrapped_far_atoms(frac, image, atom_pbc, batch, reach)               # [N]
+        image = torch.where(far.unsqueeze(1), torch.zeros_like(image), image)        # [N, 3]
+    if any_crowded:
+        # Far atoms along non-periodic directions: close the empty stretches, then widen the bins
+        # of structures that still need too many (a sparse gas).
+        frac = torch.where(atom_pbc, frac, _close_gaps(frac, reach))                  # [N, 3]
+        lo, hi = _extent(frac, index, num_graphs)                                     # [B, 3] x2
+        length = torch.where(pbc, spacing, hi - lo)                                   # [B, 3] Å
+        width = torch.where(crowded.unsqueeze(1), _coarse_width(length, width, limit), width)  # [B, 1]
+        num_bins = _bins(length, width, pbc)                                          # [B, 3]
+        total_bins = float(num_bins.prod(-1).sum())
+    num_bins = num_bins.to(torch.long)                                                # [B, 3]
+    total_bins = int(total_bins)
     bin_width = torch.where(pbc, spacing / num_bins, width)                           # [B, 3] Å
-    half_width = torch.ceil(reach / bin_width - 1e-9).to(torch.long)                  # [B, 3]
+    # At least 1: a periodic direction of one huge bin still needs its neighbor images (S' = ±1).
+    half_width = torch.ceil(reach / bin_width - 1e-9).to(torch.long).clamp(min=1)    # [B, 3]
     # Beyond the last bin of a non-periodic direction there is nothing to search.
     half_width = torch.where(pbc, half_width, torch.minimum(half_width, num_bins - 1))
+
+    image_long = image.to(torch.long)                                                 # [N, 3]
+    # Wrapped Cartesian positions u_i = x_i - a_i @ cell: the distance test uses u_j - u_i + S' @ cell,
+    # which equals x_j - x_i + S @ cell (and is exactly x_j - x_i for non-periodic atoms).
+    unwrap = image @ cell64[0] if single else torch.einsum("nx,nxy->ny", image, cell64[batch])
+    wrapped = (x64 - unwrap).to(dtype)                                                # [N, 3]
 
     # Bin of every atom, and one global bin index over all structures.
     origin = torch.where(pbc, torch.zeros_like(lo), lo)                               # [B, 3]
@@ -108,10 +150,9 @@ def cell_list_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
         atom_bin = torch.floor((frac - origin[batch]) * scale[batch])                 # [N, 3]
     atom_num_bins = num_bins.expand(num_atoms, 3) if single else num_bins[batch]      # [N, 3]
     atom_bin = torch.minimum(atom_bin.to(torch.long).clamp(min=0), atom_num_bins - 1)  # [N, 3]
-    bins_per_graph = num_bins.prod(-1)                                                # [B]
+    bins_per_graph = num_bins.prod(-1)                                                # [B] long
     bin_offset = torch.cumsum(bins_per_graph, 0) - bins_per_graph                     # [B]
     global_bin = _flat_bin(atom_bin, atom_num_bins) + bin_offset[batch]               # [N]
-    total_bins = int(bins_per_graph.sum())
 
     # Atoms sorted by bin (CSR): bin b holds sorted atoms start[b] .. start[b] + count[b] - 1.
     global_bin, order = torch.sort(global_bin)                                        # [N], [N]
@@ -171,7 +212,7 @@ def cell_list_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
     shift_vec = (
         shift.to(dtype) @ cell[0] if single else torch.einsum("px,pxy->py", shift.to(dtype), cell[entry_graph[keep]])
     )                                                                                 # [P', 3]
-    centre = wrapped[entry_atom] - shift_vec                                          # [P', 3]
+    centre = wrapped[entry_atom] if exact_order else wrapped[entry_atom] - shift_vec  # [P', 3]
 
     # Candidates: every (entry, atom of its target bin); atoms of a bin are contiguous.
     num_candidates = int(entry_count.sum())
@@ -181,6 +222,10 @@ def cell_list_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
     base = entry_start - (torch.cumsum(entry_count, 0) - entry_count)                # [P']
     neighbor = base[entry_of] + torch.arange(num_candidates, device=device)          # [C]
     vectors = wrapped[neighbor] - centre[entry_of]                                    # [C, 3]
+    if exact_order:
+        # u_i - S' @ cell would round to u_i for an atom 1e30 Å away, whose periodic self-images
+        # would then seem to sit on top of it.
+        vectors += shift_vec[entry_of]                                                # [C, 3]
     sq_distances = (vectors * vectors).sum(-1)                                        # [C]
     found = (sq_distances < cutoff * cutoff).nonzero().squeeze(1)                     # [E/2]
 
@@ -200,14 +245,66 @@ def cell_list_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
     )
 
 
+def _extent(frac: Tensor, index: Tensor, num_graphs: int) -> Tuple[Tensor, Tensor]:
+    """Smallest and largest fractional coordinate of each structure's atoms.
+
+    Shapes: frac [N, 3], index [N, 3] (structure of each atom, repeated) -> [B, 3], [B, 3]
+    """
+    lo = frac.new_zeros(num_graphs, 3).scatter_reduce(0, index, frac, "amin", include_self=False)
+    hi = frac.new_zeros(num_graphs, 3).scatter_reduce(0, index, frac, "amax", include_self=False)
+    return lo, hi
+
+
 def _bins(length: Tensor, width: Tensor, pbc: Tensor) -> Tensor:
     """Bins per direction: periodic ones tile the cell (at least one, each at least ``width``
-    wide), non-periodic ones cover the atoms' extent ``length``.
+    wide), non-periodic ones cover the atoms' extent ``length``. float64, whole numbers: the
+    caller converts to long once the counts are known to be small.
 
-    Shapes: length [B, 3], width [B, 1], pbc [B, 3] -> [B, 3] long
+    Shapes: length [B, 3], width [B, 1], pbc [B, 3] -> [B, 3]
     """
     ratio = torch.floor(length / width)
-    return torch.where(pbc, ratio.clamp(min=1), ratio + 1).to(torch.long)
+    return torch.where(pbc, ratio.clamp(min=1), ratio + 1)
+
+
+def _close_gaps(frac: Tensor, reach: float) -> Tensor:
+    """Shrink every empty stretch wider than ``reach`` (Å) between the atoms' coordinates along
+    each direction to ``reach``.
+
+    Two atoms closer than the cutoff along a direction have no such stretch between them, so
+    their coordinate difference is kept (up to rounding far below SEARCH_MARGIN: coordinates are
+    rebuilt as sums of the kept differences, which stay small); two atoms across a stretch stay at
+    least ``reach`` apart. The cell list then finds the same candidate pairs within an extent of
+    at most N * reach, however far apart the atoms were. Only the binning uses these coordinates;
+    distances come from the true positions. Meant for non-periodic directions (Cartesian lengths
+    along orthonormal vectors); all atoms of all structures are closed up together, which keeps
+    each structure's small differences just the same.
+
+    Shapes: frac [N, 3] -> [N, 3]
+    """
+    values, order = torch.sort(frac, dim=0)                                           # [N, 3] x2
+    gaps = values.diff(dim=0)                                                         # [N-1, 3]
+    steps = torch.where(gaps > reach, torch.full_like(gaps, reach), gaps)            # [N-1, 3]
+    closed = torch.cat((values.new_zeros(1, 3), torch.cumsum(steps, 0)))             # [N, 3]
+    return torch.empty_like(closed).scatter_(0, order, closed)                        # [N, 3]
+
+
+def _coarse_width(length: Tensor, width: Tensor, limit: Tensor) -> Tensor:
+    """Bin width (Å) that brings a structure's bins to about ``limit``, at least ``width``.
+
+    Water-filling: directions shorter than the width get one bin (two if non-periodic), the others
+    share ``limit`` bins in proportion to their length, w = (prod_long length / limit)^(1 / #long).
+    Each round can only drop directions from the long ones, so three rounds settle it. With the
+    flooring and the extra non-periodic bin, the count is at most 2^3 * limit.
+
+    Shapes: length [B, 3], width [B, 1], limit [B] -> [B, 1]
+    """
+    w = width.squeeze(1)                                                              # [B]
+    for _ in range(3):
+        long_ = length > w.unsqueeze(1)                                               # [B, 3]
+        log_length = torch.where(long_, length, torch.ones_like(length)).log()        # [B, 3]
+        num_long = long_.sum(-1).clamp(min=1)                                         # [B]
+        w = torch.maximum(w, ((log_length.sum(-1) - limit.log()) / num_long).exp())  # [B]
+    return w.unsqueeze(1)
 
 
 def _flat_bin(bins: Tensor, num_bins: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ._geometry import System, complete_cell, reduce_cell
+from ._geometry import System, complete_cell, reduce_cell, unwrapped_far_atoms
 
 
 def reference_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -34,6 +34,11 @@ def reference_neighbor_list(system: System, cutoff: float) -> Tuple[Tensor, Tens
         inverse = torch.linalg.inv(basis[g])                           # [3, 3]
         frac = x @ inverse                                             # [n, 3]
         a = torch.where(pbc[g], torch.floor(frac), torch.zeros_like(frac))  # [n, 3]
+        # An atom 2^52 cells or more away stays unwrapped if it is isolated (it then pairs only
+        # with its own images); otherwise a ValueError.
+        atom_pbc = pbc[g].expand_as(a)
+        far = unwrapped_far_atoms(frac, a, atom_pbc, torch.zeros_like(atoms), cutoff, atoms)  # [n]
+        a = torch.where(far.unsqueeze(1), torch.zeros_like(a), a)     # [n, 3]
         wrapped = x - a @ cell[g]                                      # [n, 3]
         # A pair within the cutoff has |frac_j - frac_i + S'_k| * plane_spacing_k < cutoff along
         # every periodic direction k, and |frac_j - frac_i| <= 1 after wrapping.
