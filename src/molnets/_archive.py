@@ -39,4 +39,6 @@ def load_checked(path: str, what: str, map_location: Union[str, torch.device]) -
     except FileNotFoundError:
         raise
     except Exception as error:  # truncated or foreign file, unsafe globals
-        raise ValueError(f"{path!r} is not a readable {what}: {error}") from error
+        # (the first line: torch's weights_only refusals go on for a page)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path!r} is not a readable {what}: {first_line}") from error

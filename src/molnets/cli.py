@@ -20,7 +20,7 @@ import re
 import sys
 import time
 import typing
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["main", "build_parser", "resolve_train_config"]
 
@@ -99,6 +99,37 @@ def _parse_value(text: str) -> Any:
     if text.strip().lower() == "none":
         return None
     return _load_yaml(text)
+
+
+def _at_least(kind: type, least: float, strict: bool) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` above ``least`` (at least it, unless ``strict``)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (value > least if strict else value >= least) or value != value:
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {least:g}, got {text}")
+        return value
+
+    return parse
+
+
+_POSITIVE_INT, _POSITIVE, _NON_NEGATIVE = _at_least(int, 1, False), _at_least(float, 0, True), _at_least(float, 0, False)
+
+
+def _torch_device(name: str) -> str:
+    """The device ``name`` ("auto": CUDA when there is one, else the CPU), checked: a ValueError
+    naming it instead of torch's RuntimeError deep inside loading a model."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N, ...): {error}") from None
+    return name
 
 
 def _key_values(items: Optional[List[str]], what: str) -> Optional[Dict[str, Any]]:
@@ -203,7 +234,7 @@ def _load_potential(path: str, device: str, dtype: str, *, compute_stress: bool 
 
     from .models.base import Potential
 
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dev = _torch_device(device)
     potential = Potential.load(path, compute_stress=compute_stress, map_location=dev)
     if dtype != "model":
         potential = potential.to({"float32": torch.float32, "float64": torch.float64}[dtype])
@@ -265,6 +296,7 @@ def run_md(
     """
     import numpy as np
     from ase import units
+    from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import Trajectory
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import Stationary
@@ -303,8 +335,12 @@ def run_md(
     def record() -> None:
         if trajectory is not None:
             trajectory.write()
-        else:
-            frames.append(atoms.copy())
+        else:  # a copy drops the calculator: its results go with the frame
+            frame = atoms.copy()
+            results = atoms.calc.results
+            frame.calc = SinglePointCalculator(frame, **{key: results[key] for key in ("energy", "forces", "stress")
+                                                         if key in results})
+            frames.append(frame)
 
     dynamics.attach(record, interval=interval)
     e_start = atoms.get_total_energy()
@@ -331,10 +367,29 @@ def _cmd_md(args: argparse.Namespace) -> int:
     from .memory import reuse_freed_memory
 
     reuse_freed_memory()  # this process is ours: per-step tensors reuse the heap (molnets.memory)
-    atoms = ase.io.read(args.structure, index=args.index)
+    if not args.output.endswith(".traj"):  # an unknown format would fail only after the run
+        from ase.io.formats import UnknownFileTypeError, filetype, get_ioformat
+
+        try:
+            get_ioformat(filetype(args.output, read=False))
+        except UnknownFileTypeError as error:
+            raise ValueError(f"ase.io.write knows no format for the output {args.output!r} ({error})") from None
+    if args.compile is not None:
+        import torch
+
+        if args.compile not in torch.compiler.list_backends(exclude_tags=()):
+            raise ValueError(f"unknown torch.compile backend {args.compile!r}; known: "
+                             f"{torch.compiler.list_backends(exclude_tags=())}")
+    device = _torch_device(args.device)
+    if not os.path.exists(args.structure):
+        raise FileNotFoundError(f"no such structure file: {args.structure!r}")
+    try:
+        atoms = ase.io.read(args.structure, index=args.index)
+    except (StopIteration, IndexError) as error:
+        raise ValueError(f"{args.structure} has no frame {args.index!r} ({type(error).__name__})") from None
     result = run_md(args.model, atoms, output=args.output, steps=args.steps, timestep=args.timestep,
                     temperature=args.temperature, ensemble=args.ensemble, interval=args.interval,
-                    device=args.device, dtype=args.dtype, seed=args.seed, compile=args.compile)
+                    device=device, dtype=args.dtype, seed=args.seed, compile=args.compile)
     print(f"{args.steps} steps of {args.ensemble.upper()} MD, {len(atoms)} atoms, "
           f"{1000 * result['seconds'] / max(args.steps, 1):.1f} ms/step; "
           f"final temperature {result['temperature']:.0f} K; total-energy change "
@@ -441,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--forces-key", default="forces", help="forces key, 'none' for none (default: %(default)s)")
     evaluate.add_argument("--stress-key", default="stress", help="stress key, 'none' for none (default: %(default)s)")
     evaluate.add_argument("--output-dir", default="molnets-evaluation", help="folder for metrics.json and plots (default: %(default)s)")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="structures per batch (default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=_POSITIVE_INT, default=16, help="structures per batch (default: %(default)s)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     evaluate.add_argument("--dtype", default="model", choices=["model", "float32", "float64"],
                           help="precision (default: the model's)")
@@ -460,11 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("model", help="model file")
     md.add_argument("structure", help="start structure (any file ase.io.read reads)")
     md.add_argument("--index", default="-1", help="which frame of the file (default: the last)")
-    md.add_argument("--steps", type=int, default=1000, help="MD steps (default: %(default)s)")
-    md.add_argument("--timestep", type=float, default=2.0, help="fs (default: %(default)s)")
-    md.add_argument("--temperature", type=float, default=300.0, help="K (default: %(default)s)")
+    md.add_argument("--steps", type=_POSITIVE_INT, default=1000, help="MD steps (default: %(default)s)")
+    md.add_argument("--timestep", type=_POSITIVE, default=2.0, help="fs (default: %(default)s)")
+    md.add_argument("--temperature", type=_NON_NEGATIVE, default=300.0, help="K (default: %(default)s)")
     md.add_argument("--ensemble", default="nve", choices=["nve", "langevin"], help="(default: %(default)s)")
-    md.add_argument("--interval", type=int, default=10, help="write every N-th step (default: %(default)s)")
+    md.add_argument("--interval", type=_POSITIVE_INT, default=10, help="write every N-th step (default: %(default)s)")
     md.add_argument("--output", default="md.traj", help="trajectory file (default: %(default)s)")
     md.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     md.add_argument("--dtype", default="float64", choices=["float32", "float64"], help="(default: %(default)s)")

@@ -205,3 +205,59 @@ def test_md_compiled_follows_the_eager_trajectory(tmp_path, capsys):
         assert abs(a.get_momenta() - b.get_momenta()).max() < 1e-10
     assert abs(eager[-1].positions - eager[0].positions).max() > 1e-4  # the atoms moved
     assert abs(eager[-1].get_momenta()).max() > 0  # and the file has their momenta
+
+
+def _md_inputs(tmp_path):
+    from molnets.models import SchNet, SchNetConfig
+    from molnets.models.base import save_model
+
+    torch.manual_seed(0)
+    save_model(SchNet(SchNetConfig(species=(1, 6, 8), cutoff=4.0, num_channels=8, num_basis=6, num_layers=2)),
+               tmp_path / "m.pt")
+    ase.io.write(tmp_path / "start.xyz", molecule("CH3CH2OH"))
+    return [str(tmp_path / "m.pt"), str(tmp_path / "start.xyz")]
+
+
+def test_md_xyz_frames_keep_energy_and_forces(tmp_path, capsys):
+    """A trajectory in a format other than .traj keeps each frame's energy and forces (a copy
+    of the atoms alone drops the calculator), equal to the model's at those positions."""
+    from molnets.calculator import MolnetsCalculator
+
+    model, start = _md_inputs(tmp_path)
+    output = tmp_path / "md.xyz"
+    assert main(["md", model, start, "--steps", "4", "--interval", "2", "--output", str(output)]) == 0
+    frames = ase.io.read(output, index=":")
+    assert len(frames) == 3
+    for frame in frames:
+        energy, forces = frame.get_potential_energy(), frame.get_forces()
+        frame.calc = MolnetsCalculator(model)
+        assert abs(frame.get_potential_energy() - energy) < 1e-8
+        assert abs(frame.get_forces() - forces).max() < 1e-8
+
+
+@pytest.mark.parametrize("option, value", [("--steps", "0"), ("--steps", "-5"), ("--timestep", "0"),
+                                           ("--timestep", "-1"), ("--interval", "0"), ("--temperature", "-10"),
+                                           ("--temperature", "nan")])
+def test_md_refuses_impossible_values(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["md", *_md_inputs(tmp_path), option, value])
+    assert exit_.value.code == 2 and option in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--index", "99"], "has no frame '99'"), (["--output", "md.unknownformat"], "knows no format"),
+    (["--compile", "nosuch"], "unknown torch.compile backend 'nosuch'"), (["--device", "foo"], "unknown device 'foo'"),
+])
+def test_md_bad_options_are_one_line_errors_before_the_run(extra, message, tmp_path, capsys):
+    assert main(["md", *_md_inputs(tmp_path), "--steps", "2", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_refuses_a_batch_size_below_one_and_an_unknown_device(tiny_xyz, tmp_path, capsys):
+    model, _ = _md_inputs(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["evaluate", model, str(tiny_xyz), "--batch-size", "0"])
+    assert "--batch-size" in capsys.readouterr().err
+    assert main(["evaluate", model, str(tiny_xyz), "--device", "foo"]) == 2
+    assert "unknown device 'foo'" in capsys.readouterr().err
