@@ -315,8 +315,7 @@ def run_md(
     atoms = atoms.copy()
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _torch_device(device)
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     atoms.calc = MolnetsCalculator(model_path, device=device, dtype=torch_dtype, compile=compile)
     rng = np.random.default_rng(seed)

@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .._frozen import traced
 from ._message_kernels import ScatterOuter, kernel_applies, spread_over_rows
 
 __all__ = ["scatter_sum", "scatter_mean", "scatter_outer", "gather_rows"]
@@ -45,7 +46,8 @@ def scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
         # One bucket (a single structure's energy): a plain sum. A shape, not a value, so no
         # sync; it also sidesteps torch 2.13's inductor CPU code generation, which fails on
         # an index_add into one row.
-        if _eager_on_cpu(index) and bool((index != 0).any()):  # what index_add would raise
+        # (eager on the CPU only, where reading the index costs no device sync)
+        if index.device.type == "cpu" and not traced() and bool((index != 0).any()):  # as index_add raises
             raise IndexError("scatter_sum: index out of range [0, dim_size) with dim_size=1")
         return src.sum(0, keepdim=True)
     out = src.new_zeros((dim_size,) + tuple(src.shape[1:]))
@@ -76,13 +78,6 @@ def _compiling_for_cpu(like: Tensor) -> bool:
     kernels for per-edge messages; ``scatter_add`` and ``gather`` (whose backward is a
     ``scatter_add``) stay calls of ATen's kernels there."""
     return torch.compiler.is_compiling() and like.device.type == "cpu"
-
-
-def _eager_on_cpu(index: Tensor) -> bool:
-    """Whether ``index`` may be read on the host for a check: eager mode (not compiling or
-    exporting, no torch.func transform) on the CPU, where reading it costs no device sync."""
-    return (index.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
 
 
 def scatter_mean(src: Tensor, index: Tensor, dim_size: int) -> Tensor:

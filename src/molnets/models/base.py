@@ -154,8 +154,8 @@ class Potential(nn.Module):
             energy = scatter_sum(energies, graph.batch, dim_size=graph.num_graphs)     # [B]
             return {"energy": energy, "energies": energies}
         if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):  # forces also under a caller's inference_mode()
-                return self.forward(graph)
+            with torch.inference_mode(False):  # forces also under a caller's inference_mode(); again,
+                return self.forward(graph)  # as copies made under it are inference tensors too
         with torch.enable_grad():  # forces also under a caller's no_grad()
             return self._forward_with_derivatives(graph)
 
