@@ -8,6 +8,7 @@ import torch
 from molnets.layers import cartesian
 from molnets.layers.cartesian import (
     DirectionComponents,
+    PartNorms,
     TensorLinear,
     anticommutator,
     component_basis,
@@ -143,6 +144,29 @@ def test_components_hold_the_parts(X):
     torch.testing.assert_close(
         from_components(c * expand_parts(f)), compose(2 * I, 3 * A, 5 * S)
     )
+
+
+def test_part_norms_module_is_the_norms_of_each_channels_parts():
+    """PartNorms: the three parts' norms (decompose, tensor_norm) of each channel, grouped by
+    part; from a contiguous X and from an entry-major view (a kernel's output); built in float32
+    and cast, exact in float64; its gradient that of the plain expression."""
+    g = torch.Generator().manual_seed(3)
+    N, C = 5, 4
+    X = torch.randn(N, C, 3, 3, generator=g, dtype=DTYPE)
+    I, A, S = decompose(X)
+    eye = torch.eye(3, dtype=DTYPE)
+    norms = torch.stack((tensor_norm(I[..., None, None] * eye), tensor_norm(A), tensor_norm(S)), 1)  # [N, 3, C]
+    module = PartNorms().to(DTYPE)  # built in the default float32
+    assert module.basis.dtype == DTYPE
+    torch.testing.assert_close(module(X), norms.flatten(1), rtol=1e-14, atol=0)
+    entry_major = X.reshape(N * C, 9).T.contiguous().T.view(N, C, 3, 3)
+    assert not entry_major.is_contiguous()
+    torch.testing.assert_close(module(entry_major), norms.flatten(1), rtol=1e-14, atol=0)
+    X.requires_grad_(True)
+    w = torch.randn(N, 3 * C, generator=g, dtype=DTYPE)
+    (grad,) = torch.autograd.grad((module(X) * w).sum(), X)
+    (expected,) = torch.autograd.grad((part_norms(to_components(X)).transpose(1, 2).flatten(1) * w).sum(), X)
+    torch.testing.assert_close(grad, expected, rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("det", [1.0, -1.0])

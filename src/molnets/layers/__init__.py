@@ -8,6 +8,7 @@ from .cartesian import (
     decompose,
     expand_parts,
     from_components,
+    PartNorms,
     part_norms,
     skew,
     skew_to_vector,
@@ -45,7 +46,7 @@ __all__ = [
     # Cartesian rank-2 tensors (TensorNet)
     "decompose", "compose", "tensor_norm", "skew", "skew_to_vector", "traceless_outer",
     "component_basis", "ComponentBasis", "to_components", "from_components", "expand_parts",
-    "transpose_components", "part_norms", "TensorLinear",
+    "transpose_components", "part_norms", "PartNorms", "TensorLinear",
     # message passing, embeddings, readouts
     "scatter_sum", "scatter_mean", "scatter_outer", "gather_rows", "half_edges", "pair_convolution", "SpeciesIndex", "SpeciesEmbedding", "MLP",
     "ShiftedSoftplus", "make_activation", "EnergyHead", "ScaleShift", "AtomicReferenceEnergies",

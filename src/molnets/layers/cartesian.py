@@ -47,6 +47,7 @@ __all__ = [
     "expand_parts",
     "transpose_components",
     "part_norms",
+    "PartNorms",
     "DirectionComponents",
     "TensorLinear",
 ]
@@ -288,6 +289,40 @@ def part_norms(c: Tensor) -> Tensor:
     return torch.stack(
         (squares[..., 0], squares[..., 1:4].sum(-1), squares[..., 4:9].sum(-1)), dim=-1
     )                                                                           # [*, 3]
+
+
+class PartNorms(nn.Module):
+    """``part_norms`` of every channel's matrix, grouped by part: TensorNet's invariants
+    (||I||, ||A||, ||S|| of each channel, Simeon & De Fabritiis 2023, Eq. 12).
+
+        c = B X (components, ``to_components``),   n_p = Σ_(k in part p) c_k²
+
+    as two matrix products over the 9 entries of all N C matrices at once (the basis B [9, 9] and
+    the 0/1 part sums [3, 9], exact constant buffers), one operation and autograd node each
+    instead of a slice, sum and stack per part. Equal to
+    ``part_norms(to_components(X)).transpose(1, 2).flatten(1)``.
+
+    Shapes:
+        X [N, C, 3, 3]  ->  [N, 3C] (the C norms of I, then of A, then of S)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        register_constant(self, "basis", component_basis(torch.float64).flatten(1), persistent=False)  # [9, 9]
+        part_sums = torch.zeros(3, 9, dtype=torch.float64)
+        for part, (a, b) in enumerate(PART_SLICES):
+            part_sums[part, a:b] = 1
+        register_constant(self, "part_sums", part_sums, persistent=False)       # [3, 9]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        return restore_constants(super()._apply(fn, recurse))
+
+    def forward(self, X: Tensor) -> Tensor:
+        N, C = X.shape[:2]
+        # entries of all N C matrices as rows [9, N C]: a view of a TensorNet-style kernel's output
+        c = torch.mm(self.basis.to(X.dtype), X.reshape(N * C, 9).T)             # [9, N C]
+        norms = torch.mm(self.part_sums.to(X.dtype), c.square())                # [3, N C]
+        return norms.view(3, N, C).transpose(0, 1).reshape(N, 3 * C)           # [N, 3C]
 
 
 class DirectionComponents(nn.Module):

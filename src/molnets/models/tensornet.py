@@ -44,10 +44,10 @@ from ..layers.cartesian import (
     ComponentBasis,
     DirectionComponents,
     PART_SLICES,
+    PartNorms,
     anticommutator,
     expand_parts,
     from_components,
-    part_norms,
     plus_square,
     tensor_norm,
     to_components,
@@ -253,7 +253,7 @@ class TensorNet(nn.Module):
         self.head = EnergyHead([C, C // 2 or 1, 1], activation="silu")
         self.scale_shift = ScaleShift()
         self.reference_energies = AtomicReferenceEnergies(c.species)
-        self.basis = ComponentBasis()
+        self.part_norms = PartNorms()
 
     def forward(self, graph: AtomicGraph) -> Tensor:
         species = self.species_index(graph.atomic_numbers)                               # [N]
@@ -269,7 +269,7 @@ class TensorNet(nn.Module):
         X = self.embedding(species, edge_rbf, envelope, edge_unit, pair_i, pair_j, self_rbf)  # [N, C, 3, 3]
         for interaction in self.interactions:
             X = interaction(X, edge_rbf, envelope, pair_i, pair_j, self_rbf)             # [N, C, 3, 3]
-        invariants = part_norms(to_components(X, self.basis(X))).transpose(1, 2).flatten(1)  # [N, 3C]
+        invariants = self.part_norms(X)                                                  # [N, 3C]
         h = F.silu(self.out_linear(self.out_norm(invariants)))                           # [N, C]
         return self.scale_shift(self.head(h)) + self.reference_energies(species)         # [N]
 
