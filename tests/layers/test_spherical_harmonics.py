@@ -1,6 +1,5 @@
 """Spherical harmonics: equal to e3nn, equivariant under O(3), normalized, twice differentiable."""
 
-import importlib
 import math
 
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 import torch
 from e3nn import o3
 
+from molnets.layers import _sh_coefficients, _sh_kernels
 from molnets.layers.spherical_harmonics import (
     SphericalHarmonics,
     spherical_harmonics,
@@ -15,8 +15,6 @@ from molnets.layers.spherical_harmonics import (
 )
 from molnets.testing import random_orthogonal
 
-# the module itself (molnets.layers re-exports a function of the same name)
-sh_module = importlib.import_module("molnets.layers.spherical_harmonics")
 NORMALIZATIONS = ["integral", "component", "norm"]
 
 
@@ -108,11 +106,11 @@ def test_blocked_kernels_equal_reference(monkeypatch, normalize):
     """The cache-blocked eager paths (several blocks, a ragged last one): the polynomial kernels
     (Eq. 3, normalize=True, lmax <= 6 forward, <= 4 backward) and the recursion kernels (the
     rest) against e3nn and the plain ops."""
-    monkeypatch.setattr(sh_module, "_chunk_size", lambda lmax: 4)
+    monkeypatch.setattr(_sh_kernels, "_chunk_size", lambda lmax: 4)
     v = make_vectors()
     short = torch.tensor([[3e-13, -5e-13, 8e-13], [0.0, 0.0, 0.0]], dtype=torch.float64)  # |r| < eps
     v = torch.cat([v[:9], short, v[9:]]).requires_grad_(True)  # u = r / eps is not on the sphere
-    assert (sh_module._POLYNOMIAL_BACKWARD_LMAX, sh_module._POLYNOMIAL_LMAX) == (4, 6)  # covered below
+    assert (_sh_kernels._POLYNOMIAL_BACKWARD_LMAX, _sh_kernels._POLYNOMIAL_LMAX) == (4, 6)  # covered below
     gen = torch.Generator().manual_seed(11)
     for lmax in (0, 1, 2, 3, 4, 5, 6, 7):
         y = spherical_harmonics(v, lmax, normalize=normalize, normalization="integral")
@@ -134,9 +132,9 @@ def test_blocked_kernels_equal_reference(monkeypatch, normalize):
     assert torch.autograd.gradcheck(lambda x: spherical_harmonics(x, 3), v[:9].detach().requires_grad_())
     # the plain-op forward (used under torch.compile and on GPUs) against the blocked one
     u = torch.nn.functional.normalize(v.detach(), dim=-1)
-    tensors = sh_module._coefficient_tensors(6, "norm", torch.float64, torch.device("cpu"))
-    torch.testing.assert_close(sh_module._forward_reference(u, 6, tensors[0], tensors[1:7]),
-                               sh_module._forward_chunked(v.detach(), 6, True, tensors[0], tensors[1:7]),
+    tensors = _sh_coefficients._coefficient_tensors(6, "norm", torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(_sh_kernels._forward_reference(u, 6, tensors[0], tensors[1:7]),
+                               _sh_kernels._forward_chunked(v.detach(), 6, True, tensors[0], tensors[1:7]),
                                rtol=0, atol=1e-13)
 
 
@@ -149,10 +147,10 @@ def test_no_vectors():
         assert y.shape == (0, (lmax + 1) ** 2)
         (grad,) = torch.autograd.grad(y.sum(), empty, allow_unused=True, materialize_grads=True)
         assert grad.shape == (0, 3)
-    tensors = sh_module._coefficient_tensors(4, "component", torch.float64, torch.device("cpu"))
-    sh = sh_module._forward_reference(empty.detach(), 4, tensors[0], tensors[1:5])
+    tensors = _sh_coefficients._coefficient_tensors(4, "component", torch.float64, torch.device("cpu"))
+    sh = _sh_kernels._forward_reference(empty.detach(), 4, tensors[0], tensors[1:5])
     assert sh.shape == (0, 25)
-    assert sh_module._backward_reference(torch.zeros(0, 25, dtype=torch.float64), sh, 4, tensors[5:9]).shape == (0, 3)
+    assert _sh_kernels._backward_reference(torch.zeros(0, 25, dtype=torch.float64), sh, 4, tensors[5:9]).shape == (0, 3)
 
 
 def test_leading_dimensions():
@@ -230,11 +228,11 @@ def test_vectors_whose_squared_norm_overflows(dtype, scales, lmax):
                                        * weights).sum(), unit)[0].to(dtype)
     weights = weights.to(dtype)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
-    tensors = tuple(sh_module._coefficient_tensors(lmax, "component", dtype, torch.device("cpu")))
+    tensors = tuple(_sh_coefficients._coefficient_tensors(lmax, "component", dtype, torch.device("cpu")))
     for scale in scales:
         v = (unit.detach() * scale).to(dtype)
         torch.testing.assert_close(spherical_harmonics(v, lmax), expected, **tol)   # no autograd
-        torch.testing.assert_close(sh_module._forward_plain(v, lmax, True, tensors), expected, **tol)
+        torch.testing.assert_close(_sh_kernels._forward_plain(v, lmax, True, tensors), expected, **tol)
         for create_graph in (False, True):  # blocked first-order kernels; differentiable backward
             x = v.clone().requires_grad_(True)
             y = spherical_harmonics(x, lmax)
@@ -242,5 +240,5 @@ def test_vectors_whose_squared_norm_overflows(dtype, scales, lmax):
             torch.testing.assert_close(y.detach(), expected, **tol)
             torch.testing.assert_close(g.detach() * scale, directional, **tol)
         x = v.clone().requires_grad_(True)  # the plain-op path (torch.compile, GPUs)
-        (g,) = torch.autograd.grad((sh_module._forward_plain(x, lmax, True, tensors) * weights).sum(), x)
+        (g,) = torch.autograd.grad((_sh_kernels._forward_plain(x, lmax, True, tensors) * weights).sum(), x)
         torch.testing.assert_close(g * scale, directional, **tol)

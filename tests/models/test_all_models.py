@@ -47,16 +47,16 @@ def test_model_suite(name, check, device):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_fused_message_kernels_equal_plain_operations(name, monkeypatch):
-    """The chunked CPU kernels (layers/_message_kernels.py, layers/_atomic_basis_kernels.py) only
-    run on systems larger than one chunk of messages; with tiny chunks they run here, and energy,
-    forces, stress and the gradient of a force loss (double backward) must equal those of the
-    plain operations."""
-    from molnets.layers import _atomic_basis_kernels, _message_kernels
+    """The chunked CPU kernels (layers/_message_kernels.py, layers/_scatter_outer_kernels.py,
+    layers/_atomic_basis_kernels.py) only run on systems larger than one chunk of messages; with
+    tiny chunks they run here, and energy, forces, stress and the gradient of a force loss (double
+    backward) must equal those of the plain operations."""
+    from molnets.layers import _atomic_basis_kernels, _message_kernels, _scatter_outer_kernels
     from molnets.models import Potential
 
     graph = testing.random_graph(12, cutoff=CUTOFF, periodic=True, seed=3)
     calls = []
-    for module, kernel in ((_message_kernels, "forward_chunked"), (_message_kernels, "scatter_outer_chunked"),
+    for module, kernel in ((_message_kernels, "forward_chunked"), (_scatter_outer_kernels, "scatter_outer_chunked"),
                            (_atomic_basis_kernels, "atomic_basis_chunked")):
         original = getattr(module, kernel)
         monkeypatch.setattr(module, kernel,

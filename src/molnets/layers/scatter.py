@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from .._frozen import traced
-from ._message_kernels import ScatterOuter, kernel_applies, spread_over_rows
+from ._message_kernels import kernel_applies, spread_over_rows
+from ._scatter_outer_kernels import ScatterOuter
 
 __all__ = ["scatter_sum", "scatter_mean", "scatter_outer", "gather_rows"]
 
@@ -104,7 +105,7 @@ def scatter_outer(u: Tensor, weights: Tensor, index: Tensor, dim_size: int,
     weights per edge and part: the TensorNet embedding (Simeon & De Fabritiis 2023, Eq. 4). The
     rows n are split into K parts (rows a..b-1 of part k) with their own weights.
 
-    On the CPU in eager mode a fused kernel (``_message_kernels``) computes the same numbers
+    On the CPU in eager mode a fused kernel (``_scatter_outer_kernels``) computes the same numbers
     without the per-edge products [E, n, C] in memory (differentiable twice), when they exceed one
     chunk (shapes only). Otherwise, and under ``torch.compile`` and on other devices, this runs:
     ``scatter_sum(u[:, :, None] * weights[:, part], index, dim_size)``.
