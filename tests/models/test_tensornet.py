@@ -290,11 +290,11 @@ def test_frozen_model_passes_the_model_suite(monkeypatch, pairs, atoms):
     permutation invariance, batching, finite-difference forces and stress, cutoff smoothness;
     in one chunk and chunk by chunk of 5 pairs and 4 atoms."""
     from molnets import testing
-    from molnets.models import _tensornet_kernel
+    from molnets.models import _tensornet_embedding_kernel, _tensornet_kernel
 
     _chunks_of(monkeypatch, pairs, atoms, 8)
     calls = []
-    for kernel in (_tensornet_kernel.FrozenInteraction, _tensornet_kernel.FrozenEmbedding):
+    for kernel in (_tensornet_kernel.FrozenInteraction, _tensornet_embedding_kernel.FrozenEmbedding):
         monkeypatch.setattr(kernel, "forward", staticmethod(
             lambda *args, forward=kernel.forward, name=kernel.__name__: calls.append(name) or forward(*args)))
     testing.check_model(small_model().requires_grad_(False), skip=("check_compile", "check_export"))

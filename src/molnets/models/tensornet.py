@@ -59,7 +59,8 @@ from ..layers.radial import CosineEnvelope, ExpNormalBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 from ..layers.scatter import gather_rows, scatter_outer
 from .._frozen import frozen_cached, frozen_on_cpu_eager, parameters_of
-from ._tensornet_kernel import FrozenEmbedding, FrozenInteraction, kernels_apply
+from ._tensornet_embedding_kernel import FrozenEmbedding
+from ._tensornet_kernel import FrozenInteraction, kernels_apply
 from .base import DesignSpace, count_parameters
 
 __all__ = ["TensorNetConfig", "TensorNet", "TensorEmbedding", "TensorInteraction"]
@@ -114,7 +115,7 @@ class TensorEmbedding(nn.Module):
 
     With frozen weights (eager, CPU) on a molecule or a large crystal
     (``_tensornet_kernel.kernels_apply``) the layer runs as one autograd node with a hand-written
-    backward (``_tensornet_kernel.FrozenEmbedding``); ``_reference`` is the differentiable
+    backward (``_tensornet_embedding_kernel.FrozenEmbedding``); ``_reference`` is the differentiable
     definition.
     """
 
