@@ -1,6 +1,6 @@
 """Model benchmark: energy + forces of molnets' models and their peers, side by side, one run.
 
-    python benchmarks/models.py [--repeats 10] [--rounds 2] [--threads 2] [--device cpu] [--quick]
+    python benchmarks/models.py [--repeats 10] [--rounds 2] [--small-rounds 6] [--threads 2] [--device cpu] [--quick]
                                 [--compile] [--families MACE-style ...] [--no-scaling | --scaling-only]
                                 [--keep-heap | --reuse-freed-memory] [--train]
 
@@ -13,9 +13,11 @@ atoms, as many more as fill one second (200 at most: a short call needs more sam
 steady minimum), and the peak
 extra memory of the calls (CPU: peak RSS above the RSS after set-up; CUDA:
 ``max_memory_allocated``). The peer and molnets run in alternation,
-``--rounds`` times each, and the tables give each side's best call over all its rounds (on a
-shared machine the minimum is the least noisy estimate of a call's own cost, and alternation
-keeps a change of load from favouring one side). The neighbor list is built outside the
+``--rounds`` times each (``--small-rounds`` times up to 1000 atoms, whose rounds take seconds:
+one worker process in three or four runs ~30% slower than the next on these machines), and the
+tables give each side's best call over all its rounds (on a shared machine the minimum is the
+least noisy estimate of a call's own cost, and alternation keeps a change of load from
+favouring one side). The neighbor list is built outside the
 timed call (molnets' ``neighbor_list``) and given to both sides; random weights, frozen on
 both sides (``requires_grad_(False)``, as the ASE calculators of molnets and mace-torch run a
 model: forces need the gradient with respect to positions only). ``--reuse-freed-memory`` runs
@@ -77,6 +79,7 @@ HERE = Path(__file__).resolve().parent
 MAIN_PYTHON = sys.executable
 PEERS = HERE / ".peers"
 SCHNET = {"cutoff": 5.0, "num_channels": 128, "num_layers": 3, "num_basis": 50}
+SMALL_ATOMS = 1000  # up to this size a round of a side (one worker process) takes seconds: more rounds
 TENSORNET = {"cutoff": 5.0, "num_channels": 128, "num_layers": 2, "num_rbf": 32}
 
 
@@ -489,11 +492,14 @@ def run_impl(impl: str, atoms_list: list, args, dtype: str, weights: Optional[st
 def run_pair(family: Family, atoms_list: list, args, dtype: str, weights: Optional[str],
              with_peer: bool = True) -> List[Tuple[Optional[dict], dict]]:
     """The peer and molnets on the systems of ``atoms_list`` (one worker per side and round),
-    in alternation for ``args.rounds`` rounds (so that a change in the machine's load hits both
-    sides); per system each side's best call ("min_ms") over all its rounds and repeats, the
-    largest peak memory, the energy of its first round."""
+    in alternation for ``args.rounds`` rounds, ``args.small_rounds`` for systems of at most
+    ``SMALL_ATOMS`` atoms (so that a change in the machine's load hits both sides; on these
+    shared machines one worker process in three or four can run ~30% slower than the next, and
+    a small system's round takes seconds); per system each side's best call ("min_ms") over all
+    its rounds and repeats, the largest peak memory, the energy of its first round."""
     runs: Dict[str, List[List[dict]]] = {"peer": [], "ours": []}  # [round][system]
-    for _ in range(args.rounds):
+    small = max(len(atoms) for atoms in atoms_list) <= SMALL_ATOMS
+    for _ in range(args.small_rounds if small else args.rounds):
         if with_peer:
             runs["peer"].append(run_impl(family.peer, atoms_list, args, dtype, weights))
         runs["ours"].append(run_impl(family.ours, atoms_list, args, dtype, weights))
@@ -529,7 +535,10 @@ def _weights(tmp: str, dtype: str, family: Family) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2, help="peer and molnets alternated this many times")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help=f"peer and molnets alternated this many times (systems above {SMALL_ATOMS} atoms)")
+    parser.add_argument("--small-rounds", type=int, default=6,
+                        help=f"the same for systems of at most {SMALL_ATOMS} atoms (a round takes seconds)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", nargs="+", default=["float32", "float64"])
@@ -562,7 +571,8 @@ def main(argv=None) -> None:
 
     what = ("training step (loss Σ E² + Σ |F|², backward to the weights)" if args.train
             else "energy + forces")
-    print(f"# {what} per call, best of {args.rounds} alternated rounds x {args.repeats} calls "
+    print(f"# {what} per call, best of {args.rounds} alternated rounds ({args.small_rounds} up to {SMALL_ATOMS} atoms)"
+          f" x {args.repeats} calls "
           f"(or 1 s of calls, up to 200; 3 calls above 1000 atoms), {args.threads} threads, {args.device}, torch {torch.__version__}; "
           f"neighbor list given; malloc: "
           f"{'heap kept' if args.keep_heap else 'freed memory reused' if args.reuse_freed_memory else 'glibc defaults'}"
