@@ -292,8 +292,8 @@ def part_norms(c: Tensor) -> Tensor:
 
 
 class PartNorms(nn.Module):
-    """``part_norms`` of every channel's matrix, grouped by part: TensorNet's invariants
-    (||I||, ||A||, ||S|| of each channel, Simeon & De Fabritiis 2023, Eq. 12).
+    """``part_norms`` of every channel's matrix, grouped by part: the invariants that TensorNet's
+    readout reads (||I δ||, ||A||, ||S|| of each channel; Simeon & De Fabritiis 2023).
 
         c = B X (components, ``to_components``),   n_p = Σ_(k in part p) c_k²
 
