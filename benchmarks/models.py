@@ -1,6 +1,7 @@
 """Model benchmark: energy + forces of molnets' models and their peers, side by side, one run.
 
     python benchmarks/models.py [--repeats 10] [--rounds 2] [--small-rounds 6] [--threads 2] [--device cpu] [--quick]
+                                [--molnets-only]
                                 [--compile] [--families MACE-style ...] [--no-scaling | --scaling-only]
                                 [--keep-heap | --reuse-freed-memory] [--train]
 
@@ -537,8 +538,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2,
                         help=f"peer and molnets alternated this many times (systems above {SMALL_ATOMS} atoms)")
-    parser.add_argument("--small-rounds", type=int, default=6,
-                        help=f"the same for systems of at most {SMALL_ATOMS} atoms (a round takes seconds)")
+    parser.add_argument("--small-rounds", type=int, default=None,
+                        help=f"the same for systems of at most {SMALL_ATOMS} atoms, whose rounds take seconds"
+                             " (default 6; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", nargs="+", default=["float32", "float64"])
@@ -554,6 +556,8 @@ def main(argv=None) -> None:
     malloc.add_argument("--reuse-freed-memory", action="store_true",
                         help="every worker (both sides) keeps freed memory in its heap (glibc's malloc:"
                              " no mmap, no trim; molnets.memory)")
+    parser.add_argument("--molnets-only", action="store_true",
+                        help="time molnets alone (no peer columns: '-'), e.g. to check a change quickly")
     parser.add_argument("--families", nargs="+", default=None, help="e.g. SchNet-style (default: all)")
     parser.add_argument("--systems", nargs="+", default=None, help="e.g. ethanol 'Cu fcc 256' (default: all)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling-with-N table")
@@ -563,6 +567,8 @@ def main(argv=None) -> None:
                              " weights); no scaling table")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.small_rounds is None:
+        args.small_rounds = 1 if args.quick else 6
     if args.worker:
         return worker(*args.worker)
     if args.train and (args.compile or args.scaling_only):
@@ -589,28 +595,31 @@ def main(argv=None) -> None:
                 chosen = [(name, atoms) for name, atoms in candidates.items()
                           if args.systems is None or name in args.systems]
                 for batch in _worker_batches(chosen, args.device):
-                    results = run_pair(family, [atoms for _, atoms in batch], args, dtype, weights)
+                    results = run_pair(family, [atoms for _, atoms in batch], args, dtype, weights,
+                                       with_peer=not args.molnets_only)
                     compiled_results = [None] * len(batch)
                     peer_compiled_results = [None] * len(batch)
                     if args.compile:
                         batch_atoms = [atoms for _, atoms in batch]
                         compiled_results = run_impl(family.ours + "-compiled", batch_atoms, args, dtype, weights)
-                        if family.peer_compiled:
+                        if family.peer_compiled and not args.molnets_only:
                             peer_compiled_results = run_impl(family.peer_compiled, batch_atoms, args, dtype, weights)
                     for (name, atoms), (peer, ours), fast, peer_fast in zip(
                             batch, results, compiled_results, peer_compiled_results):
-                        if family.same_weights:
+                        if family.same_weights and peer is not None:
                             # float64: PyG's shifted softplus subtracts a float32 ln 2 (2e-9 off).
                             tol = (1e-3 if dtype == "float32" else 1e-6) * max(1.0, abs(ours["energy"]))
                             assert abs(ours["energy"] - peer["energy"]) < tol, (family, name, ours, peer)
+                        peer_ms = peer["min_ms"] if peer is not None else math.nan  # nan: --molnets-only
+                        cells = ("-", "-") if peer is None else (f"{peer_ms:.2f}", f"{peer_ms / ours['min_ms']:.2f}x")
                         row = (f"| {family.model} | {family.peer_name} | {name} | {len(atoms)} | {dtype} | "
-                               f"{peer['min_ms']:.2f} | {ours['min_ms']:.2f} | "
-                               f"{peer['min_ms'] / ours['min_ms']:.2f}x |")
+                               f"{cells[0]} | {ours['min_ms']:.2f} | {cells[1]} |")
                         if fast is not None:
                             assert abs(fast["energy"] - ours["energy"]) < 1e-4 * max(1.0, abs(ours["energy"]))
-                            peer_best = peer["min_ms"] if peer_fast is None else min(peer["min_ms"], peer_fast["min_ms"])
+                            peer_best = peer_ms if peer_fast is None else min(peer_ms, peer_fast["min_ms"])
                             peer_cell = "-" if peer_fast is None else f"{peer_fast['min_ms']:.2f}"
-                            row += f" {peer_cell} | {fast['min_ms']:.2f} | {peer_best / fast['min_ms']:.2f}x |"
+                            ratio = "-" if math.isnan(peer_best) else f"{peer_best / fast['min_ms']:.2f}x"
+                            row += f" {peer_cell} | {fast['min_ms']:.2f} | {ratio} |"
                         print(row, flush=True)
 
         if args.no_scaling:
@@ -625,7 +634,8 @@ def main(argv=None) -> None:
             for with_peer in (True, False):
                 chosen = [(n, atoms) for n, atoms in sizes if (n <= family.peer_max_atoms) == with_peer]
                 for batch in _worker_batches(chosen, args.device):
-                    results = run_pair(family, [atoms for _, atoms in batch], args, "float32", weights, with_peer)
+                    results = run_pair(family, [atoms for _, atoms in batch], args, "float32", weights,
+                                       with_peer and not args.molnets_only)
                     for (n, _), (peer, ours) in zip(batch, results):
                         peer_cells = f"{peer['min_ms']:.1f} | {peer['peak_mb']:.0f}" if peer else "- | -"
                         print(f"| {family.model} | {n} | {peer_cells} | {ours['min_ms']:.1f} | {ours['peak_mb']:.0f} | "
