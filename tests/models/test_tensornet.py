@@ -181,13 +181,13 @@ def _chunks_of(monkeypatch, pairs: Optional[int], atoms: Optional[int], channels
     """The frozen kernels' chunks made tiny: ``pairs`` pairs and ``atoms`` atoms per chunk (None:
     left as they are, one chunk on the tests' systems)."""
     from molnets.layers import _message_kernels
-    from molnets.models import _tensornet_kernel
+    from molnets.models import _tensornet_ops
 
     if pairs is not None:  # and the system "large": the kernels run (``kernels_apply``)
         monkeypatch.setattr(_message_kernels, "CHUNK_NUMEL", pairs * 9 * channels // torch.get_num_threads())
         monkeypatch.setattr(_message_kernels, "FRESH_MAPPING_BYTES", 0)
     if atoms is not None:
-        monkeypatch.setattr(_tensornet_kernel, "ATOM_CHUNK_NUMEL", atoms * 9 * channels)
+        monkeypatch.setattr(_tensornet_ops, "ATOM_CHUNK_NUMEL", atoms * 9 * channels)
 
 
 CHUNKS = [(None, None), (4, 3), (None, 3), (4, None)]

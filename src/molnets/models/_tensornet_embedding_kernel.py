@@ -1,7 +1,7 @@
 """The frozen TensorNet-style embedding in one autograd node (private; CPU, eager, any size):
 ``FrozenEmbedding``, ``TensorEmbedding``'s forward without recording a graph and its backward as
 written out in its docstring, with the entry-major layout, chunking and reused buffers of
-``_tensornet_kernel`` (whose module docstring describes them, and whose helpers it uses).
+``_tensornet_kernel`` (whose module docstring describes them), and the helpers of ``_tensornet_ops``.
 ``TensorEmbedding._reference`` is the oracle the tests compare it with.
 """
 
@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from .._frozen import reference_gradients
 from ..layers._message_kernels import scale_parts, spread_over_rows, sum_parts, workspace
 from ..layers.cartesian import PART_SLICES
-from ._tensornet_kernel import (
+from ._tensornet_ops import (
     _atom_chunks,
     _columns,
     _dense_chain,
