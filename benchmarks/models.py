@@ -80,7 +80,9 @@ HERE = Path(__file__).resolve().parent
 MAIN_PYTHON = sys.executable
 PEERS = HERE / ".peers"
 SCHNET = {"cutoff": 5.0, "num_channels": 128, "num_layers": 3, "num_basis": 50}
-SMALL_ATOMS = 1000  # up to this size a round of a side (one worker process) takes seconds: more rounds
+# up to this size a call takes milliseconds (1 s of calls, three untimed first) and a round of a side
+# (one worker process) seconds (--small-rounds); above it 3 calls, one untimed first, --rounds
+SMALL_ATOMS = 1000
 TENSORNET = {"cutoff": 5.0, "num_channels": 128, "num_layers": 2, "num_rbf": 32}
 
 
@@ -413,7 +415,7 @@ def worker(impl: str, spec_path: str) -> None:
 
 
 def _time_one(impl: str, system: dict, spec: dict) -> dict:
-    large = len(system["numbers"]) > 1000  # seconds per call on a CPU: fewer repeats, one warm-up
+    large = len(system["numbers"]) > SMALL_ATOMS  # seconds per call on a CPU: fewer repeats, one warm-up
     repeats, warmup, min_time_s = (min(spec["repeats"], 3), 0, 0.0) if large else (spec["repeats"], 2, 1.0)
     step = globals()[IMPLS[impl][1]](system, spec)
     cuda = spec["device"].startswith("cuda")
@@ -579,7 +581,7 @@ def main(argv=None) -> None:
             else "energy + forces")
     print(f"# {what} per call, best of {args.rounds} alternated rounds ({args.small_rounds} up to {SMALL_ATOMS} atoms)"
           f" x {args.repeats} calls "
-          f"(or 1 s of calls, up to 200; 3 calls above 1000 atoms), {args.threads} threads, {args.device}, torch {torch.__version__}; "
+          f"(or 1 s of calls, up to 200; 3 calls above {SMALL_ATOMS} atoms), {args.threads} threads, {args.device}, torch {torch.__version__}; "
           f"neighbor list given; malloc: "
           f"{'heap kept' if args.keep_heap else 'freed memory reused' if args.reuse_freed_memory else 'glibc defaults'}"
           f" (both sides)\n")
@@ -610,15 +612,15 @@ def main(argv=None) -> None:
                             # float64: PyG's shifted softplus subtracts a float32 ln 2 (2e-9 off).
                             tol = (1e-3 if dtype == "float32" else 1e-6) * max(1.0, abs(ours["energy"]))
                             assert abs(ours["energy"] - peer["energy"]) < tol, (family, name, ours, peer)
-                        peer_ms = peer["min_ms"] if peer is not None else math.nan  # nan: --molnets-only
-                        cells = ("-", "-") if peer is None else (f"{peer_ms:.2f}", f"{peer_ms / ours['min_ms']:.2f}x")
+                        peer_cell, speed_up = ("-", "-") if peer is None else (  # None: --molnets-only
+                            f"{peer['min_ms']:.2f}", f"{peer['min_ms'] / ours['min_ms']:.2f}x")
                         row = (f"| {family.model} | {family.peer_name} | {name} | {len(atoms)} | {dtype} | "
-                               f"{cells[0]} | {ours['min_ms']:.2f} | {cells[1]} |")
+                               f"{peer_cell} | {ours['min_ms']:.2f} | {speed_up} |")
                         if fast is not None:
                             assert abs(fast["energy"] - ours["energy"]) < 1e-4 * max(1.0, abs(ours["energy"]))
-                            peer_best = peer_ms if peer_fast is None else min(peer_ms, peer_fast["min_ms"])
+                            peer_bests = [r["min_ms"] for r in (peer, peer_fast) if r is not None]
                             peer_cell = "-" if peer_fast is None else f"{peer_fast['min_ms']:.2f}"
-                            ratio = "-" if math.isnan(peer_best) else f"{peer_best / fast['min_ms']:.2f}x"
+                            ratio = f"{min(peer_bests) / fast['min_ms']:.2f}x" if peer_bests else "-"
                             row += f" {peer_cell} | {fast['min_ms']:.2f} | {ratio} |"
                         print(row, flush=True)
 
