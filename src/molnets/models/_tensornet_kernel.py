@@ -66,6 +66,7 @@ from ..layers._message_kernels import (
 )
 from ..layers.cartesian import PART_SLICES
 from ._tensornet_ops import (
+    _add_product,
     _anticommutator,
     _atom_chunks,
     _columns,
@@ -77,7 +78,6 @@ from ._tensornet_ops import (
     _normalized_entries,
     _normalized_gradient,
     _pair_chunks,
-    _product,
     _rows,
     _transposed,
 )
@@ -137,7 +137,7 @@ class FrozenInteraction(torch.autograd.Function):
                 X_hat, u = _normalized_entries(_rows(X, a, b))[0], _rows(y, a, b).transpose(0, 1).contiguous()
             terms = _update_terms(u, _rows(messages, a, b), self_weights, basis, layer)
             D = terms[-1]
-            torch.add(X_hat, D, out=_columns(out, a * C, b * C)).add_(_product(_matrices(D), _matrices(D)))
+            _add_product(_matrices(torch.add(X_hat, D, out=_columns(out, a * C, b * C))), _matrices(D), _matrices(D))
         kept = (X_norm, *terms) if len(chunks) == 1 else ()  # else computed again, chunk by chunk
         ctx.layer, ctx.num_kept = layer, len(kept)
         ctx.save_for_backward(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, y, messages,
@@ -161,7 +161,7 @@ class FrozenInteraction(torch.autograd.Function):
             Y, M, A, A_norm, D = kept[1:] or _update_terms(
                 _rows(y, a, b).transpose(0, 1).contiguous(), _rows(messages, a, b), self_weights, basis, layer)
             g = _rows(grad, a, b).reshape(-1, 9).T                                  # [9, L] entries
-            grad_D = g + _anticommutator(_matrices(g), _transposed(D))              # [9, L]
+            grad_D = _anticommutator(_matrices(g), _transposed(D), plus=g)          # [9, L]
             grad_A = _linear_by_part(torch.mm(basis, grad_D).view(9, b - a, C), layer.linear_out.weight,
                                      adjoint=True)                                  # [9, n, C]
             grad_A = _normalized_gradient(torch.mm(basis.T, grad_A.view(9, -1)), A, A_norm)  # [9, L]

@@ -1,5 +1,5 @@
 """Building blocks of the frozen TensorNet-style kernels (private): entry-major 3x3 products
-(a stack of L matrices as [9, L] or a [3, 3, L] view: ``_product``, ``_anticommutator``),
+(a stack of L matrices as [9, L] or a [3, 3, L] view: ``_add_product``, ``_anticommutator``),
 the channel maps part by part (``_linear_by_part``), the dense chains of the filter and gate
 networks with their input gradients, the normalization X / (||X|| + 1) and its gradient, and the
 ranges of atoms and pairs that the kernels run chunk by chunk. The scheme is described in the
@@ -57,18 +57,26 @@ def _dense_chain_backward(layer: nn.Module, grad: Tensor, pre_activations: Seque
     return grad
 
 
-def _product(P: Tensor, Q: Tensor) -> Tensor:
-    """P Q for entry-major stacks of 3x3 matrices: [3, 3, L] views (strided ones: transposes).
-    Σ_k P[:, k] Q[k, :] as a product and two multiply-adds of [3, 3, L] (a [3, 3, 3, L] product
-    and a sum over k is 2.5x slower at L = 2688 in float64: a tensor three times larger). -> [9, L]"""
-    out = torch.mul(P[:, 0:1], Q[0:1], out=P.new_empty(3, 3, P.shape[-1]))          # [3, 3, L]
-    out.addcmul_(P[:, 1:2], Q[1:2]).addcmul_(P[:, 2:3], Q[2:3])
-    return out.view(9, P.shape[-1])                                                 # [9, L]
+def _add_product(out: Tensor, P: Tensor, Q: Tensor, first: int = 0) -> Tensor:
+    """out += Σ_(k >= first) P[:, k] Q[k, :] in place: with first = 0, out += P Q for entry-major
+    stacks of 3x3 matrices, [3, 3, L] views (strided ones: transposes), as three multiply-adds of
+    [3, 3, L] (a [3, 3, 3, L] product and a sum over k is 2.5x slower at L = 2688 in float64: a
+    tensor three times larger). -> out"""
+    for k in range(first, 3):
+        out.addcmul_(P[:, k:k + 1], Q[k:k + 1])
+    return out
 
 
-def _anticommutator(P: Tensor, Q: Tensor) -> Tensor:
-    """P Q + Q P, entry-major [3, 3, L] each. -> [9, L]"""
-    return _product(P, Q) + _product(Q, P)                                          # [9, L]
+def _anticommutator(P: Tensor, Q: Tensor, plus: Optional[Tensor] = None) -> Tensor:
+    """P Q + Q P (+ plus, [9, L], when given), entry-major [3, 3, L] each: one product and five
+    multiply-adds into one array (two products and their sum: ~15% slower at L = 2688). -> [9, L]"""
+    L = P.shape[-1]
+    out = P.new_empty(3, 3, L)
+    if plus is None:
+        torch.mul(P[:, 0:1], Q[0:1], out=out)
+    else:
+        torch.addcmul(_matrices(plus), P[:, 0:1], Q[0:1], out=out)
+    return _add_product(_add_product(out, P, Q, first=1), Q, P).view(9, L)          # [9, L]
 
 
 def _matrices(entries: Tensor) -> Tensor:
