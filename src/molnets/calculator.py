@@ -14,7 +14,8 @@ from torch import nn
 
 from .graph import AtomicGraph
 from .memory import keep_heap_between_calls
-from .models.base import Potential, load_model
+from .models.base import Potential
+from .models.serialization import load_model
 from .neighbors import Backend
 
 __all__ = ["MolnetsCalculator"]

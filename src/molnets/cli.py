@@ -305,7 +305,7 @@ def run_md(
     from .calculator import MolnetsCalculator
     from .training.synthetic import thermalize
 
-    from .models.base import load_model
+    from .models.serialization import load_model
     from .training.data import check_elements, structures_from_atoms
 
     check_elements(
@@ -397,7 +397,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
 
 
 def _cmd_describe(args: argparse.Namespace) -> int:
-    from .models.base import load_model
+    from .models.serialization import load_model
 
     from .describe import compare
 

@@ -235,7 +235,7 @@ def test_frozen_atomic_basis_gradcheck(monkeypatch):
 def test_loads_files_that_saved_the_coupling_tensors(tmp_path):
     """Files saved by earlier 0.1.0 builds kept the product basis' U in the state dict ([T, ..., K]);
     they load, and the model computes the same energies as the one that was saved."""
-    from molnets.models.base import load_model, save_model
+    from molnets.models import load_model, save_model
 
     torch.manual_seed(0)
     model = MACE(MACEConfig(**SMALL, correlation=3, num_layers=2))

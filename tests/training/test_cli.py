@@ -13,7 +13,7 @@ import yaml
 from ase.build import molecule
 
 from molnets.cli import build_parser, main, resolve_train_config
-from molnets.models.base import load_model
+from molnets.models import load_model
 
 
 def test_console_script_help():
@@ -120,7 +120,7 @@ def test_resume_refuses_another_model_cutoff_or_model_config(tiny_xyz, tmp_path,
 
 def test_evaluate_names_a_structure_with_unknown_elements(tiny_xyz, tmp_path, capsys):
     from molnets.models import SchNet, SchNetConfig
-    from molnets.models.base import save_model
+    from molnets.models import save_model
 
     torch.manual_seed(0)
     model_path = tmp_path / "cu.pt"
@@ -157,7 +157,7 @@ def test_every_command_keeps_the_heap_between_steps(tmp_path, monkeypatch, capsy
     (molnets.memory.keep_heap_between_calls) before it runs a subcommand."""
     import molnets.memory
     from molnets.models import SchNet, SchNetConfig
-    from molnets.models.base import save_model
+    from molnets.models import save_model
 
     made = []
     monkeypatch.setattr(molnets.memory, "keep_heap_between_calls", lambda: made.append(1) or True)
@@ -169,7 +169,7 @@ def test_every_command_keeps_the_heap_between_steps(tmp_path, monkeypatch, capsy
 
 def test_describe_prints_the_design_space_of_model_files(tmp_path, capsys):
     from molnets.models import SchNet, SchNetConfig
-    from molnets.models.base import save_model
+    from molnets.models import save_model
 
     for layers in (1, 3):
         save_model(SchNet(SchNetConfig(species=(29,), cutoff=4.5, num_channels=4, num_basis=4, num_layers=layers)),
@@ -185,7 +185,7 @@ def test_md_compiled_follows_the_eager_trajectory(tmp_path, capsys):
     """``molnets md --compile BACKEND`` runs the calculator's compiled potential (here dynamo's
     capture with the "eager" backend: no code generation) and gives the eager trajectory."""
     from molnets.models import SchNet, SchNetConfig
-    from molnets.models.base import save_model
+    from molnets.models import save_model
 
     torch.manual_seed(0)
     save_model(SchNet(SchNetConfig(species=(1, 6, 8), cutoff=4.0, num_channels=8, num_basis=6, num_layers=2)),
@@ -209,7 +209,7 @@ def test_md_compiled_follows_the_eager_trajectory(tmp_path, capsys):
 
 def _md_inputs(tmp_path):
     from molnets.models import SchNet, SchNetConfig
-    from molnets.models.base import save_model
+    from molnets.models import save_model
 
     torch.manual_seed(0)
     save_model(SchNet(SchNetConfig(species=(1, 6, 8), cutoff=4.0, num_channels=8, num_basis=6, num_layers=2)),

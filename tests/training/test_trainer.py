@@ -14,7 +14,7 @@ import zipfile
 import pytest
 import torch
 
-from molnets.models.base import Potential, load_model
+from molnets.models import Potential, load_model
 from molnets.training import (
     ExponentialMovingAverage,
     GraphDataset,

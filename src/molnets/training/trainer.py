@@ -59,7 +59,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.base import Potential, config_from_dict, model_class, save_model
+from ..models.base import Potential
+from ..models.serialization import config_from_dict, model_class, save_model
 from .checkpoint import atomic_save, atomic_write, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from .data import GraphDataset, LabeledStructure, read_structures, split_structures
 from .metrics import ErrorMetrics, weighted_loss
