@@ -95,3 +95,12 @@ def assert_frozen_equals_trainable():
                 torch.testing.assert_close(got[key], expected[key], atol=1e-12, rtol=1e-12)
 
     return check
+
+
+@pytest.fixture
+def without_native(monkeypatch):
+    """The compiled CPU kernels (``molnets._native``) off for one test: the PyTorch kernels they
+    replace (chunked pair convolution, chunked product basis) run, as where no compiler is."""
+    from molnets import _native
+
+    monkeypatch.setitem(_native._state, "library", None)

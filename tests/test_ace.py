@@ -400,7 +400,7 @@ def test_batched_equals_one_by_one():
 
 @pytest.mark.parametrize("lmax,nu,targets", [(2, 1, "0e + 1o + 2e"), (3, 2, "0e + 1o + 2e + 2o"), (3, 3, "0e + 1o"),
                                              (2, 3, "0e + 1o + 1e + 2e + 2o"), (0, 3, "0e")])
-def test_frozen_product_basis_kernel_equals_plain_operations(monkeypatch, lmax, nu, targets):
+def test_frozen_product_basis_kernel_equals_plain_operations(monkeypatch, without_native, lmax, nu, targets):
     """Frozen weights on more atoms than a chunk: the chunked kernel (molnets._ace_kernel) runs,
     with the plain operations' values and gradients, chunks of uneven length included."""
     from molnets import _ace_kernel
@@ -421,7 +421,7 @@ def test_frozen_product_basis_kernel_equals_plain_operations(monkeypatch, lmax, 
     assert torch.autograd.gradgradcheck(lambda a: pb(a, species), (A,))  # double backward: plain operations
 
 
-def test_product_basis_kernel_runs_only_for_frozen_weights_on_many_atoms(monkeypatch):
+def test_product_basis_kernel_runs_only_for_frozen_weights_on_many_atoms(monkeypatch, without_native):
     """Trainable weights, correlation 4, or atoms within one chunk: the plain operations."""
     from molnets import _ace_kernel
 

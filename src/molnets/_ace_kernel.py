@@ -1,4 +1,8 @@
-"""The product basis of a frozen layer on many atoms, chunk by chunk of atoms (private; eager CPU).
+"""The product basis of a frozen layer: as compiled terms, or chunk by chunk of atoms (private; eager CPU).
+
+Where the compiled kernels are built (``molnets._native``), ``NativeProductBasis`` (at the end
+of this module) runs for every frozen layer of correlation 1 to 3, any number of atoms; the
+chunked kernel below is what runs without them.
 
 ``ProductBasis`` in plain operations builds its monomials [C, N, T], the Horner polynomials
 [C, N, M, S O] and their gradients for all N atoms at once and keeps them for the backward: on
@@ -28,14 +32,16 @@ plain operations instead. ``ProductBasis._plain_forward`` is the definition and 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ._frozen import frozen_on_cpu_eager, reference_gradients, traced
+from . import _native
+from ._ace_coupling import irreps_slices, symmetric_coupling
+from ._frozen import frozen_cached, frozen_on_cpu_eager, reference_gradients, traced
 
-__all__ = ["FrozenProductBasis", "product_kernel_applies"]
+__all__ = ["FrozenProductBasis", "product_kernel_applies", "NativeProductBasis", "native_product_applies"]
 
 # numbers of one chunk's largest temporaries together, per thread (16 MiB in float32 on two
 # threads): the folded weights are read once per chunk, so chunks stay as large as the cache allows
@@ -122,8 +128,8 @@ class FrozenProductBasis(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         A, species = ctx.saved_tensors
         layer = ctx.layer
-        if torch.is_grad_enabled():  # a graph of the backward is wanted: through the plain operations
-            return reference_gradients(lambda a: layer._plain_forward(a, species), [A], [True], grad, num_args=3)
+        if torch.is_grad_enabled():
+            return _plain_gradients(layer, A, species, grad)
         (N, C), chunk = A.shape[:2], atoms_per_chunk(layer)
         grad_A = torch.empty_like(A)                                                # [N, C, M]
         for start in range(0, N, chunk):
@@ -152,6 +158,12 @@ class FrozenProductBasis(torch.autograd.Function):
         return grad_A, None, None
 
 
+def _plain_gradients(layer: nn.Module, A: Tensor, species: Tensor, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+    """A product basis kernel's backward when a graph of it is wanted (double backward): through
+    the plain operations."""
+    return reference_gradients(lambda a: layer._plain_forward(a, species), [A], [True], grad, num_args=3)
+
+
 def _unselect(layer: nn.Module, grad: Tensor, species: Tensor) -> Tensor:
     """The adjoint of ``ProductBasis._select``: [n, irreps_out.dim] -> [C, n, S O], each atom's
     gradient at its own species, zero at the others."""
@@ -163,3 +175,115 @@ def _unselect(layer: nn.Module, grad: Tensor, species: Tensor) -> Tensor:
     g = torch.cat(blocks, 2).transpose(0, 1)                                        # [C, n, O]
     index = species.reshape(1, n, 1, 1).expand(C, n, 1, O)
     return grad.new_zeros(C, n, S, O).scatter_(2, index, g.unsqueeze(2)).view(C, n, S * O)
+
+
+# ---------------------------------------------------------------------------------------------
+# The product basis of a frozen layer by the compiled kernel (``molnets._native``), any size.
+#
+# The folded weights of the Horner scheme above are ~93% structural zeros (the couplings'
+# selection rules), and it computes every species for every atom. The compiled kernel instead
+# walks a list of terms: each a distinct monomial of degree ν <= ν_max and an output component
+# o whose coupling is nonzero, with per species and channel its coefficient
+# F[s, t, c] = Σ_k W^(ν)[s, k, c] U_t[k] (U_t the monomial's symmetric coupling, from
+# ``_ace_coupling.symmetric_coupling``), so that for atom n of species s
+#
+#     B[n, c, o] = Σ_(t: o_t = o) F[s, t, c] Π_f A[n, c, a_tf],
+#
+# each atom's own species only, its monomials formed once per term (``_native.c``).
+
+
+class NativeTerms(NamedTuple):
+    """The product basis as terms (weights apart), built once per layer from its irreps."""
+
+    factors: Tensor                 # [T, ν_max] long: the monomial's components, padded with M (the number 1)
+    component: Tensor               # [T] long: o_t
+    offset: Tensor                  # [O] long: where component o of channel 0 lands in an atom's row
+    stride: Tensor                  # [O] long: and the step from one channel to the next
+    couplings: Tuple[Tensor, ...]   # per ν: U_t [T_ν, K_ν] float64 of its terms (consecutive, in ν order)
+
+
+def native_terms(layer: nn.Module) -> NativeTerms:
+    """The layer's terms (kept on it: they depend on its irreps and ν_max only)."""
+    terms = layer.__dict__.get("_native_terms")
+    if terms is None:
+        terms = layer.__dict__["_native_terms"] = _build_terms(layer)
+    return terms
+
+
+def _build_terms(layer: nn.Module) -> NativeTerms:
+    M, top, C = layer.irreps_A.dim, layer.correlation, layer.num_channels
+    factors: List[List[int]] = []
+    component: List[int] = []
+    couplings = []
+    for nu, K in zip(range(1, top + 1), layer.num_couplings):
+        rows, k0 = [], 0
+        for start, stop, ir in irreps_slices(layer.irreps_B):
+            try:
+                monomials, coeffs = symmetric_coupling(layer.irreps_A, nu, ir)     # [T, ν], [T, O_L, K_L]
+            except ValueError:
+                continue  # no coupling of degree ν to this irrep (as ``contraction_plan``)
+            for t, o in torch.nonzero(coeffs.abs().amax(2) > 0).tolist():
+                row = torch.zeros(K, dtype=torch.float64)
+                row[k0:k0 + coeffs.shape[2]] = coeffs[t, o]
+                rows.append((monomials[t].tolist() + [M] * (top - nu), start + o, row))
+            k0 += coeffs.shape[2]
+        rows.sort(key=lambda r: (r[0], r[1]))  # terms of one monomial together
+        factors += [r[0] for r in rows]
+        component += [r[1] for r in rows]
+        couplings.append(torch.stack([r[2] for r in rows]) if rows else torch.zeros(0, K, dtype=torch.float64))
+    offset, stride = [], []
+    for start, stop in layer.out_slices:  # e3nn layout: channel-major within each irrep
+        offset += [C * start + o for o in range(stop - start)]
+        stride += [stop - start] * (stop - start)
+    long = dict(dtype=torch.long)
+    return NativeTerms(torch.tensor(factors, **long).view(-1, top), torch.tensor(component, **long),
+                       torch.tensor(offset, **long), torch.tensor(stride, **long), tuple(couplings))
+
+
+def native_coefficients(layer: nn.Module) -> Tensor:
+    """F [S, T, C] of the terms (in the weights' dtype), kept while the weights are frozen."""
+    def build() -> Tensor:
+        U = native_terms(layer).couplings
+        return torch.cat([torch.einsum("tk,skc->stc", u.to(W.dtype), W) for u, W in zip(U, layer.weights)], 1).contiguous()
+    return frozen_cached(layer._frozen_folds, "native", list(layer.weights), build)
+
+
+def native_product_applies(layer: nn.Module, A: Tensor) -> bool:
+    """Whether ``NativeProductBasis`` runs: frozen weights, eager on the CPU, correlation 1 to 3,
+    float32 or float64, and the compiled kernels built (``_native.applies``). Flags only."""
+    return layer.correlation <= 3 and _native.applies(A) and frozen_on_cpu_eager(layer, A)
+
+
+class NativeProductBasis(torch.autograd.Function):
+    """``ProductBasis.forward`` with frozen weights by the compiled kernel, as terms (above).
+
+    Shapes:
+        A [N, C, M], species [N], layer  ->  [N, irreps_out.dim]
+    """
+
+    @staticmethod
+    def forward(ctx: Any, A: Tensor, species: Tensor, layer: nn.Module) -> Tensor:
+        (N, C, M), terms = A.shape, native_terms(layer)
+        coefficients = native_coefficients(layer)                                  # [S, T, C]
+        out = A.new_empty(N, C * layer.num_components_out)                          # [N, irreps_out.dim]
+        _native.call("product_basis_forward", A, out, A.contiguous(), species.contiguous(), coefficients,
+                     terms.factors, terms.component, terms.offset, terms.stride, N, C, M, layer.num_components_out,
+                     coefficients.shape[0], terms.factors.shape[0], terms.factors.shape[1])
+        ctx.layer = layer
+        ctx.save_for_backward(A, species)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        A, species = ctx.saved_tensors
+        layer = ctx.layer
+        if torch.is_grad_enabled():
+            return _plain_gradients(layer, A, species, grad)
+        (N, C, M), terms = A.shape, native_terms(layer)
+        coefficients = native_coefficients(layer)
+        grad_A = A.new_empty(A.shape)                                               # [N, C, M]
+        _native.call("product_basis_backward", A, grad_A, grad.contiguous(), A.contiguous(), species.contiguous(),
+                     coefficients,
+                     terms.factors, terms.component, terms.offset, terms.stride, N, C, M,
+                     layer.num_components_out, coefficients.shape[0], terms.factors.shape[0], terms.factors.shape[1])
+        return grad_A, None, None

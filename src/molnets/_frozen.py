@@ -16,7 +16,8 @@ Frozen weights also allow a layer (or a whole small model) to run as one autogra
 backward gives the gradients of its geometric inputs only (``models._tensornet_kernel``,
 ``models._schnet_kernel``, the MACE-style atomic basis
 ``layers._atomic_basis_kernels.FrozenAtomicBasis``; on large systems the filter networks,
-``layers._message_kernels.FrozenFilter``): ``frozen_kernel_applies`` and ``frozen_on_cpu_eager``
+``layers._message_kernels.FrozenFilter``; the MACE-style product basis as compiled terms,
+``_ace_kernel.NativeProductBasis``): ``frozen_kernel_applies`` and ``frozen_on_cpu_eager``
 say when such a kernel runs (``parameters_of`` walks the weights they test),
 ``reference_gradients`` is its backward when a graph of the backward is wanted (through the
 layer's differentiable reference).

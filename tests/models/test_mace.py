@@ -271,22 +271,30 @@ def test_frozen_model_gives_the_same_energy_and_forces_call_after_call():
     assert all(pb._frozen_folds for pb in (i.product_basis for i in frozen.model.interactions))
 
 
-def test_frozen_model_through_the_chunked_product_basis(monkeypatch, assert_frozen_equals_trainable):
-    """Frozen weights on more atoms than a chunk (a few atoms a chunk here): the product basis runs
-    chunk by chunk (molnets._ace_kernel); energy, forces, stress and the double backward of a force
-    loss equal the trainable model's (molecule and crystal), and the model suite passes."""
+@pytest.mark.parametrize("kernel", ["FrozenProductBasis", "NativeProductBasis"])
+def test_frozen_model_through_the_product_basis_kernels(kernel, monkeypatch, assert_frozen_equals_trainable):
+    """Frozen weights: the product basis runs as the compiled terms (molnets._native, where a
+    compiler is) or chunk by chunk (without it; here on more atoms than a chunk, a few atoms a
+    chunk); energy, forces, stress and the double backward of a force loss equal the trainable
+    model's (molecule and crystal), and the model suite passes."""
     import copy
 
-    from molnets import _ace_kernel, testing
+    from molnets import _ace_kernel, _native, testing
 
-    monkeypatch.setattr(_ace_kernel, "CHUNK_NUMEL", 2000)
+    if kernel == "NativeProductBasis" and not _native.available():
+        pytest.skip("no C compiler here: the compiled kernels cannot be built")
+    if kernel == "FrozenProductBasis":
+        monkeypatch.setitem(_native._state, "library", None)
+        monkeypatch.setattr(_ace_kernel, "CHUNK_NUMEL", 2000)
     torch.manual_seed(0)
     model = MACE(MACEConfig(**SMALL, correlation=3, num_layers=2)).double()
     frozen = copy.deepcopy(model).requires_grad_(False)
-    assert all(_ace_kernel.atoms_per_chunk(i.product_basis) < 9 for i in frozen.interactions)  # several chunks
+    if kernel == "FrozenProductBasis":
+        assert all(_ace_kernel.atoms_per_chunk(i.product_basis) < 9 for i in frozen.interactions)  # several chunks
     calls = []
-    monkeypatch.setattr(_ace_kernel.FrozenProductBasis, "forward", staticmethod(
-        lambda *args, forward=_ace_kernel.FrozenProductBasis.forward: calls.append(1) or forward(*args)))
+    function = getattr(_ace_kernel, kernel)
+    monkeypatch.setattr(function, "forward", staticmethod(
+        lambda *args, forward=function.forward: calls.append(1) or forward(*args)))
     for periodic in (False, True):
         graph = testing.random_graph(num_atoms=9, cutoff=3.5, species=SPECIES, seed=5, periodic=periodic,
                                      dtype=torch.float64)

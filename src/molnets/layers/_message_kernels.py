@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .. import _native
 from .._frozen import frozen_on_cpu_eager, reference_gradients
 from ..memory import freed_memory_is_reused
 
@@ -148,9 +149,34 @@ def scale_parts(rows: Tensor, weights: Tensor, parts: Sequence[Tuple[int, int]],
     return out
 
 
+def native_convolution(weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
+                       parts: Sequence[Tuple[int, int]], out: Tensor) -> Tensor:
+    """out += the pair convolution (module docstring) by the compiled kernel (``molnets._native``;
+    where ``_native.applies``), in one pass over the pairs: no per-pair array. out [N, n, C]
+    contiguous. -> out"""
+    (N, n, C), (P, K) = x.shape, weights.shape[:2]
+    _native.call("pair_convolution_forward", x, out, x.contiguous(), weights.contiguous(),
+                 _part_of_row(parts, x.device), pair_i.contiguous(), pair_j.contiguous(), N, P, n, K, C)
+    return out
+
+
+def native_convolution_backward(grad_out: Tensor, weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
+                                parts: Sequence[Tuple[int, int]], grad_x: Optional[Tensor],
+                                grad_w: Optional[Tensor]) -> None:
+    """The backward of ``native_convolution`` in one pass over the pairs: dx added into
+    ``grad_x`` [N, n, C], dw written into ``grad_w`` [P, K, C] (contiguous; either may be None)."""
+    (N, n, C), (P, K) = x.shape, weights.shape[:2]
+    _native.call("pair_convolution_backward", x, grad_x, grad_w, grad_out.contiguous(), x.contiguous(),
+                 weights.contiguous(), _part_of_row(parts, x.device), pair_i.contiguous(), pair_j.contiguous(),
+                 N, P, n, K, C)
+
+
 def forward_chunked(weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
                     parts: Sequence[Tuple[int, int]]) -> Tensor:
-    """The convolution chunk by chunk of pairs (module docstring). -> [N, n, C]"""
+    """The convolution chunk by chunk of pairs (module docstring), or by the compiled kernel
+    where it runs. -> [N, n, C]"""
+    if _native.applies(weights, x):
+        return native_convolution(weights, x, pair_i, pair_j, parts, x.new_zeros(x.shape))
     num_pairs = pair_i.shape[0]
     out = torch.zeros_like(x)                                                        # [N, n, C]
     chunk = _chunk_size(x.shape[1] * x.shape[2])
@@ -169,10 +195,14 @@ def forward_chunked(weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
 def backward_chunked(grad_out: Tensor, weights: Tensor, x: Tensor, pair_i: Tensor, pair_j: Tensor,
                      parts: Sequence[Tuple[int, int]], need_weights: bool, need_x: bool
                      ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """(dweights, dx) in one pass over chunks of pairs, no graph (module docstring)."""
+    """(dweights, dx) in one pass over chunks of pairs, no graph (module docstring), or by the
+    compiled kernel where it runs."""
     num_pairs = pair_i.shape[0]
-    grad_w = torch.empty_like(weights) if need_weights else None                    # [P, K, C]
-    grad_x = torch.zeros_like(x) if need_x else None                                # [N, n, C]
+    grad_w = weights.new_empty(weights.shape) if need_weights else None              # [P, K, C]
+    grad_x = x.new_zeros(x.shape) if need_x else None                               # [N, n, C]
+    if _native.applies(grad_out, weights, x):
+        native_convolution_backward(grad_out, weights, x, pair_i, pair_j, parts, grad_x, grad_w)
+        return grad_w, grad_x
     chunk = _chunk_size(x.shape[1] * x.shape[2])
     shape = (min(chunk, num_pairs),) + x.shape[1:]
     slots = ("gathered", "gathered_2", "rows", "rows_2")

@@ -1,0 +1,193 @@
+"""The compiled CPU kernels (molnets._native) against the PyTorch operations they replace, their
+input checks, and what happens where they cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from e3nn import o3
+
+from molnets import _native
+from molnets._ace_kernel import NativeProductBasis, native_product_applies, native_terms
+from molnets.ace import ProductBasis
+from molnets.layers._message_kernels import native_convolution, native_convolution_backward
+from molnets.layers.cartesian import PART_SLICES
+from molnets.layers.pairs import pair_convolution
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler here: the compiled kernels cannot be built")
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def tolerance(dtype):
+    return dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+
+
+def plain_convolution(weights, x, pair_i, pair_j, parts):
+    """The convolution in plain operations (no kernel: ``pair_convolution`` on few messages)."""
+    spread = torch.cat([weights[:, k:k + 1].expand(-1, b - a, -1) for k, (a, b) in enumerate(parts)], 1)
+    return (torch.zeros_like(x).index_add(0, pair_i, spread * x[pair_j])
+            .index_add(0, pair_j, spread * x[pair_i]))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parts", [((0, 1),), tuple(PART_SLICES)], ids=["one part", "I A S"])
+def test_pair_convolution_kernel_equals_plain_operations(dtype, parts):
+    """Forward and both gradients, with an atom paired with its own periodic image (i = j), a
+    pair listed twice and an odd number of channels (threads split them unevenly)."""
+    N, n, C = 6, parts[-1][1], 7
+    x = torch.randn(N, n, C, dtype=dtype, requires_grad=True)
+    pair_i, pair_j = torch.tensor([0, 1, 2, 2, 3, 4, 4]), torch.tensor([1, 2, 2, 5, 4, 0, 0])
+    weights = torch.randn(len(pair_i), len(parts), C, dtype=dtype, requires_grad=True)
+    expected = plain_convolution(weights, x, pair_i, pair_j, parts)
+    out = native_convolution(weights.detach(), x.detach(), pair_i, pair_j, parts, x.new_zeros(x.shape))
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+    g = torch.randn_like(expected)
+    grad_w, grad_x = torch.autograd.grad(expected, (weights, x), g)
+    got_x, got_w = torch.zeros_like(x), torch.empty_like(weights)
+    native_convolution_backward(g, weights.detach(), x.detach(), pair_i, pair_j, parts, got_x, got_w)
+    torch.testing.assert_close(got_x, grad_x, **tolerance(dtype))
+    torch.testing.assert_close(got_w, grad_w, **tolerance(dtype))
+    only_x, only_w = torch.zeros_like(x), torch.empty_like(weights)  # either gradient alone
+    native_convolution_backward(g, weights.detach(), x.detach(), pair_i, pair_j, parts, only_x, None)
+    native_convolution_backward(g, weights.detach(), x.detach(), pair_i, pair_j, parts, None, only_w)
+    torch.testing.assert_close(only_x, grad_x, **tolerance(dtype))
+    torch.testing.assert_close(only_w, grad_w, **tolerance(dtype))
+
+
+@needs_native
+def test_pair_convolution_layer_runs_the_kernel_with_its_gradients():
+    """``pair_convolution`` on messages above a chunk (the chunked path, now one native pass):
+    values, gradients and the double backward equal the plain operations'."""
+    from molnets.layers import _message_kernels
+
+    x = torch.randn(40, 9, 16, dtype=torch.float64, requires_grad=True)
+    pair_i, pair_j = torch.randint(0, 40, (2, 3000))
+    weights = torch.randn(3000, 3, 16, dtype=torch.float64, requires_grad=True)
+    assert _message_kernels.kernel_applies(3000, 9 * 16, x)
+    out = pair_convolution(weights, x, pair_i, pair_j, PART_SLICES)
+    expected = plain_convolution(weights, x, pair_i, pair_j, PART_SLICES)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (weights, x), g, create_graph=True)
+    first_expected = torch.autograd.grad(expected, (weights, x), g, create_graph=True)
+    for a, b in zip(first, first_expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    second = torch.autograd.grad(sum(t.square().sum() for t in first), (weights, x))
+    second_expected = torch.autograd.grad(sum(t.square().sum() for t in first_expected), (weights, x))
+    for a, b in zip(second, second_expected):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def product_basis(lmax, nu, targets, C=5, S=3, dtype=torch.float64):
+    irreps = o3.Irreps([(C, (l, (-1) ** l)) for l in range(lmax + 1)])
+    layer = ProductBasis(irreps, o3.Irreps([(C, ir) for _, ir in o3.Irreps(targets)]), correlation=nu, num_species=S)
+    return layer.to(dtype).requires_grad_(False)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lmax,nu,targets", [(2, 1, "0e + 1o + 2e"), (3, 2, "0e + 1o + 2e + 2o"), (3, 3, "0e + 1o"),
+                                             (2, 3, "0e + 1o + 1e + 2e + 2o"), (0, 3, "0e")])
+def test_product_basis_kernel_equals_plain_operations(dtype, lmax, nu, targets):
+    """Frozen weights: the compiled product basis runs, with the plain operations' values and
+    gradients; the double backward goes through the plain operations."""
+    layer = product_basis(lmax, nu, targets, dtype=dtype)
+    A = torch.randn(11, 5, (lmax + 1) ** 2, dtype=dtype, requires_grad=True)
+    species = torch.tensor([0, 2, 1, 1, 0, 2, 2, 1, 0, 0, 1])
+    assert native_product_applies(layer, A)
+    B = layer(A, species)
+    assert type(B.grad_fn).__name__ == "NativeProductBasisBackward"
+    expected = layer._plain_forward(A, species)
+    torch.testing.assert_close(B, expected, **tolerance(dtype))
+    v = torch.randn_like(B)
+    torch.testing.assert_close(torch.autograd.grad(B, A, v)[0], torch.autograd.grad(expected, A, v)[0],
+                               **tolerance(dtype))
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda a: layer(a, species), (A,))
+        assert torch.autograd.gradgradcheck(lambda a: layer(a, species), (A,))
+
+
+@needs_native
+def test_product_basis_terms_are_the_couplings_nonzeros():
+    """Each term is a distinct monomial (factors sorted, padded with M) and an output component;
+    their count is far below the dense [T, M, O] of the folded weights (the point of the kernel)."""
+    layer = product_basis(3, 3, "0e + 1o")
+    terms = native_terms(layer)
+    M = layer.irreps_A.dim
+    pairs = {(tuple(f), o) for f, o in zip(terms.factors.tolist(), terms.component.tolist())}
+    assert len(pairs) == terms.factors.shape[0]  # no term twice
+    assert all(list(f) == sorted(f) for f, _ in pairs) and terms.factors.max() == M  # padded lower degrees
+    assert terms.factors.shape[0] < 0.1 * M ** 3 * layer.num_components_out
+
+
+@needs_native
+def test_native_kernel_only_for_frozen_weights_on_cpu_float():
+    layer = product_basis(2, 3, "0e + 1o")
+    A = torch.randn(4, 5, 9, dtype=torch.float64)
+    assert native_product_applies(layer, A)
+    assert not native_product_applies(layer, A.half())
+    assert not native_product_applies(product_basis(2, 3, "0e + 1o").requires_grad_(True), A)
+    assert not native_product_applies(product_basis(2, 4, "0e", C=2), torch.randn(4, 2, 9, dtype=torch.float64))
+
+
+@needs_native
+def test_native_kernels_reject_bad_input():
+    """Indices out of range are found before anything is written; arrays the kernels cannot
+    read (not contiguous, another dtype) are refused."""
+    x = torch.randn(3, 1, 4, dtype=torch.float64)
+    weights = torch.randn(2, 1, 4, dtype=torch.float64)
+    out = torch.zeros_like(x)
+    with pytest.raises(IndexError, match="out of range"):
+        native_convolution(weights, x, torch.tensor([0, 3]), torch.tensor([1, 2]), ((0, 1),), out)
+    with pytest.raises(IndexError, match="out of range"):
+        native_convolution(weights, x, torch.tensor([0, -1]), torch.tensor([1, 2]), ((0, 1),), out)
+    assert not out.any()
+    with pytest.raises(TypeError, match="contiguous"):
+        native_convolution(weights, x, torch.tensor([0, 1]), torch.tensor([1, 2]), ((0, 1),), torch.zeros(4, 1, 3).transpose(0, 2))
+    with pytest.raises(TypeError, match="int64"):
+        native_convolution(weights, x, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1, 2]), ((0, 1),), out)
+    layer = product_basis(1, 2, "0e")
+    with pytest.raises(IndexError, match="out of range"):
+        NativeProductBasis.apply(torch.randn(2, 5, 4, dtype=torch.float64), torch.tensor([0, 3]), layer)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+FROZEN_MACE = """
+import torch
+from molnets import _native, testing
+from molnets.models import MACE, MACEConfig, Potential
+torch.manual_seed(0)
+model = MACE(MACEConfig(species=(1, 6, 8), num_channels=4, lmax=2, num_layers=2)).double().requires_grad_(False)
+graph = testing.random_graph(7, cutoff=5.0, species=(1, 6, 8), seed=1, dtype=torch.float64)
+out = Potential(model)(graph)
+print(_native.available(), repr(out["energy"].item()), repr(out["forces"].abs().sum().item()))
+"""
+
+
+@needs_native
+def test_results_do_not_depend_on_the_compiled_kernels(tmp_path):
+    """A frozen MACE-style model in three fresh processes: the kernels compiled into an empty
+    cache, turned off (``MOLNETS_NATIVE=0``), and a compiler that fails (warned; PyTorch's
+    operations run): the same energy and forces to 1e-12."""
+    built = run_python(FROZEN_MACE, MOLNETS_CACHE_DIR=str(tmp_path / "cache"))
+    assert built.returncode == 0, built.stderr
+    assert list((tmp_path / "cache").glob("molnets-native-*.so"))
+    off = run_python(FROZEN_MACE, MOLNETS_NATIVE="0")
+    failed = run_python(FROZEN_MACE, MOLNETS_CACHE_DIR=str(tmp_path / "empty"), CC="false")
+    assert off.returncode == 0 and failed.returncode == 0, off.stderr + failed.stderr
+    assert "could not be built" in failed.stderr and "could not be built" not in off.stderr
+    results = [p.stdout.split() for p in (built, off, failed)]
+    assert [r[0] for r in results] == ["True", "False", "False"]
+    for available, energy, forces in results[1:]:
+        assert abs(float(energy) - float(results[0][1])) <= 1e-12 * abs(float(energy))
+        assert abs(float(forces) - float(results[0][2])) <= 1e-12 * abs(float(forces))
