@@ -104,3 +104,16 @@ def without_native(monkeypatch):
     from molnets import _native
 
     monkeypatch.setitem(_native._state, "library", None)
+
+
+@pytest.fixture(params=["torch", "native"])
+def kernels(request, monkeypatch) -> str:
+    """A test twice: with the PyTorch kernels ("torch", the compiled ones off) and with the
+    compiled CPU kernels (``molnets._native``, "native"; skipped where they cannot be built)."""
+    from molnets import _native
+
+    if request.param == "torch":
+        monkeypatch.setitem(_native._state, "library", None)
+    elif not _native.available():
+        pytest.skip("no C compiler here: the compiled kernels cannot be built")
+    return request.param

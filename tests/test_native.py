@@ -16,6 +16,7 @@ from molnets._ace_kernel import NativeProductBasis, native_product_applies, nati
 from molnets.ace import ProductBasis
 from molnets.layers._message_kernels import native_convolution, native_convolution_backward
 from molnets.layers.cartesian import PART_SLICES
+from molnets.layers._scatter_outer_kernels import native_scatter_outer, native_scatter_outer_backward
 from molnets.layers.pairs import pair_convolution
 
 needs_native = pytest.mark.skipif(not _native.available(), reason="no C compiler here: the compiled kernels cannot be built")
@@ -82,6 +83,38 @@ def test_pair_convolution_layer_runs_the_kernel_with_its_gradients():
     second_expected = torch.autograd.grad(sum(t.square().sum() for t in first_expected), (weights, x))
     for a, b in zip(second, second_expected):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def plain_scatter_outer(u, weights, index, num_nodes, parts):
+    spread = torch.cat([weights[:, k:k + 1].expand(-1, b - a, -1) for k, (a, b) in enumerate(parts)], 1)
+    return torch.zeros(num_nodes, u.shape[1], weights.shape[2], dtype=u.dtype).index_add(0, index, u[:, :, None] * spread)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parts", [((0, 1),), tuple(PART_SLICES)], ids=["one part", "I A S"])
+def test_scatter_outer_kernel_equals_plain_operations(dtype, parts):
+    """Forward and both gradients (either alone too), an atom receiving several edges and one none."""
+    N, n, C = 5, parts[-1][1], 7
+    index = torch.tensor([0, 2, 2, 3, 0, 2])
+    u = torch.randn(len(index), n, dtype=dtype, requires_grad=True)
+    weights = torch.randn(len(index), len(parts), C, dtype=dtype, requires_grad=True)
+    expected = plain_scatter_outer(u, weights, index, N, parts)
+    out = native_scatter_outer(u.detach(), weights.detach(), index, parts, torch.zeros(N, n, C, dtype=dtype))
+    torch.testing.assert_close(out, expected, **tolerance(dtype))
+    g = torch.randn_like(expected)
+    grad_u, grad_w = torch.autograd.grad(expected, (u, weights), g)
+    got_u, got_w = torch.empty_like(u), torch.empty_like(weights)
+    native_scatter_outer_backward(g, u.detach(), weights.detach(), index, parts, got_u, got_w)
+    torch.testing.assert_close(got_u, grad_u, **tolerance(dtype))
+    torch.testing.assert_close(got_w, grad_w, **tolerance(dtype))
+    only_u, only_w = torch.empty_like(u), torch.empty_like(weights)
+    native_scatter_outer_backward(g, u.detach(), weights.detach(), index, parts, only_u, None)
+    native_scatter_outer_backward(g, u.detach(), weights.detach(), index, parts, None, only_w)
+    torch.testing.assert_close(only_u, grad_u, **tolerance(dtype))
+    torch.testing.assert_close(only_w, grad_w, **tolerance(dtype))
+    with pytest.raises(IndexError, match="out of range"):
+        native_scatter_outer(u.detach(), weights.detach(), index + 3, parts, torch.zeros(N, n, C, dtype=dtype))
 
 
 def product_basis(lmax, nu, targets, C=5, S=3, dtype=torch.float64):

@@ -15,6 +15,20 @@
  *
  *     dw[p, k] = sum over the rows r of part k of g[i_p, r] * x[j_p, r] + g[j_p, r] * x[i_p, r].
  *
+ * Scatter of outer products (molnets.layers.scatter.scatter_outer; u_e spread over the rows, w_e
+ * over the parts):
+ *
+ *     out[index_e, r] += u[e, r] * w[e, part(r)]
+ *
+ * and its backward from g (G_e = g[index_e]): du[e, r] = sum_c G_e[r] * w[e, part(r)],
+ * dw[e, k] = sum over the rows r of part k of u[e, r] * G_e[r].
+ *
+ * 3x3 products of stacks of L matrices stored entry-major (molnets.models._tensornet_ops: entry
+ * (a, b) of all L matrices in one row of L numbers, rows 3 a + b apart by a row stride, or
+ * 3 b + a for a transposed operand):
+ *
+ *     out = plus + P Q (+ Q P where symmetric),   plus optional (NULL), possibly out itself.
+ *
  * Product basis (molnets.ace.ProductBasis), as a list of terms t with factors a_t1 .. a_tF (an
  * index M stands for the number 1: lower degrees padded to F factors), an output component o_t
  * and per species s and channel c a coefficient F[s, t, c] (the weights folded into the
@@ -65,6 +79,18 @@ static inline void add_two_products_##SUFFIX(T *RESTRICT out, const T *RESTRICT 
     for (int64_t c = c0; c < c1; ++c) out[c] += a[c] * b[c] + d[c] * e[c];                          \
 }                                                                                                   \
                                                                                                     \
+static inline void add_scaled_##SUFFIX(T *RESTRICT out, T a, const T *RESTRICT b, int64_t c0,       \
+                                       int64_t c1) {                                                \
+    for (int64_t c = c0; c < c1; ++c) out[c] += a * b[c];                                           \
+}                                                                                                   \
+                                                                                                    \
+static inline T dot_##SUFFIX(const T *RESTRICT a, const T *RESTRICT b, int64_t C) {                 \
+    T sum = 0;                                                                                      \
+    _Pragma("omp simd reduction(+: sum)")                                                           \
+    for (int64_t c = 0; c < C; ++c) sum += a[c] * b[c];                                             \
+    return sum;                                                                                     \
+}                                                                                                   \
+                                                                                                    \
 int pair_convolution_forward_##SUFFIX(T *out, const T *x, const T *w, const int64_t *part,          \
                                       const int64_t *pair_i, const int64_t *pair_j, int64_t N,      \
                                       int64_t P, int64_t R, int64_t K, int64_t C, int threads) {    \
@@ -110,6 +136,75 @@ int pair_convolution_backward_##SUFFIX(T *grad_x, T *grad_w, const T *grad, cons
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
+    }                                                                                               \
+    return 0;                                                                                       \
+}                                                                                                   \
+                                                                                                    \
+int scatter_outer_forward_##SUFFIX(T *out, const T *u, const T *w, const int64_t *part,             \
+                                   const int64_t *index, int64_t N, int64_t E, int64_t R, int64_t K, \
+                                   int64_t C, int threads) {                                        \
+    if (out_of_range(index, E, N) || out_of_range(part, R, K)) return 1;                            \
+    _Pragma("omp parallel num_threads(threads)")                                                    \
+    {                                                                                               \
+        const int64_t c0 = C * THREAD_ID / NUM_THREADS, c1 = C * (THREAD_ID + 1) / NUM_THREADS;     \
+        for (int64_t e = 0; e < E; ++e) {                                                           \
+            T *out_e = out + index[e] * R * C;                                                      \
+            for (int64_t r = 0; r < R; ++r)                                                         \
+                add_scaled_##SUFFIX(out_e + r * C, u[e * R + r], w + (e * K + part[r]) * C, c0, c1); \
+        }                                                                                           \
+    }                                                                                               \
+    return 0;                                                                                       \
+}                                                                                                   \
+                                                                                                    \
+int scatter_outer_backward_##SUFFIX(T *grad_u, T *grad_w, const T *grad, const T *u, const T *w,    \
+                                    const int64_t *part, const int64_t *index, int64_t N,           \
+                                    int64_t E, int64_t R, int64_t K, int64_t C, int threads) {      \
+    if (out_of_range(index, E, N) || out_of_range(part, R, K)) return 1;                            \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                               \
+    for (int64_t e = 0; e < E; ++e) {                                                               \
+        const T *G = grad + index[e] * R * C;                                                       \
+        T *grad_we = grad_w + e * K * C;                                                            \
+        if (grad_w != NULL)                                                                         \
+            for (int64_t k = 0; k < K * C; ++k) grad_we[k] = 0;                                     \
+        for (int64_t r = 0; r < R; ++r) {                                                           \
+            const T *wr = w + (e * K + part[r]) * C;                                                \
+            if (grad_u != NULL) grad_u[e * R + r] = dot_##SUFFIX(G + r * C, wr, C);                 \
+            if (grad_w != NULL) add_scaled_##SUFFIX(grad_we + part[r] * C, u[e * R + r], G + r * C, 0, C); \
+        }                                                                                           \
+    }                                                                                               \
+    return 0;                                                                                       \
+}                                                                                                   \
+                                                                                                    \
+int matrix_products_##SUFFIX(T *out, const T *P, const T *Q, const T *plus, int64_t out_row,         \
+                             int64_t p_row, int64_t q_row, int64_t plus_row, int64_t p_transposed,  \
+                             int64_t q_transposed, int64_t symmetric, int64_t L, int threads) {     \
+    int64_t p_at[9], q_at[9];  /* where entry (a, b) of P and Q starts */                          \
+    for (int64_t a = 0; a < 3; ++a)                                                                 \
+        for (int64_t b = 0; b < 3; ++b) {                                                           \
+            p_at[3 * a + b] = (p_transposed ? 3 * b + a : 3 * a + b) * p_row;                       \
+            q_at[3 * a + b] = (q_transposed ? 3 * b + a : 3 * a + b) * q_row;                       \
+        }                                                                                           \
+    const int64_t block = 256;                                                                      \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (L >= 4 * block)")          \
+    for (int64_t l0 = 0; l0 < L; l0 += block) {                                                     \
+        const int64_t n = L - l0 < block ? L - l0 : block;                                          \
+        T acc[256];                                                                                 \
+        for (int64_t a = 0; a < 3; ++a)                                                             \
+            for (int64_t b = 0; b < 3; ++b) {                                                       \
+                for (int64_t l = 0; l < n; ++l) acc[l] = 0;                                         \
+                for (int64_t k = 0; k < 3; ++k) {                                                   \
+                    add_product_##SUFFIX(acc, P + p_at[3 * a + k] + l0, Q + q_at[3 * k + b] + l0, 0, n); \
+                    if (symmetric)                                                                  \
+                        add_product_##SUFFIX(acc, Q + q_at[3 * a + k] + l0, P + p_at[3 * k + b] + l0, 0, n); \
+                }                                                                                   \
+                T *o = out + (3 * a + b) * out_row + l0;                                            \
+                if (plus != NULL) {                                                                 \
+                    const T *s = plus + (3 * a + b) * plus_row + l0;                                \
+                    for (int64_t l = 0; l < n; ++l) o[l] = s[l] + acc[l];                           \
+                } else {                                                                            \
+                    for (int64_t l = 0; l < n; ++l) o[l] = acc[l];                                  \
+                }                                                                                   \
+            }                                                                                       \
     }                                                                                               \
     return 0;                                                                                       \
 }                                                                                                   \

@@ -54,6 +54,9 @@ FLAG_SETS: Tuple[Tuple[str, ...], ...] = (
 SIGNATURES: Dict[str, str] = {
     "pair_convolution_forward": "pppppp" + "iiiii" + "n",
     "pair_convolution_backward": "pppppppp" + "iiiii" + "n",
+    "scatter_outer_forward": "ppppp" + "iiiii" + "n",
+    "scatter_outer_backward": "ppppppp" + "iiiii" + "n",
+    "matrix_products": "pppp" + "iiiiiiii" + "n",
     "product_basis_forward": "pppppppp" + "iiiiiii" + "n",
     "product_basis_backward": "ppppppppp" + "iiiiiii" + "n",
 }
@@ -155,9 +158,19 @@ def _compile(compiler: str, flags: Sequence[str], path: Path) -> None:
 
 
 def _cache_dir() -> Path:
+    """``$MOLNETS_CACHE_DIR``, else ``$XDG_CACHE_HOME/molnets`` or ``~/.cache/molnets``; where that
+    cannot be written (a read-only home on a compute node), a folder of this user's in the
+    temporary directory."""
     if os.environ.get("MOLNETS_CACHE_DIR"):
         return Path(os.environ["MOLNETS_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "molnets"
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "molnets"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"molnets-{getattr(os, 'getuid', lambda: 'user')()}"
 
 
 def _key(compiler: str, flags: Sequence[str]) -> str:

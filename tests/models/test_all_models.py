@@ -45,22 +45,16 @@ def test_model_suite(name, check, device):
         check(_model(name).to(device))
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_fused_message_kernels_equal_plain_operations(name, native, monkeypatch):
+def test_fused_message_kernels_equal_plain_operations(name, kernels, monkeypatch):
     """The chunked CPU kernels (layers/_message_kernels.py, layers/_scatter_outer_kernels.py,
     layers/_atomic_basis_kernels.py) only run on systems larger than one chunk of messages; with
     tiny chunks they run here, and energy, forces, stress and the gradient of a force loss (double
     backward) must equal those of the plain operations. The pair convolution's chunks are the
-    compiled kernel's one pass where it is built (``native``), PyTorch's chunks otherwise."""
-    from molnets import _native
+    compiled kernels' one pass where they are built (``kernels``), PyTorch's chunks otherwise."""
     from molnets.layers import _atomic_basis_kernels, _message_kernels, _scatter_outer_kernels
     from molnets.models import Potential
 
-    if native and not _native.available():
-        pytest.skip("no C compiler here: the compiled kernels cannot be built")
-    if not native:
-        monkeypatch.setitem(_native._state, "library", None)
 
     graph = testing.random_graph(12, cutoff=CUTOFF, periodic=True, seed=3)
     calls = []

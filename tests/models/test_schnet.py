@@ -65,11 +65,12 @@ def _uses_kernel(out: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("periodic", [False, True], ids=["molecule", "crystal"])
-def test_frozen_kernel_equals_the_reference(assert_kernel_equals_reference, periodic):
+def test_frozen_kernel_equals_the_reference(assert_kernel_equals_reference, periodic, kernels):
     """FrozenSchNet (one autograd node, hand-written backward) against ``SchNet._energies``:
     per-atom energies and their gradients with respect to positions and cell to 1e-12, gradcheck
     and gradgradcheck (the double backward goes through the reference); with an envelope of
-    power 2 and with a scale, shift and reference energies set too."""
+    power 2 and with a scale, shift and reference energies set too; the messages as dense pair
+    arrays (PyTorch) and by the compiled convolution (``kernels``)."""
     from molnets.layers.readout import set_energy_normalization
 
     for envelope_power in (1, 2):
@@ -159,7 +160,7 @@ def test_frozen_model_passes_the_model_suite(kernel_calls):
 
 
 @pytest.mark.parametrize("periodic", [False, True], ids=["molecule", "crystal"])
-def test_frozen_kernel_at_overlapping_atoms_gives_finite_forces(periodic, kernel_calls):
+def test_frozen_kernel_at_overlapping_atoms_gives_finite_forces(periodic, kernel_calls, kernels):
     """Two atoms at one point (a zero edge vector; the reference's norm backward gives a zero
     gradient along it): the kernel's forces and stress are finite and equal the trainable
     model's."""
@@ -178,7 +179,7 @@ def test_frozen_kernel_at_overlapping_atoms_gives_finite_forces(periodic, kernel
         torch.testing.assert_close(got[key], expected[key], atol=1e-12, rtol=1e-12)
 
 
-def test_frozen_kernel_in_float32_matches_the_reference(kernel_calls):
+def test_frozen_kernel_in_float32_matches_the_reference(kernel_calls, kernels):
     """In float32 (the default dtype) the kernel's energies and forces equal the reference's to
     float32 rounding (the two sum in different orders)."""
     model = small_model().float()

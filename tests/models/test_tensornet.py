@@ -196,14 +196,15 @@ CHUNKS = [(None, None), (4, 3), (None, 3), (4, None)]
 @pytest.mark.parametrize("pairs, atoms", CHUNKS)
 @pytest.mark.parametrize("filters_kept", [True, False])
 def test_frozen_interaction_kernel_equals_the_reference(monkeypatch, assert_kernel_equals_reference, pairs, atoms,
-                                                        filters_kept):
+                                                        filters_kept, kernels):
     """FrozenInteraction (one autograd node, hand-written backward) against the layer's
     differentiable operations: values and input gradients to 1e-12, gradcheck and gradgradcheck
     (the double backward goes through the reference); taken only with frozen weights. In one
     chunk (a molecule) and in uneven chunks of 4 pairs (15 pairs: filters and convolution chunk
     by chunk) and of 3 atoms (7 atoms: the node updates chunk by chunk, computed again in the
     backward), each way alone and both; with the filter network's activations kept for the
-    backward, and computed again there (as on a large crystal)."""
+    backward, and computed again there (as on a large crystal); the pair convolution by the
+    PyTorch kernels and by the compiled one (``kernels``)."""
     from molnets.layers import _message_kernels
     from molnets.models import _tensornet_kernel
     from molnets.models.tensornet import TensorInteraction
@@ -237,7 +238,8 @@ def test_frozen_interaction_kernel_equals_the_reference(monkeypatch, assert_kern
 
 
 @pytest.mark.parametrize("pairs, atoms", CHUNKS)
-def test_frozen_embedding_kernel_equals_the_reference(monkeypatch, assert_kernel_equals_reference, pairs, atoms):
+def test_frozen_embedding_kernel_equals_the_reference(monkeypatch, assert_kernel_equals_reference, pairs, atoms,
+                                                      kernels):
     """FrozenEmbedding against the layer's differentiable operations: values and gradients with
     respect to e(r), φ and r̂ to 1e-12, gradcheck and gradgradcheck; in one chunk and chunk by
     chunk of pairs (their filters and weights formed per chunk) and of atoms, the backward

@@ -19,14 +19,18 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._message_kernels import _chunk_size, sum_parts, workspace
+from .. import _native
+from ._message_kernels import _chunk_size, _part_of_row, sum_parts, workspace
 
 
 def scatter_outer_chunked(u: Tensor, weights: Tensor, index: Tensor, dim_size: int,
                           parts: Sequence[Tuple[int, int]]) -> Tensor:
-    """out[r_e] += u_e ⊗ w_e part by part, chunk by chunk of edges (module docstring). -> [N, n, C]"""
+    """out[r_e] += u_e ⊗ w_e part by part, chunk by chunk of edges (module docstring), or by the
+    compiled kernel in one pass where it runs (``native_scatter_outer``). -> [N, n, C]"""
     num_edges, n, C = u.shape[0], u.shape[1], weights.shape[2]
     out = u.new_zeros(dim_size, n, C)                                               # [N, n, C]
+    if _native.applies(u, weights):
+        return native_scatter_outer(u, weights, index, parts, out)
     chunk = _chunk_size(n * C)
     buffer = workspace("messages", (min(chunk, num_edges), n, C), u)                 # [p, n, C]
     for start in range(0, num_edges, chunk):
@@ -36,6 +40,27 @@ def scatter_outer_chunked(u: Tensor, weights: Tensor, index: Tensor, dim_size: i
             torch.mul(u_c[:, a:b, None], w_c[:, k:k + 1], out=messages[:, a:b])
         out.index_add_(0, index[start:stop], messages)
     return out
+
+
+def native_scatter_outer(u: Tensor, weights: Tensor, index: Tensor, parts: Sequence[Tuple[int, int]],
+                         out: Tensor) -> Tensor:
+    """out[r_e] += u_e ⊗ w_e part by part by the compiled kernel (``molnets._native``; where
+    ``_native.applies``), one pass over the edges: no per-edge array. out [N, n, C] contiguous.
+    -> out"""
+    (N, n, C), (E, K) = out.shape, weights.shape[:2]
+    _native.call("scatter_outer_forward", u, out, u.contiguous(), weights.contiguous(), _part_of_row(parts, u.device),
+                 index.contiguous(), N, E, n, K, C)
+    return out
+
+
+def native_scatter_outer_backward(grad_out: Tensor, u: Tensor, weights: Tensor, index: Tensor,
+                                  parts: Sequence[Tuple[int, int]], grad_u: Optional[Tensor],
+                                  grad_w: Optional[Tensor]) -> None:
+    """The backward of ``native_scatter_outer``: du written into ``grad_u`` [E, n], dw into
+    ``grad_w`` [E, K, C] (contiguous; either may be None)."""
+    (N, n, C), (E, K) = grad_out.shape, weights.shape[:2]
+    _native.call("scatter_outer_backward", u, grad_u, grad_w, grad_out.contiguous(), u.contiguous(),
+                 weights.contiguous(), _part_of_row(parts, u.device), index.contiguous(), N, E, n, K, C)
 
 
 def _outer_grads(G: Tensor, u: Tensor, weights: Tensor, parts: Sequence[Tuple[int, int]], need_u: bool,
@@ -50,10 +75,14 @@ def _outer_grads(G: Tensor, u: Tensor, weights: Tensor, parts: Sequence[Tuple[in
 def scatter_outer_backward(grad_out: Tensor, u: Tensor, weights: Tensor, index: Tensor,
                            parts: Sequence[Tuple[int, int]], need_u: bool, need_weights: bool
                            ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """(du, dweights) of the module docstring chunk by chunk, no graph."""
+    """(du, dweights) of the module docstring chunk by chunk, no graph, or by the compiled kernel
+    where it runs."""
     num_edges = u.shape[0]
-    grad_u = torch.empty_like(u) if need_u else None                                 # [E, n]
-    grad_w = torch.empty_like(weights) if need_weights else None                     # [E, K, C]
+    grad_u = u.new_empty(u.shape) if need_u else None                                # [E, n]
+    grad_w = weights.new_empty(weights.shape) if need_weights else None              # [E, K, C]
+    if _native.applies(grad_out, u, weights):
+        native_scatter_outer_backward(grad_out, u, weights, index, parts, grad_u, grad_w)
+        return grad_u, grad_w
     chunk = _chunk_size(grad_out.shape[1] * grad_out.shape[2])
     buffer = workspace("gathered", (min(chunk, num_edges),) + grad_out.shape[1:], grad_out)  # [p, n, C]
     for start in range(0, num_edges, chunk):

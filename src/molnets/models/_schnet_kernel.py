@@ -10,8 +10,10 @@ fewer operations, and none of autograd's per-operation bookkeeping. The filter n
 on the distances only, so all T of them run together (their first layers as one matrix product,
 their second as one batched product), and on a molecule within a few cutoffs the pair filters
 are one dense [T, N, N, C] array, so that a block's messages are one product and one sum instead
-of a gather and a scatter of the pairs. ``SchNet._energies`` is the oracle; the tests compare the
-two (values and gradients, first and second order).
+of a gather and a scatter of the pairs; where the compiled kernels run (``molnets._native``) the
+messages and their gradients are instead one pass over the pairs each (no dense array).
+``SchNet._energies`` is the oracle; the tests compare the two (values and gradients, first and
+second order).
 
 Forward (``schnet`` module docstring; ssp(x) = softplus(x) - ln 2, whose shift is folded into
 the next dense layer's bias, ``layers.mlp._bias_after_ssp``), for blocks t = 1..T:
@@ -50,8 +52,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import _native
 from .._frozen import parameters_of, reference_gradients
 from ..graph import AtomicGraph, edge_vectors, edge_vectors_backward
+from ..layers._message_kernels import native_convolution, native_convolution_backward
 from ..layers.mlp import MLP, ShiftedSoftplus, _bias_after_ssp
 from ..layers.radial import CosineEnvelope, GaussianBasis
 from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
@@ -59,6 +63,7 @@ from ..layers.readout import AtomicReferenceEnergies, EnergyHead, ScaleShift
 __all__ = ["FrozenSchNet", "KernelWeights", "kernel_inputs", "arranged_weights", "dense_enough"]
 
 _SSP_MLP = [nn.Linear, ShiftedSoftplus, nn.Linear]
+_ONE_PART = ((0, 1),)
 
 
 def kernel_inputs(model: nn.Module) -> Optional[List[Tensor]]:
@@ -197,21 +202,29 @@ class FrozenSchNet(torch.autograd.Function):
         hidden = F.softplus(first).view(P, T, C).transpose(0, 1)                         # [T, P, C]
         unscaled = torch.baddbmm(weights.second_bias, hidden, weights.second_t)          # [T, P, C]
         filters = unscaled * envelope[:, None]                                           # [T, P, C]
-        # W_t as a dense [N, N, C] array, both directions of every pair (and the images of a
-        # periodic system summed): m = Σ_j W[i, j] ∘ x_j is then one product and one sum
-        ij, ji = pair_i * N + pair_j, pair_j * N + pair_i                                # [P]: flat (i, j), (j, i)
-        dense = filters.new_zeros(T, N * N, C).index_add_(1, ij, filters).index_add_(1, ji, filters)  # [T, N N, C]
-        dense = dense.view(T, N, N, C)                                                   # [T, N, N, C]
+        native = _native.applies(filters)  # the convolution in one pass over the pairs, compiled
+        if native:
+            ij = ji = dense = filters                                                    # (saved, unused)
+        else:
+            # W_t as a dense [N, N, C] array, both directions of every pair (and the images of a
+            # periodic system summed): m = Σ_j W[i, j] ∘ x_j is then one product and one sum
+            ij, ji = pair_i * N + pair_j, pair_j * N + pair_i                            # [P]: flat (i, j), (j, i)
+            dense = filters.new_zeros(T, N * N, C).index_add_(1, ij, filters).index_add_(1, ji, filters)
+            dense = dense.view(T, N, N, C)                                               # [T, N, N, C]
         saved: List[Tensor] = []
-        for w, block_filters in zip(weights.blocks, dense):
+        for t, w in enumerate(weights.blocks):
             x = torch.addmm(w.linear_in_bias, h, w.linear_in_t)                          # [N, C]
-            messages = (block_filters * x).sum(1)                                        # [N, C]
+            if native:
+                messages = native_convolution(filters[t].view(P, 1, C), x.view(N, 1, C), pair_i, pair_j, _ONE_PART,
+                                              x.new_zeros(N, 1, C)).view(N, C)           # [N, C]
+            else:
+                messages = (dense[t] * x).sum(1)                                         # [N, C]
             update = torch.addmm(w.update_in_bias, messages, w.update_in_t)              # [N, C]
             h = torch.addmm(h, F.softplus(update), w.update_out_t)                       # [N, C]: h' (β carried)
             saved += [x, update]
         head = torch.addmm(weights.head_bias, h, weights.head_t)                         # [N, C_h]
         energies = torch.addmv(weights.species_bias.index_select(0, species), F.softplus(head), weights.head_out)  # [N]
-        ctx.model, ctx.weights, ctx.pair_graph = model, weights, pair_graph
+        ctx.model, ctx.weights, ctx.pair_graph, ctx.native = model, weights, pair_graph, native
         ctx.save_for_backward(positions, cell, species, edge_vec, lengths, radial_slope, envelope, envelope_slope,
                               first, unscaled, ij, ji, dense, head, *saved)
         return energies                                                                  # [N]
@@ -225,21 +238,32 @@ class FrozenSchNet(torch.autograd.Function):
             return reference_gradients(
                 lambda positions, cell: model._energies(pair_graph._replace(positions=positions, cell=cell), species),
                 [positions, cell], needs, grad, num_args=6)
-        (T, N, _, C), P = dense.shape, edge_vec.shape[0]
+        (N, C), T, P = saved[0].shape, len(weights.blocks), edge_vec.shape[0]
+        pair_i, pair_j = pair_graph.receivers, pair_graph.senders                         # [P]
         grad_head = torch.ops.aten.softplus_backward(torch.outer(grad, weights.head_out), head, 1.0, 20.0)  # [N, C_h]
         grad = torch.mm(grad_head, weights.head)                                         # [N, C]
-        grad_dense = torch.empty_like(dense)                                             # [T, N, N, C]
+        if ctx.native:
+            grad_filters = unscaled.new_empty(T, P, C)                                   # [T, P, C]
+        else:
+            grad_dense = torch.empty_like(dense)                                         # [T, N, N, C]
         for t in reversed(range(T)):
             w, (x, update) = weights.blocks[t], saved[2 * t:2 * t + 2]
             grad_update = torch.ops.aten.softplus_backward(torch.mm(grad, w.update_out), update, 1.0, 20.0)  # [N, C]
             grad_messages = torch.mm(grad_update, w.update_in)                           # [N, C]
-            torch.mul(grad_messages[:, None], x, out=grad_dense[t])                      # [N, N, C]
-            # Σ_i W[i, j] g_m[i] = Σ_i W[j, i] g_m[i]: W is symmetric (both directions of every
-            # pair), and a sum over the inner pair axis is 2x faster than over the outer one
-            grad_x = (dense[t] * grad_messages).sum(1)                                   # [N, C]
+            if ctx.native:
+                grad_x = grad_messages.new_zeros(N, 1, C)
+                native_convolution_backward(grad_messages.view(N, 1, C), dense[t].view(P, 1, C), x.view(N, 1, C),
+                                            pair_i, pair_j, _ONE_PART, grad_x, grad_filters[t].view(P, 1, C))
+                grad_x = grad_x.view(N, C)
+            else:
+                torch.mul(grad_messages[:, None], x, out=grad_dense[t])                  # [N, N, C]
+                # Σ_i W[i, j] g_m[i] = Σ_i W[j, i] g_m[i]: W is symmetric (both directions of every
+                # pair), and a sum over the inner pair axis is 2x faster than over the outer one
+                grad_x = (dense[t] * grad_messages).sum(1)                               # [N, C]
             grad = torch.addmm(grad, grad_x, w.linear_in)                                # [N, C]: + the residual
-        grad_dense = grad_dense.view(T, N * N, C)                                        # [T, N N, C]
-        grad_filters = grad_dense.index_select(1, ij).add_(grad_dense.index_select(1, ji))  # [T, P, C]
+        if not ctx.native:
+            grad_dense = grad_dense.view(T, N * N, C)                                    # [T, N N, C]
+            grad_filters = grad_dense.index_select(1, ij).add_(grad_dense.index_select(1, ji))  # [T, P, C]
         grad_envelope = (grad_filters * unscaled).sum((0, 2))                            # [P]
         grad_hidden = torch.bmm(grad_filters.mul_(envelope[:, None]), weights.second)    # [T, P, C]
         grad_first = torch.ops.aten.softplus_backward(

@@ -14,8 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import _native
 from .._frozen import reference_gradients
 from ..layers._message_kernels import scale_parts, spread_over_rows, sum_parts, workspace
+from ..layers._scatter_outer_kernels import native_scatter_outer, native_scatter_outer_backward
 from ..layers.cartesian import PART_SLICES
 from ._tensornet_ops import (
     _atom_chunks,
@@ -66,8 +68,11 @@ class FrozenEmbedding(torch.autograd.Function):
             inputs = (_rows(t, s, e) for t in (edge_rbf, edge_envelope, edge_unit, pair_i, pair_j))
             pair_terms = _pair_terms(layer, *inputs, z_receiver, z_sender)
             pairs, _, _, geometry, weights = pair_terms
-            messages = workspace("messages", (2 * (e - s), 9, C), X)                 # [2p, 9, C]
-            X.index_add_(0, pairs, scale_parts(geometry[:, :, None], weights, PART_SLICES, out=messages))
+            if _native.applies(geometry, weights):  # one pass, no [2p, 9, C] array
+                native_scatter_outer(geometry, weights, pairs, PART_SLICES, X)
+            else:
+                messages = workspace("messages", (2 * (e - s), 9, C), X)             # [2p, 9, C]
+                X.index_add_(0, pairs, scale_parts(geometry[:, :, None], weights, PART_SLICES, out=messages))
         self_scalar = F.linear(self_rbf, layer.radial.weight[:C], layer.radial.bias[:C]) * (z_receiver + z_sender)
         X[:, 0] += math.sqrt(3.0) * self_scalar                                     # + s δ: c_0(δ) = √3
         atom_chunks = _atom_chunks(N, C)
@@ -117,11 +122,8 @@ class FrozenEmbedding(torch.autograd.Function):
                 layer, *(_rows(t, s, e) for t in (edge_rbf, edge_envelope, edge_unit, pair_i, pair_j)), z_receiver,
                 z_sender)
             # the scatter of outer products: G_e = grad_X at each pair's receiving atom (both directions)
-            G = torch.index_select(grad_X, 0, pairs, out=workspace("gathered", (2 * p, 9, C), grad_X))
-            grad_geometry = scale_parts(G, weights, PART_SLICES, out=workspace("products", (2 * p, 9, C), grad_X))
-            grad_geometry = grad_geometry.sum(2)                                    # [2p, 9]
+            grad_geometry, grad_weights = _outer_gradients(grad_X, geometry, weights, pairs)  # [2p, 9], [2p, 3, C]
             grad_geometry = torch.addcmul(grad_geometry[:p], layer.component_parity, grad_geometry[p:])  # [p, 9]
-            grad_weights = sum_parts(G.mul_(geometry[:, :, None]), PART_SLICES)    # [2p, 3, C]
             grad_f = grad_weights.mul_(z_pair[:, None]).view(2, p, 3 * C).sum(0)    # [p, 3C]
             if grad_envelope is not None:
                 torch.sum(grad_f * radial, 1, out=_rows(grad_envelope, s, e))
@@ -133,6 +135,20 @@ class FrozenEmbedding(torch.autograd.Function):
                 grad_unit[s:e] = grad_terms[:, :3] + torch.bmm(grad_outer + grad_outer.transpose(1, 2),
                                                                edge_unit[s:e, :, None]).squeeze(2)  # [p, 3]
         return grad_rbf, grad_envelope, grad_unit, None, None, None, None, None
+
+
+def _outer_gradients(grad_X: Tensor, geometry: Tensor, weights: Tensor, pairs: Tensor) -> Tuple[Tensor, Tensor]:
+    """The backward of the messages' scatter of outer products X[pairs] += c ∘ w from ∂L/∂X
+    [N, 9, C] (G = ∂L/∂X at the receiving atoms): (Σ_C G ∘ w [2p, 9], Σ over the rows of each
+    part of c ∘ G [2p, 3, C]); by the compiled kernel in one pass where it runs."""
+    if _native.applies(grad_X, geometry, weights):
+        grad_geometry, grad_weights = geometry.new_empty(geometry.shape), weights.new_empty(weights.shape)
+        native_scatter_outer_backward(grad_X, geometry, weights, pairs, PART_SLICES, grad_geometry, grad_weights)
+        return grad_geometry, grad_weights
+    p2, C = pairs.shape[0], grad_X.shape[2]
+    G = torch.index_select(grad_X, 0, pairs, out=workspace("gathered", (p2, 9, C), grad_X))      # [2p, 9, C]
+    grad_geometry = scale_parts(G, weights, PART_SLICES, out=workspace("products", (p2, 9, C), grad_X)).sum(2)
+    return grad_geometry, sum_parts(G.mul_(geometry[:, :, None]), PART_SLICES)
 
 
 def _pair_terms(layer: nn.Module, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor, pair_i: Tensor,

@@ -69,7 +69,7 @@ from ..layers._message_kernels import (
 )
 from ..layers.cartesian import PART_SLICES
 from ._tensornet_ops import (
-    _add_product,
+    _add_square,
     _anticommutator,
     _atom_chunks,
     _columns,
@@ -140,7 +140,7 @@ class FrozenInteraction(torch.autograd.Function):
                 X_hat, u = _normalized_entries(_rows(X, a, b))[0], _rows(y, a, b).transpose(0, 1).contiguous()
             terms = _update_terms(u, _rows(messages, a, b), self_weights, basis, layer)
             D = terms[-1]
-            _add_product(_matrices(torch.add(X_hat, D, out=_columns(out, a * C, b * C))), _matrices(D), _matrices(D))
+            _add_square(_matrices(torch.add(X_hat, D, out=_columns(out, a * C, b * C))), _matrices(D))
         kept = (X_norm, *terms) if len(chunks) == 1 else ()  # else computed again, chunk by chunk
         ctx.layer, ctx.num_kept = layer, len(kept)
         ctx.save_for_backward(X, edge_rbf, edge_envelope, pair_i, pair_j, self_weights, basis, y, messages,

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import _native
 from ..layers._message_kernels import _chunk_size
 from ..layers.cartesian import PART_SLICES
 
@@ -68,15 +69,50 @@ def _add_product(out: Tensor, P: Tensor, Q: Tensor, first: int = 0) -> Tensor:
 
 
 def _anticommutator(P: Tensor, Q: Tensor, plus: Optional[Tensor] = None) -> Tensor:
-    """P Q + Q P (+ plus, [9, L], when given), entry-major [3, 3, L] each: one product and five
-    multiply-adds into one array (two products and their sum: ~15% slower at L = 2688). -> [9, L]"""
+    """P Q + Q P (+ plus, [9, L], when given), entry-major [3, 3, L] each: the compiled kernel in
+    one pass where it runs (``_native_products``), else one product and five multiply-adds into
+    one array (two products and their sum: ~15% slower at L = 2688). -> [9, L]"""
     L = P.shape[-1]
     out = P.new_empty(3, 3, L)
+    if _native_products(out, P, Q, None if plus is None else _matrices(plus), symmetric=True):
+        return out.view(9, L)
     if plus is None:
         torch.mul(P[:, 0:1], Q[0:1], out=out)
     else:
         torch.addcmul(_matrices(plus), P[:, 0:1], Q[0:1], out=out)
     return _add_product(_add_product(out, P, Q, first=1), Q, P).view(9, L)          # [9, L]
+
+
+def _add_square(out: Tensor, D: Tensor) -> Tensor:
+    """out += D D for entry-major [3, 3, L] views (``_add_product``; the compiled kernel where it
+    runs). -> out"""
+    return out if _native_products(out, D, D, out, symmetric=False) else _add_product(out, D, D)
+
+
+def _native_products(out: Tensor, P: Tensor, Q: Tensor, plus: Optional[Tensor], symmetric: bool) -> bool:
+    """out = plus + P Q (+ Q P where symmetric) by the compiled kernel (``molnets._native``) for
+    [3, 3, L] views whose rows run along L with unit stride (P, Q, plus possibly transposed; out
+    not, and overlapping none of P, Q; plus may be out); False, and nothing written, where it
+    does not run."""
+    layouts = [_row_layout(t) for t in (out, P, Q, out if plus is None else plus)]
+    if any(layout is None for layout in layouts) or layouts[0][1] or not _native.applies(out, P, Q):
+        return False
+    (out_row, _), (p_row, p_t), (q_row, q_t), (plus_row, _) = layouts
+    _native.call("matrix_products", out, out.data_ptr(), P.data_ptr(), Q.data_ptr(),
+                 None if plus is None else plus.data_ptr(), out_row, p_row, q_row, plus_row, p_t, q_t,
+                 int(symmetric), P.shape[2])
+    return True
+
+
+def _row_layout(M: Tensor) -> Optional[Tuple[int, int]]:
+    """(row stride, transposed) of entry-major [3, 3, L] rows with unit stride along L (a view
+    of [9, L] or its transpose), or None for any other layout."""
+    s0, s1, s2 = M.stride()
+    if s2 != 1 and M.shape[2] > 1:
+        return None
+    if s0 == 3 * s1:
+        return s1, 0
+    return (s0, 1) if s1 == 3 * s0 else None
 
 
 def _matrices(entries: Tensor) -> Tensor:
