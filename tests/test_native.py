@@ -190,6 +190,69 @@ def test_native_kernels_reject_bad_input():
         NativeProductBasis.apply(torch.randn(2, 5, 4, dtype=torch.float64), torch.tensor([0, 3]), layer)
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
+@needs_native
+def test_kernels_on_more_than_one_thread_equal_the_pytorch_kernels(two_threads):
+    """Sizes above the kernels' grain (one thread below it): threads split the channels, edges,
+    matrices or atoms; the results equal the PyTorch kernels' (float64, 1e-12)."""
+    from molnets.models import _tensornet_ops
+
+    x = torch.randn(30, 9, 33, dtype=torch.float64)
+    pair_i, pair_j = torch.randint(0, 30, (2, 500))
+    weights = torch.randn(500, 3, 33, dtype=torch.float64)
+    out = native_convolution(weights, x, pair_i, pair_j, PART_SLICES, x.new_zeros(x.shape))
+    torch.testing.assert_close(out, plain_convolution(weights, x, pair_i, pair_j, PART_SLICES), atol=1e-12, rtol=1e-12)
+    u = torch.randn(500, 9, dtype=torch.float64)
+    scattered = native_scatter_outer(u, weights, pair_i, PART_SLICES, x.new_zeros(x.shape))
+    torch.testing.assert_close(scattered, plain_scatter_outer(u, weights, pair_i, 30, PART_SLICES), atol=1e-12, rtol=1e-12)
+    g = torch.randn_like(x)
+    grad_u, grad_w = torch.empty_like(u), torch.empty_like(weights)
+    native_scatter_outer_backward(g, u, weights, pair_i, PART_SLICES, grad_u, grad_w)
+    torch.testing.assert_close(grad_u, torch.einsum("enc,enc->en", g[pair_i], weights[:, [0, 1, 1, 1, 2, 2, 2, 2, 2]]),
+                               atol=1e-12, rtol=1e-12)
+    P, Q = torch.randn(2, 9, 5000, dtype=torch.float64)
+    expected = _tensornet_ops._add_product(_tensornet_ops._add_product(torch.zeros(3, 3, 5000, dtype=torch.float64),
+                                                                       P.view(3, 3, -1), Q.view(3, 3, -1)),
+                                           Q.view(3, 3, -1), P.view(3, 3, -1))
+    torch.testing.assert_close(_tensornet_ops._anticommutator(P.view(3, 3, -1), Q.view(3, 3, -1)), expected.view(9, -1),
+                               atol=1e-12, rtol=1e-12)
+    layer = product_basis(3, 3, "0e + 1o", C=16)
+    A = torch.randn(60, 16, 16, dtype=torch.float64)
+    species = torch.randint(0, 3, (60,))
+    assert 60 * native_terms(layer).factors.shape[0] * 16 >= 1 << 15  # above the grain
+    torch.testing.assert_close(NativeProductBasis.apply(A, species, layer), layer._plain_forward(A, species),
+                               atol=1e-12, rtol=1e-12)
+
+
+@needs_native
+def test_anticommutator_reads_transposed_and_strided_operands():
+    """The 3x3 products read their operands in place: transposed views, rows of a wider array
+    (a chunk's columns); layouts they cannot read run the PyTorch form (same numbers)."""
+    from molnets.models import _tensornet_ops
+
+    wide = torch.randn(9, 40, dtype=torch.float64)
+    P, Q = wide[:, 5:17], torch.randn(9, 12, dtype=torch.float64)
+    plus = torch.randn(12, 9, dtype=torch.float64).T  # entries along the other axis: not readable in place
+    for p, q in ((P.reshape(3, 3, 12), Q.view(3, 3, 12)), (Q.view(3, 3, 12).transpose(0, 1), P.reshape(3, 3, 12))):
+        for extra in (None, plus):
+            expected = torch.einsum("akl,kbl->abl", p, q) + torch.einsum("akl,kbl->abl", q, p)
+            if extra is not None:
+                expected = expected + extra.reshape(3, 3, 12)
+            got = _tensornet_ops._anticommutator(p, q, extra)
+            torch.testing.assert_close(got, expected.reshape(9, 12), atol=1e-12, rtol=1e-12)
+    out = torch.randn(3, 3, 12, dtype=torch.float64)
+    D = torch.randn(3, 3, 12, dtype=torch.float64)
+    expected = out + torch.einsum("akl,kbl->abl", D, D)
+    torch.testing.assert_close(_tensornet_ops._add_square(out, D), expected, atol=1e-12, rtol=1e-12)
+
+
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env})

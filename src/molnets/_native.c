@@ -4,8 +4,9 @@
  * Every kernel reads and writes contiguous arrays of one precision (float or double) whose
  * innermost axis is the C channels, so that every inner loop runs along contiguous channels
  * and vectorizes. Threads split the channels (pair convolution: no two threads write the same
- * number) or the atoms (product basis). Indices are checked before any number is written: a
- * kernel returns 0, or 1 when an index is out of range (nothing written).
+ * number), the edges or the atoms (product basis), from GRAIN numbers of work on. Indices are
+ * checked before any number is written: a kernel returns 0, or 1 when an index is out of range
+ * (nothing written).
  *
  * Pair convolution (molnets.layers.pairs.pair_convolution; w_p spread over the rows of its part):
  *
@@ -55,6 +56,10 @@
 
 #define RESTRICT __restrict__
 
+/* a kernel runs on one thread below this many numbers of work (PyTorch's own grain size): a
+ * second thread's wake-up costs more than it saves on a small molecule's arrays */
+#define GRAIN 32768
+
 static int out_of_range(const int64_t *index, int64_t count, int64_t size) {
     for (int64_t k = 0; k < count; ++k)
         if (index[k] < 0 || index[k] >= size) return 1;
@@ -95,7 +100,7 @@ int pair_convolution_forward_##SUFFIX(T *out, const T *x, const T *w, const int6
                                       const int64_t *pair_i, const int64_t *pair_j, int64_t N,      \
                                       int64_t P, int64_t R, int64_t K, int64_t C, int threads) {    \
     if (pairs_out_of_range(part, pair_i, pair_j, N, P, R, K)) return 1;                             \
-    _Pragma("omp parallel num_threads(threads)")                                                    \
+    _Pragma("omp parallel num_threads(threads) if (P * R * C >= GRAIN)") \
     {                                                                                               \
         const int64_t c0 = C * THREAD_ID / NUM_THREADS, c1 = C * (THREAD_ID + 1) / NUM_THREADS;     \
         for (int64_t p = 0; p < P; ++p) {                                                           \
@@ -115,7 +120,7 @@ int pair_convolution_backward_##SUFFIX(T *grad_x, T *grad_w, const T *grad, cons
                                        const int64_t *pair_j, int64_t N, int64_t P, int64_t R,      \
                                        int64_t K, int64_t C, int threads) {                         \
     if (pairs_out_of_range(part, pair_i, pair_j, N, P, R, K)) return 1;                             \
-    _Pragma("omp parallel num_threads(threads)")                                                    \
+    _Pragma("omp parallel num_threads(threads) if (P * R * C >= GRAIN)") \
     {                                                                                               \
         const int64_t c0 = C * THREAD_ID / NUM_THREADS, c1 = C * (THREAD_ID + 1) / NUM_THREADS;     \
         for (int64_t p = 0; p < P; ++p) {                                                           \
@@ -144,7 +149,7 @@ int scatter_outer_forward_##SUFFIX(T *out, const T *u, const T *w, const int64_t
                                    const int64_t *index, int64_t N, int64_t E, int64_t R, int64_t K, \
                                    int64_t C, int threads) {                                        \
     if (out_of_range(index, E, N) || out_of_range(part, R, K)) return 1;                            \
-    _Pragma("omp parallel num_threads(threads)")                                                    \
+    _Pragma("omp parallel num_threads(threads) if (E * R * C >= GRAIN)") \
     {                                                                                               \
         const int64_t c0 = C * THREAD_ID / NUM_THREADS, c1 = C * (THREAD_ID + 1) / NUM_THREADS;     \
         for (int64_t e = 0; e < E; ++e) {                                                           \
@@ -160,7 +165,7 @@ int scatter_outer_backward_##SUFFIX(T *grad_u, T *grad_w, const T *grad, const T
                                     const int64_t *part, const int64_t *index, int64_t N,           \
                                     int64_t E, int64_t R, int64_t K, int64_t C, int threads) {      \
     if (out_of_range(index, E, N) || out_of_range(part, R, K)) return 1;                            \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                               \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (E * R * C >= GRAIN)") \
     for (int64_t e = 0; e < E; ++e) {                                                               \
         const T *G = grad + index[e] * R * C;                                                       \
         T *grad_we = grad_w + e * K * C;                                                            \
@@ -175,7 +180,7 @@ int scatter_outer_backward_##SUFFIX(T *grad_u, T *grad_w, const T *grad, const T
     return 0;                                                                                       \
 }                                                                                                   \
                                                                                                     \
-int matrix_products_##SUFFIX(T *out, const T *P, const T *Q, const T *plus, int64_t out_row,         \
+int matrix_products_##SUFFIX(T *out, const T *P, const T *Q, const T *plus, int64_t out_row, \
                              int64_t p_row, int64_t q_row, int64_t plus_row, int64_t p_transposed,  \
                              int64_t q_transposed, int64_t symmetric, int64_t L, int threads) {     \
     int64_t p_at[9], q_at[9];  /* where entry (a, b) of P and Q starts */                          \
@@ -185,7 +190,7 @@ int matrix_products_##SUFFIX(T *out, const T *P, const T *Q, const T *plus, int6
             q_at[3 * a + b] = (q_transposed ? 3 * b + a : 3 * a + b) * q_row;                       \
         }                                                                                           \
     const int64_t block = 256;                                                                      \
-    _Pragma("omp parallel for num_threads(threads) schedule(static) if (L >= 4 * block)")          \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if (9 * L >= GRAIN)")          \
     for (int64_t l0 = 0; l0 < L; l0 += block) {                                                     \
         const int64_t n = L - l0 < block ? L - l0 : block;                                          \
         T acc[256];                                                                                 \
@@ -284,7 +289,7 @@ int product_basis_forward_##SUFFIX(T *out, const T *A, const int64_t *species, c
                                    int64_t F, int threads) {                                        \
     if (product_basis_checks_##SUFFIX(species, factors, component, N, M, O, S, terms, F)) return 1; \
     int failed = 0;                                                                                 \
-    _Pragma("omp parallel num_threads(threads) reduction(|: failed)")                               \
+    _Pragma("omp parallel num_threads(threads) reduction(|: failed) if (N * terms * C >= GRAIN)") \
     {                                                                                               \
         T *x = malloc(sizeof(T) * (M + 1 + O) * C), *acc = x + (M + 1) * C;                         \
         failed |= x == NULL;                                                                        \
@@ -314,7 +319,7 @@ int product_basis_backward_##SUFFIX(T *grad_A, const T *grad, const T *A, const 
                                     int64_t O, int64_t S, int64_t terms, int64_t F, int threads) {  \
     if (product_basis_checks_##SUFFIX(species, factors, component, N, M, O, S, terms, F)) return 1; \
     int failed = 0;                                                                                 \
-    _Pragma("omp parallel num_threads(threads) reduction(|: failed)")                               \
+    _Pragma("omp parallel num_threads(threads) reduction(|: failed) if (N * terms * C >= GRAIN)") \
     {                                                                                               \
         T *x = malloc(sizeof(T) * (2 * (M + 1) + O + 1) * C);                                       \
         failed |= x == NULL;                                                                        \

@@ -2,8 +2,10 @@
 
 Some kernels of the frozen-weight fast paths are a few loops over contiguous channels whose
 PyTorch form is a chain of gathers, products and sums, each a full pass over memory and a
-dispatch (the pair convolution of the TensorNet-style layers; the ACE product basis, whose
-folded weights are ~93% structural zeros). ``_native.c`` holds them as plain C (no PyTorch
+dispatch: the pair convolution (``layers._message_kernels.native_convolution``), the scatter of
+outer products (``layers._scatter_outer_kernels.native_scatter_outer``), the TensorNet-style
+3x3 products (``models._tensornet_ops._native_products``) and the ACE product basis, whose
+folded weights are ~93% structural zeros (``_ace_kernel.NativeProductBasis``). ``_native.c`` holds them as plain C (no PyTorch
 headers: it compiles in a fraction of a second); they are called through ``ctypes`` on the data
 of contiguous CPU tensors. Where they cannot run the PyTorch operations run, which stay the
 definition and the tests' oracle: nothing about a model's results depends on a compiler.
@@ -31,7 +33,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -70,15 +72,22 @@ _state: Dict[str, object] = {}  # "library": the loaded CDLL or None once tried
 def applies(*tensors: Tensor) -> bool:
     """Whether the kernels run on ``tensors``: on the CPU, all float32 or all float64, eager
     (neither ``torch.compile``, ``torch.export`` nor a ``torch.func`` transform tracing: their
-    tensors have no data), and compiled here."""
+    tensors have no data), and compiled here. Flags only (~1 µs: it is asked at every call)."""
     dtype = tensors[0].dtype
-    return (dtype_suffix(dtype) is not None and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-            and not traced() and available())
+    if dtype not in _SUFFIXES or not available():
+        return False
+    for t in tensors:
+        if not t.is_cpu or t.dtype is not dtype:
+            return False
+    return not traced()
+
+
+_SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def dtype_suffix(dtype: torch.dtype) -> Optional[str]:
     """The kernels' name suffix for a dtype, or None where they have none."""
-    return {torch.float32: "f32", torch.float64: "f64"}.get(dtype)
+    return _SUFFIXES.get(dtype)
 
 
 def available() -> bool:
@@ -95,17 +104,26 @@ def library() -> Optional[ctypes.CDLL]:
     return _state["library"]  # type: ignore[return-value]
 
 
+_functions: Dict[Tuple[ctypes.CDLL, str, torch.dtype], Any] = {}
+
+
 def call(name: str, like: Tensor, *args: object) -> None:
     """Run kernel ``name`` for ``like``'s dtype on ``args`` (tensors, contiguous and on the CPU,
-    given by their data; None for a null pointer; ints), with PyTorch's number of threads. Raises when the kernel finds
-    an index out of range or cannot allocate its buffers."""
+    given by their data; None for a null pointer; ints), with PyTorch's number of threads.
+    Raises when the kernel finds an index out of range or cannot allocate its buffers."""
+    lib, dtype = library(), like.dtype
+    function = _functions.get((lib, name, dtype))
+    if function is None:
+        function = _functions[(lib, name, dtype)] = getattr(lib, f"{name}_{_SUFFIXES[dtype]}")
+    values = []
     for a in args:
-        if isinstance(a, Tensor) and not (a.is_contiguous() and a.device.type == "cpu"
-                                          and a.dtype in (like.dtype, torch.int64)):
-            raise TypeError(f"molnets native kernel {name}: needs contiguous CPU tensors of {like.dtype} "
-                            f"and int64, got {a.dtype} {tuple(a.shape)} on {a.device}")
-    function = getattr(library(), f"{name}_{dtype_suffix(like.dtype)}")
-    status = function(*[a.data_ptr() if isinstance(a, Tensor) else a for a in args], torch.get_num_threads())
+        if isinstance(a, Tensor):
+            if not (a.is_cpu and a.is_contiguous() and (a.dtype is dtype or a.dtype is torch.int64)):
+                raise TypeError(f"molnets native kernel {name}: needs contiguous CPU tensors of {dtype} "
+                                f"and int64, got {a.dtype} {tuple(a.shape)} on {a.device}")
+            a = a.data_ptr()
+        values.append(a)
+    status = function(*values, torch.get_num_threads())
     if status == 1:
         raise IndexError(f"molnets native kernel {name}: an index (atom, pair, species or component) is out of range")
     if status != 0:
