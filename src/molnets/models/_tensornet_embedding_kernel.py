@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from .. import _native
 from .._frozen import reference_gradients
 from ..layers._message_kernels import scale_parts, spread_over_rows, sum_parts, workspace
-from ..layers._scatter_outer_kernels import native_scatter_outer, native_scatter_outer_backward
+from ..layers._scatter_outer_kernels import native_scatter_outer, scatter_outer_backward
 from ..layers.cartesian import PART_SLICES
 from ._tensornet_ops import (
     _atom_chunks,
@@ -122,7 +122,8 @@ class FrozenEmbedding(torch.autograd.Function):
                 layer, *(_rows(t, s, e) for t in (edge_rbf, edge_envelope, edge_unit, pair_i, pair_j)), z_receiver,
                 z_sender)
             # the scatter of outer products: G_e = grad_X at each pair's receiving atom (both directions)
-            grad_geometry, grad_weights = _outer_gradients(grad_X, geometry, weights, pairs)  # [2p, 9], [2p, 3, C]
+            grad_geometry, grad_weights = scatter_outer_backward(grad_X, geometry, weights, pairs, PART_SLICES,
+                                                                 True, True)  # [2p, 9], [2p, 3, C]
             grad_geometry = torch.addcmul(grad_geometry[:p], layer.component_parity, grad_geometry[p:])  # [p, 9]
             grad_f = grad_weights.mul_(z_pair[:, None]).view(2, p, 3 * C).sum(0)    # [p, 3C]
             if grad_envelope is not None:
@@ -135,20 +136,6 @@ class FrozenEmbedding(torch.autograd.Function):
                 grad_unit[s:e] = grad_terms[:, :3] + torch.bmm(grad_outer + grad_outer.transpose(1, 2),
                                                                edge_unit[s:e, :, None]).squeeze(2)  # [p, 3]
         return grad_rbf, grad_envelope, grad_unit, None, None, None, None, None
-
-
-def _outer_gradients(grad_X: Tensor, geometry: Tensor, weights: Tensor, pairs: Tensor) -> Tuple[Tensor, Tensor]:
-    """The backward of the messages' scatter of outer products X[pairs] += c ∘ w from ∂L/∂X
-    [N, 9, C] (G = ∂L/∂X at the receiving atoms): (Σ_C G ∘ w [2p, 9], Σ over the rows of each
-    part of c ∘ G [2p, 3, C]); by the compiled kernel in one pass where it runs."""
-    if _native.applies(grad_X, geometry, weights):
-        grad_geometry, grad_weights = geometry.new_empty(geometry.shape), weights.new_empty(weights.shape)
-        native_scatter_outer_backward(grad_X, geometry, weights, pairs, PART_SLICES, grad_geometry, grad_weights)
-        return grad_geometry, grad_weights
-    p2, C = pairs.shape[0], grad_X.shape[2]
-    G = torch.index_select(grad_X, 0, pairs, out=workspace("gathered", (p2, 9, C), grad_X))      # [2p, 9, C]
-    grad_geometry = scale_parts(G, weights, PART_SLICES, out=workspace("products", (p2, 9, C), grad_X)).sum(2)
-    return grad_geometry, sum_parts(G.mul_(geometry[:, :, None]), PART_SLICES)
 
 
 def _pair_terms(layer: nn.Module, edge_rbf: Tensor, edge_envelope: Tensor, edge_unit: Tensor, pair_i: Tensor,
