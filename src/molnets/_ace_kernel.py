@@ -263,12 +263,8 @@ class NativeProductBasis(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, A: Tensor, species: Tensor, layer: nn.Module) -> Tensor:
-        (N, C, M), terms = A.shape, native_terms(layer)
-        coefficients = native_coefficients(layer)                                  # [S, T, C]
-        out = A.new_empty(N, C * layer.num_components_out)                          # [N, irreps_out.dim]
-        _native.call("product_basis_forward", A, out, A.contiguous(), species.contiguous(), coefficients,
-                     terms.factors, terms.component, terms.offset, terms.stride, N, C, M, layer.num_components_out,
-                     coefficients.shape[0], terms.factors.shape[0], terms.factors.shape[1])
+        out = A.new_empty(A.shape[0], A.shape[1] * layer.num_components_out)       # [N, irreps_out.dim]
+        _native.call("product_basis_forward", A, out, *_kernel_arguments(layer, A, species))
         ctx.layer = layer
         ctx.save_for_backward(A, species)
         return out
@@ -279,11 +275,14 @@ class NativeProductBasis(torch.autograd.Function):
         layer = ctx.layer
         if torch.is_grad_enabled():
             return _plain_gradients(layer, A, species, grad)
-        (N, C, M), terms = A.shape, native_terms(layer)
-        coefficients = native_coefficients(layer)
         grad_A = A.new_empty(A.shape)                                               # [N, C, M]
-        _native.call("product_basis_backward", A, grad_A, grad.contiguous(), A.contiguous(), species.contiguous(),
-                     coefficients,
-                     terms.factors, terms.component, terms.offset, terms.stride, N, C, M,
-                     layer.num_components_out, coefficients.shape[0], terms.factors.shape[0], terms.factors.shape[1])
+        _native.call("product_basis_backward", A, grad_A, grad.contiguous(), *_kernel_arguments(layer, A, species))
         return grad_A, None, None
+
+
+def _kernel_arguments(layer: nn.Module, A: Tensor, species: Tensor) -> tuple:
+    """What the compiled forward and backward read after their outputs and output gradient:
+    A, species, the coefficients and the terms, and the sizes (``_native.c``)."""
+    (N, C, M), terms, coefficients = A.shape, native_terms(layer), native_coefficients(layer)  # F [S, T, C]
+    return (A.contiguous(), species.contiguous(), coefficients, terms.factors, terms.component, terms.offset,
+            terms.stride, N, C, M, layer.num_components_out, coefficients.shape[0], *terms.factors.shape)

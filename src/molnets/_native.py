@@ -5,9 +5,9 @@ PyTorch form is a chain of gathers, products and sums, each a full pass over mem
 dispatch: the pair convolution (``layers._message_kernels.native_convolution``), the scatter of
 outer products (``layers._scatter_outer_kernels.native_scatter_outer``), the TensorNet-style
 3x3 products (``models._tensornet_ops._native_products``) and the ACE product basis, whose
-folded weights are ~93% structural zeros (``_ace_kernel.NativeProductBasis``). ``_native.c`` holds them as plain C (no PyTorch
-headers: it compiles in a fraction of a second); they are called through ``ctypes`` on the data
-of contiguous CPU tensors. Where they cannot run the PyTorch operations run, which stay the
+folded weights are ~93% structural zeros (``_ace_kernel.NativeProductBasis``). ``_native.c``
+holds them as plain C (no PyTorch headers: it compiles in a fraction of a second); they are
+called through ``ctypes`` on the data of contiguous CPU tensors. Where they cannot run the PyTorch operations run, which stay the
 definition and the tests' oracle: nothing about a model's results depends on a compiler.
 
 At the first call ``library()`` compiles ``_native.c`` with the C compiler of ``$CC`` or ``cc``
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ._frozen import traced
 
-__all__ = ["applies", "available", "library", "call", "dtype_suffix"]
+__all__ = ["applies", "available", "library", "call"]
 
 SOURCE = Path(__file__).with_name("_native.c")
 
@@ -83,11 +83,6 @@ def applies(*tensors: Tensor) -> bool:
 
 
 _SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
-
-
-def dtype_suffix(dtype: torch.dtype) -> Optional[str]:
-    """The kernels' name suffix for a dtype, or None where they have none."""
-    return _SUFFIXES.get(dtype)
 
 
 def available() -> bool:
@@ -152,7 +147,7 @@ def _load() -> Optional[ctypes.CDLL]:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, kinds in SIGNATURES.items():
-        for suffix in ("f32", "f64"):
+        for suffix in _SUFFIXES.values():
             function = getattr(lib, f"{name}_{suffix}")
             function.argtypes = [_CTYPES[k] for k in kinds]
             function.restype = ctypes.c_int
